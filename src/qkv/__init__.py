@@ -1,0 +1,19 @@
+"""qkv: the Transformer as the classic explanations describe it — every formula as code, every head a picture."""
+
+from .attention import KVCache, MultiHeadAttention, scaled_dot_product_attention
+from .config import ModelConfig
+from .models import DecoderLM, Encoder, Transformer, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelConfig",
+    "MultiHeadAttention",
+    "KVCache",
+    "scaled_dot_product_attention",
+    "Encoder",
+    "DecoderLM",
+    "Transformer",
+    "build_model",
+    "__version__",
+]

@@ -1,0 +1,338 @@
+"""Scaled dot-product attention, its masks, multi-head attention and the key/value cache.
+
+Mask convention, everywhere in qkv: a boolean tensor where **True means "may attend"** (the same sign as
+``torch.nn.functional.scaled_dot_product_attention``). ``nn.MultiheadAttention`` uses the opposite sign; the one
+place that converts is :func:`to_torch_mha_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "causal_mask",
+    "padding_mask",
+    "to_torch_mha_mask",
+    "MultiHeadAttention",
+    "KVCache",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masks: built here and nowhere else.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None, *, device: torch.device | str | None = None) -> Tensor:
+    """mask[i, j] = (j <= i + n_keys - n_queries): query i sees keys up to its own position, never the future.
+
+    When there are more keys than queries (decoding with a cache) the queries are the *last* positions, so the
+    mask is aligned to the bottom-right corner.
+    """
+    n_keys = n_queries if n_keys is None else n_keys
+    q = torch.arange(n_queries, device=device).unsqueeze(1)
+    k = torch.arange(n_keys, device=device).unsqueeze(0)
+    return k <= q + (n_keys - n_queries)
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """(batch, keys) with True at real tokens → (batch, 1, 1, keys), broadcastable over heads and queries."""
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must have shape (batch, seq), got {tuple(attention_mask.shape)}; "
+            "pass True at real tokens and False at padding"
+        )
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask != 0  # Hugging Face style 1/0 masks convert here
+    return attention_mask[:, None, None, :]
+
+
+def to_torch_mha_mask(mask: Tensor) -> Tensor:
+    """qkv's "True = may attend" → ``nn.MultiheadAttention``'s "True = must not attend"."""
+    return ~mask
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The formula.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., seq, d), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"queries and keys need the same size d_k: q has {q.shape[-1]}, k has {k.shape[-1]}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"keys and values need the same number of positions: k has {k.shape[-2]}, v has {v.shape[-2]}"
+        )
+    scores_shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
+                "for additive float scores pass bias=..."
+            )
+        try:
+            torch.broadcast_shapes(mask.shape, scores_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
+                f"(batch, heads, queries, keys) = {scores_shape}"
+            ) from None
+    if bias is not None:
+        try:
+            torch.broadcast_shapes(bias.shape, scores_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} does not broadcast to the attention scores {scores_shape}"
+            ) from None
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = True,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + bias, masked) V.
+
+    Shapes: q ``(..., n_queries, d_k)``, k ``(..., n_keys, d_k)``, v ``(..., n_keys, d_v)``; ``mask`` boolean,
+    True = may attend, broadcastable to ``(..., n_queries, n_keys)``; ``bias`` an additive float term (ALiBi).
+    ``causal=True`` lets each query see only keys at or before its own position (aligned bottom-right when
+    there are more keys than queries, as when decoding with a cache).
+
+    Why divide by sqrt(d_k): if the entries of q and k have unit variance, q·k has variance d_k. With d_k = 512
+    the raw dot products are about ±22, and softmax of numbers that far apart puts nearly all its weight on one
+    key: the distribution saturates, gradients through it vanish and training stalls or, in low precision,
+    overflows to NaN. Dividing by sqrt(d_k) brings the scores back to unit variance.
+
+    With ``need_weights=False`` the fused kernel (``F.scaled_dot_product_attention``, flash attention on a GPU)
+    does the work and the weights are not returned; otherwise the formula is computed explicitly and the weights
+    (before dropout) come back too. A query that may attend to no key at all gets an output of zeros.
+    """
+    _check_inputs(q, k, v, mask, bias)
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+    if causal and n_queries == 1 and n_keys >= 1:
+        causal = False  # the one (last) query may see every key
+    if causal and (mask is not None or bias is not None or need_weights or n_queries != n_keys):
+        cm = causal_mask(n_queries, n_keys, device=q.device)
+        mask = cm if mask is None else mask & cm
+        causal = False
+
+    if not need_weights:
+        attn_mask = mask
+        if bias is not None:
+            attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale
+        )
+        if mask is not None:
+            out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+        return out, None
+
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., n_queries, n_keys)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        # A finite minimum (not -inf) keeps a fully masked row finite; it is zeroed after the softmax.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return torch.matmul(dropped, v), weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The key/value cache used for decoding one token at a time.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """The keys and values one attention layer has already computed, so each new token costs O(1) projections.
+
+    Memory is allocated once for ``max_len`` positions and filled in place; ``static=True`` marks a cache filled
+    once and then only read (the encoder's keys and values in cross-attention).
+    """
+
+    def __init__(self, max_len: int | None = None):
+        self.max_len = max_len
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.length = 0
+        self.static = False
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``(batch, heads, new, d_k)`` keys/values after the ones held; return all of them."""
+        new = keys.shape[-2]
+        if self.max_len is None:  # growing cache: simple, reallocates every step
+            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=-2)
+            self.values = values if self.values is None else torch.cat([self.values, values], dim=-2)
+            self.length += new
+            return self.keys, self.values
+        if self.keys is None:
+            b, h, _, d = keys.shape
+            self.keys = keys.new_empty(b, h, self.max_len, d)
+            self.values = values.new_empty(b, h, self.max_len, values.shape[-1])
+        if self.length + new > self.max_len:
+            raise ValueError(
+                f"KV cache holds at most {self.max_len} positions; {self.length} + {new} do not fit. "
+                "Allocate a larger cache (max_len) or shorten the prompt plus max_new_tokens"
+            )
+        self.keys[:, :, self.length : self.length + new] = keys
+        self.values[:, :, self.length : self.length + new] = values
+        self.length += new
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def set_static(self, keys: Tensor, values: Tensor) -> None:
+        """Fill once with keys/values that never change (cross-attention over the encoder output)."""
+        self.keys, self.values, self.length, self.static = keys, values, keys.shape[-2], True
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search reorders hypotheses every step)."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multi-head attention.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W_O, head_i = Attention(X W_Q^i, C W_K^i, C W_V^i).
+
+    C = X for self-attention; C = the encoder output (``context``) for cross-attention. W_Q, W_K and W_V of all
+    heads are stored as one matrix (``qkv``) so self-attention projects with a single matrix multiply; the
+    properties ``W_Q``, ``W_K``, ``W_V`` and ``W_O`` show the paper's matrices. ``n_kv_heads < n_heads`` gives
+    grouped-query attention (heads share keys and values in groups).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        n_kv_heads: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if n_heads < 1 or d_model % n_heads != 0:
+            raise ValueError(
+                f"d_model={d_model} is not divisible by n_heads={n_heads}; "
+                f"pick d_model a multiple of {n_heads} (d_k = d_model / n_heads)"
+            )
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.d_k = d_model // n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.d_k, bias=bias)  # [W_Q | W_K | W_V]
+        self.out = nn.Linear(d_model, d_model, bias=bias)  # W_O
+
+    # The paper's matrices, as views of the stored weights (nn.Linear keeps W^T: y = x W^T + b).
+    @property
+    def W_Q(self) -> Tensor:  # noqa: N802 - the paper's name
+        return self.qkv.weight[: self.d_model].T
+
+    @property
+    def W_K(self) -> Tensor:  # noqa: N802
+        return self.qkv.weight[self.d_model : self.d_model + self.n_kv_heads * self.d_k].T
+
+    @property
+    def W_V(self) -> Tensor:  # noqa: N802
+        return self.qkv.weight[self.d_model + self.n_kv_heads * self.d_k :].T
+
+    @property
+    def W_O(self) -> Tensor:  # noqa: N802
+        return self.out.weight.T
+
+    def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
+        """(batch, seq, n_heads * d_k) → (batch, n_heads, seq, d_k)."""
+        b, t, _ = x.shape
+        return x.view(b, t, n_heads, self.d_k).transpose(1, 2)
+
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Q = X W_Q, K = C W_K, V = C W_V, split into heads: each (batch, heads, seq, d_k)."""
+        kv = self.n_kv_heads * self.d_k
+        if context is None:
+            q, k, v = self.qkv(x).split([self.d_model, kv, kv], dim=-1)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model])
+            k, v = F.linear(context, w[self.d_model :], None if b is None else b[self.d_model :]).split(kv, -1)
+        return self.split_heads(q, self.n_heads), self.split_heads(k, self.n_kv_heads), self.split_heads(
+            v, self.n_kv_heads
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+        rotate=None,
+        bias: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (batch, seq, d_model); context: (batch, src_seq, d_model) or None → (output, weights or None).
+
+        ``rotate`` (a callable on (batch, heads, seq, d_k)) is how rotary position embeddings act on queries
+        and keys; ``cache`` holds past keys/values when decoding token by token.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected input of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
+        if context is not None and (context.dim() != 3 or context.shape[-1] != self.d_model):
+            raise ValueError(
+                f"expected context of shape (batch, src_seq, {self.d_model}), got {tuple(context.shape)}"
+            )
+        if cache is not None and cache.static:  # cross-attention keys/values computed once
+            w, b = self.qkv.weight, self.qkv.bias
+            q = self.split_heads(F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model]),
+                                 self.n_heads)
+            k, v = cache.keys, cache.values
+        else:
+            q, k, v = self.project(x, context)
+            if rotate is not None:
+                q, k = rotate(q), rotate(k)
+            if cache is not None:
+                if context is not None:
+                    cache.set_static(k, v)
+                else:
+                    k, v = cache.append(k, v)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each key/value head serves a group
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        out, weights = scaled_dot_product_attention(
+            q, k, v, mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights, bias=bias,
+        )
+        b, _, t, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, t, self.d_model)  # Concat(head_1..head_h)
+        return self.out(out), weights

@@ -1,0 +1,318 @@
+"""The three Transformer shapes, all built from one ``ModelConfig``.
+
+- ``Encoder``: embeddings → N encoder blocks → hidden states (BERT).
+- ``DecoderLM``: embeddings → N causal decoder blocks → final linear → logits over the vocabulary (GPT).
+- ``Transformer``: the encoder-decoder of "Attention Is All You Need" (translation).
+
+Masks follow one rule everywhere (see ``qkv.attention``): ``attention_mask`` is boolean ``(batch, seq)`` with
+True at real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, padding_mask
+from .blocks import DecoderBlock, EncoderBlock, Stack, make_norm
+from .config import ModelConfig
+from .positions import build_positional
+
+__all__ = ["Embeddings", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES", "model_class_for", "build_model",
+           "parameter_counts"]
+
+
+class Embeddings(nn.Module):
+    """x = E[token] · s + PE(pos) (+ S[segment]), then optional LayerNorm and dropout; s = sqrt(d_model) or 1."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.token = nn.Embedding(config.vocab_size, config.d_model)
+        self.positional = build_positional(config.positional, max_positions=config.max_seq_len,
+                                           d_model=config.d_model, n_heads=config.n_heads,
+                                           rope_base=config.rope_base)
+        self.token_type = nn.Embedding(config.n_token_types, config.d_model) if config.n_token_types else None
+        self.norm = make_norm(config) if config.embedding_norm else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
+
+    def forward(self, ids: Tensor, positions: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        x = self.token(ids)
+        if self.scale != 1.0:
+            x = x * self.scale
+        x = self.positional.embed(x, positions)
+        if self.token_type is not None:
+            x = x + self.token_type(torch.zeros_like(ids) if token_type_ids is None else token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class _Model(nn.Module):
+    """What the three models share: embeddings, input checks, positions, masks, initialisation."""
+
+    model_type = ""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"expected a qkv.ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = Embeddings(config)
+        self.lm_head: nn.Linear | None = None  # the output projection when it is not tied to the embedding
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def _check_ids(self, ids: Tensor, name: str = "ids") -> None:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch, seq), got {tuple(ids.shape)}; "
+                             "add a batch dimension with ids.unsqueeze(0)")
+        if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"{name} holds token ids outside [0, vocab_size={self.config.vocab_size}): "
+                             f"min {int(ids.min())}, max {int(ids.max())}")
+
+    def _positions(self, ids: Tensor, past: int, positions: Tensor | None) -> Tensor:
+        n = past + ids.shape[1]
+        if n > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {n} tokens is longer than max_seq_len={self.config.max_seq_len} allows; "
+                "shorten the input or build the model with a larger max_seq_len"
+            )
+        if positions is None:
+            return torch.arange(past, n, device=ids.device).unsqueeze(0)
+        if positions.shape[-1] != ids.shape[1]:
+            raise ValueError(f"positions {tuple(positions.shape)} must match ids {tuple(ids.shape)}")
+        return positions
+
+    @staticmethod
+    def _key_mask(attention_mask: Tensor | None, batch: int, n_keys: int, name: str) -> Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (batch, n_keys):
+            raise ValueError(f"{name} must have shape (batch, keys) = {(batch, n_keys)}, got "
+                             f"{tuple(attention_mask.shape)} (True at real tokens, False at padding)")
+        return padding_mask(attention_mask)
+
+    def _attend_args(self, positions: Tensor, n_queries: int, n_keys: int) -> dict:
+        """Per-forward inputs of the positional encoding that act inside attention (RoPE, ALiBi)."""
+        pe = self.embed.positional
+        return {"rotate": pe.rotary(positions), "bias": pe.attention_bias(n_queries, n_keys, positions.device)}
+
+    # -- output ---------------------------------------------------------------------------------------------
+    def output_weight(self) -> Tensor:
+        """W_out of the final linear layer: the token embedding itself when ``tie_embeddings``."""
+        return self.embed.token.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """logits = h W_out^T; softmax(logits) is the next-token distribution (the loss applies it)."""
+        return F.linear(hidden, self.output_weight())
+
+    def _make_lm_head(self) -> None:
+        c = self.config
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+
+    # -- initialisation -------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """N(0, init_std) for weights, zero biases, unit norms; residual outputs scaled by 1/sqrt(2·layers).
+
+        The scaling (GPT-2) keeps the residual stream's variance from growing with depth. Embeddings that are
+        multiplied by sqrt(d_model) start at std d_model^-0.5, so the scaled embedding has unit size.
+        """
+        c = self.config
+        std = c.init_std
+        n_layers = max(1, c.n_encoder_layers * isinstance(self, (Encoder, Transformer))
+                       + c.n_decoder_layers * isinstance(self, (DecoderLM, Transformer)))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scaled = name.endswith(("attn.out", "ffn.w2"))
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * n_layers) if scaled else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, c.d_model ** -0.5 if c.scale_embeddings else std)
+
+    def num_parameters(self, *, exclude_positions: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_positions:
+            total -= sum(p.numel() for p in self.embed.positional.parameters())
+        return total
+
+    def new_cache(self, max_len: int | None = None, layers: int | None = None) -> list[KVCache]:
+        """One empty key/value cache per decoder layer; ``max_len`` preallocates (default: max_seq_len)."""
+        n = self.config.n_decoder_layers if layers is None else layers
+        return [KVCache(self.config.max_seq_len if max_len is None else max_len) for _ in range(n)]
+
+
+class Encoder(_Model):
+    """Encoder-only Transformer: h = EncoderBlock^N(Embed(x)), every token attending to every real token."""
+
+    model_type = "encoder"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.n_encoder_layers < 1:
+            raise ValueError("an Encoder needs n_encoder_layers >= 1")
+        self.layers = Stack(config, config.n_encoder_layers, lambda: EncoderBlock(config))
+        self.init_weights()
+
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *, token_type_ids: Tensor | None = None,
+                positions: Tensor | None = None, return_attention: bool = False):
+        """ids (batch, seq) → hidden states (batch, seq, d_model) [, attention per layer]."""
+        self._check_ids(ids)
+        b, t = ids.shape
+        positions = self._positions(ids, 0, positions)
+        x = self.embed(ids, positions, token_type_ids)
+        x, weights, _ = self.layers(x, mask=self._key_mask(attention_mask, b, t, "attention_mask"),
+                                    need_weights=return_attention, **self._attend_args(positions, t, t))
+        return (x, weights) if return_attention else x
+
+
+class DecoderLM(_Model):
+    """Decoder-only language model: P(x_t | x_<t) = softmax(DecoderBlock^N(Embed(x))_t W_out^T)."""
+
+    model_type = "decoder"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.n_decoder_layers < 1:
+            raise ValueError("a DecoderLM needs n_decoder_layers >= 1")
+        self.layers = Stack(config, config.n_decoder_layers,
+                            lambda: DecoderBlock(config, cross_attention=False))
+        self._make_lm_head()
+        self.init_weights()
+
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
+                cache: list[KVCache] | None = None, return_attention: bool = False,
+                return_hidden: bool = False):
+        """ids (batch, seq) → logits (batch, seq, vocab) [, attention per layer].
+
+        With ``cache`` (from ``new_cache()``), ids are the *new* tokens only, and ``attention_mask`` (if any)
+        covers the cached and the new tokens: (batch, past + seq).
+        """
+        self._check_ids(ids)
+        b, t = ids.shape
+        past = cache[0].length if cache else 0
+        positions = self._positions(ids, past, positions)
+        x = self.embed(ids, positions)
+        x, weights, _ = self.layers(
+            x, mask=self._key_mask(attention_mask, b, past + t, "attention_mask"), causal=True, caches=cache,
+            need_weights=return_attention, **self._attend_args(positions, t, past + t),
+        )
+        out = x if return_hidden else self.logits(x)
+        return (out, weights) if return_attention else out
+
+
+class Transformer(_Model):
+    """Encoder-decoder: P(y_t | y_<t, x) = softmax(Decoder(Embed(y), Encoder(Embed(x)))_t W_out^T).
+
+    Source, target and output share one embedding matrix when ``tie_embeddings`` (the paper, section 3.4).
+    """
+
+    model_type = "seq2seq"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.n_encoder_layers < 1 or config.n_decoder_layers < 1:
+            raise ValueError("a Transformer needs n_encoder_layers >= 1 and n_decoder_layers >= 1")
+        self.encoder = Stack(config, config.n_encoder_layers, lambda: EncoderBlock(config))
+        self.decoder = Stack(config, config.n_decoder_layers, lambda: DecoderBlock(config, cross_attention=True))
+        self._make_lm_head()
+        self.init_weights()
+
+    def encode(self, src_ids: Tensor, src_attention_mask: Tensor | None = None, *,
+               return_attention: bool = False):
+        """src_ids (batch, src_seq) → memory (batch, src_seq, d_model) [, encoder self-attention per layer]."""
+        self._check_ids(src_ids, "src_ids")
+        b, s = src_ids.shape
+        positions = self._positions(src_ids, 0, None)
+        x = self.embed(src_ids, positions)
+        x, weights, _ = self.encoder(x, mask=self._key_mask(src_attention_mask, b, s, "src_attention_mask"),
+                                     need_weights=return_attention, **self._attend_args(positions, s, s))
+        return (x, weights) if return_attention else x
+
+    def decode(self, tgt_ids: Tensor, memory: Tensor | None, src_attention_mask: Tensor | None = None,
+               tgt_attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
+               cache: list[KVCache] | None = None, cross_cache: list[KVCache] | None = None,
+               return_attention: bool = False):
+        """tgt_ids (batch, tgt_seq) + memory → logits (batch, tgt_seq, vocab) [, (self, cross) weights].
+
+        With ``cache``/``cross_cache`` (from ``new_cache()``) tgt_ids are the new tokens only; the encoder's
+        keys and values are projected once, on the first call, and ``memory`` may be None afterwards.
+        """
+        self._check_ids(tgt_ids, "tgt_ids")
+        b, t = tgt_ids.shape
+        past = cache[0].length if cache else 0
+        positions = self._positions(tgt_ids, past, positions)
+        src_len = memory.shape[1] if memory is not None else cross_cache[0].length
+        x = self.embed(tgt_ids, positions)
+        x, self_w, cross_w = self.decoder(
+            x, mask=self._key_mask(tgt_attention_mask, b, past + t, "tgt_attention_mask"), causal=True,
+            context=memory, context_mask=self._key_mask(src_attention_mask, b, src_len, "src_attention_mask"),
+            caches=cache, cross_caches=cross_cache, need_weights=return_attention,
+            **self._attend_args(positions, t, past + t),
+        )
+        logits = self.logits(x)
+        return (logits, self_w, cross_w) if return_attention else logits
+
+    def forward(self, src_ids: Tensor, tgt_ids: Tensor, src_attention_mask: Tensor | None = None,
+                tgt_attention_mask: Tensor | None = None, *, return_attention: bool = False):
+        """(source ids, target ids) → logits (batch, tgt_seq, vocab) [, {encoder, decoder_self, cross}]."""
+        if src_ids.shape[0] != tgt_ids.shape[0]:
+            raise ValueError(f"src_ids and tgt_ids need the same batch size: {src_ids.shape[0]} vs "
+                             f"{tgt_ids.shape[0]}")
+        if not return_attention:
+            return self.decode(tgt_ids, self.encode(src_ids, src_attention_mask), src_attention_mask,
+                               tgt_attention_mask)
+        memory, enc_w = self.encode(src_ids, src_attention_mask, return_attention=True)
+        logits, self_w, cross_w = self.decode(tgt_ids, memory, src_attention_mask, tgt_attention_mask,
+                                              return_attention=True)
+        return logits, {"encoder": enc_w, "decoder_self": self_w, "cross": cross_w}
+
+
+MODEL_TYPES: dict[str, type[_Model]] = {"encoder": Encoder, "decoder": DecoderLM, "seq2seq": Transformer}
+
+
+def model_class_for(config: ModelConfig) -> type[_Model]:
+    """The model shape a config describes: both stacks → Transformer, encoder only → Encoder, else DecoderLM."""
+    if config.n_encoder_layers and config.n_decoder_layers:
+        return Transformer
+    return Encoder if config.n_encoder_layers else DecoderLM
+
+
+def build_model(config: ModelConfig, model_type: str | None = None) -> _Model:
+    """Build the model named by ``model_type`` ("encoder" | "decoder" | "seq2seq"), or the one the config implies."""
+    if model_type is None:
+        return model_class_for(config)(config)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type](config)
+
+
+def parameter_counts(model: nn.Module) -> OrderedDict[str, int]:
+    """Parameters per component (token embedding, positions, each stack's attention / feed-forward / norms)."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "embed":
+            group = {"token": "embedding: tokens", "positional": "embedding: positions",
+                     "token_type": "embedding: segments", "norm": "embedding: norm"}[parts[1]]
+        elif parts[0] in ("layers", "encoder", "decoder") and len(parts) > 3 and parts[1] == "layers":
+            stack = {"layers": model.model_type if hasattr(model, "model_type") else "layers"}.get(parts[0],
+                                                                                                    parts[0])
+            component = {"self_attn": "self-attention", "cross_attn": "cross-attention", "ffn": "feed-forward"}
+            group = f"{stack} blocks: {component.get(parts[3], 'norms')}"
+        elif parts[0] in ("layers", "encoder", "decoder"):
+            group = "final norm"
+        elif parts[0] == "lm_head":
+            group = "output projection"
+        else:
+            group = parts[0]
+        counts[group] = counts.get(group, 0) + p.numel()
+    return counts

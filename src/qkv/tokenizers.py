@@ -1,0 +1,151 @@
+"""Text ↔ token ids: one ``Tokenizer`` interface over Hugging Face ``tokenizers``, saved as ``tokenizer.json``.
+
+Every kind (character-level here; byte-level BPE and WordPiece join it) is a ``tokenizers.Tokenizer`` underneath,
+so encoding runs in Rust and the file format is the one the rest of the field reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+
+__all__ = ["Tokenizer", "UnknownTokenError"]
+
+
+class UnknownTokenError(ValueError):
+    """Text holds something the vocabulary cannot represent."""
+
+
+class Tokenizer:
+    """encode(text) → ids, decode(ids) → text, ``vocab_size``, special tokens, ``save``/``load``."""
+
+    def __init__(self, backend: _Backend):
+        self.backend = backend
+
+    # -- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def char(cls, text: str | Iterable[str], special_tokens: Iterable[str] = ()) -> Tokenizer:
+        """One token per distinct character of ``text`` (sorted), then the special tokens, e.g. ``<pad>``."""
+        chars = sorted(set(text if isinstance(text, str) else "".join(text)))
+        if not chars:
+            raise ValueError("cannot build a character tokenizer from empty text")
+        vocab = {c: i for i, c in enumerate(chars)}
+        for tok in special_tokens:
+            vocab.setdefault(tok, len(vocab))
+        backend = _Backend(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        if special_tokens:
+            backend.add_special_tokens(list(special_tokens))
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Read a ``tokenizer.json`` (or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}; expected a tokenizer.json")
+        try:
+            return cls(_Backend.from_file(str(path)))
+        except Exception as err:  # the Rust side raises plain Exceptions
+            raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        self.backend.save(str(path))
+
+    # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """"char", "bpe", "wordpiece" or "unigram"."""
+        model = json.loads(self.backend.to_str())["model"]["type"]
+        return {"WordLevel": "char", "BPE": "bpe", "WordPiece": "wordpiece", "Unigram": "unigram"}.get(
+            model, model.lower()
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, index: int) -> str | None:
+        return self.backend.id_to_token(index)
+
+    def _special(self, *names: str) -> int | None:
+        for name in names:
+            index = self.backend.token_to_id(name)
+            if index is not None:
+                return index
+        return None
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special("<pad>", "[PAD]", "<|pad|>")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special("<bos>", "<s>", "[CLS]", "<|endoftext|>")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special("<eos>", "</s>", "[SEP]", "<|endoftext|>")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special("<unk>", "[UNK]")
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def _unknown(self, text: str) -> UnknownTokenError:
+        vocab = self.backend.get_vocab()
+        missing = sorted({c for c in text if c not in vocab})
+        shown = ", ".join(repr(c) for c in missing[:10])
+        return UnknownTokenError(
+            f"text holds {len(missing)} character(s) this {self.vocab_size}-token character vocabulary lacks: "
+            f"{shown}; remove them, or train the tokenizer on text that contains them"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """text → token ids (no special tokens added). An unknown character is an ``UnknownTokenError``."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as err:
+            if "unk" in str(err).lower() or "missing" in str(err).lower():
+                raise self._unknown(text) from None
+            raise
+        unk = self.unk_id
+        if unk is not None and self.kind == "char" and unk in ids:
+            raise self._unknown(text)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once (in parallel in Rust)."""
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except Exception:
+            return [self.encode(t) for t in texts]  # re-run one by one for a precise error
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def pieces(self, text: str) -> list[str]:
+        """The text each token covers, in order: the labels of an attention map."""
+        ids = self.encode(text)
+        return [self.decode([i], skip_special_tokens=False) for i in ids]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
