@@ -1,0 +1,1 @@
+"""Benchmarks whose logic ships with the package (``qkv bench``); ``benchmarks/`` holds thin scripts at most."""
