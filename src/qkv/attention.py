@@ -144,6 +144,8 @@ def scaled_dot_product_attention(
         attn_mask = mask
         if bias is not None:
             attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        if attn_mask is not None and attn_mask.dim() < 2:  # the kernel wants (queries, keys) at least
+            attn_mask = attn_mask.expand(n_queries, n_keys)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale
         )
