@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     it = pieces.index("i", SEED_SENTENCE.index(" it ")) if " it " in SEED_SENTENCE else len(pieces) - 1
     top = weights[it].topk(5)
     print(f"layer {args.layer}, head {args.head}: where the query 'i' of \"it\" looks (untrained weights):")
-    for w, j in zip(top.values.tolist(), top.indices.tolist()):
+    for w, j in zip(top.values.tolist(), top.indices.tolist(), strict=True):
         print(f"  key {j:>2} {pieces[j]!r:>5}  weight {w:.3f}")
     path = save_figure(
         attention_heatmap(weights, pieces, title=f"layer {args.layer}, head {args.head} (untrained)"),
