@@ -74,3 +74,50 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
     return path
+
+
+def attention_grid(
+    maps: torch.Tensor,
+    query_labels: Sequence[str],
+    key_labels: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    layers: Sequence[int] | None = None,
+    cmap: str = "viridis",
+):
+    """Draw every head of every layer: a grid of heatmaps, one row per layer, one column per head.
+
+    ``maps`` is (layers, heads, queries, keys). Token labels go on the left column (queries) and the bottom row
+    (keys); each panel keeps its own colour scale from 0 to its largest weight.
+    """
+    maps = torch.as_tensor(maps).detach().float().cpu()
+    if maps.dim() != 4:
+        raise ValueError(f"attention_grid draws (layers, heads, queries, keys), got {tuple(maps.shape)}")
+    layers = list(range(maps.shape[0])) if layers is None else list(layers)
+    n_rows, n_cols = len(layers), maps.shape[1]
+    n_q, n_k = maps.shape[2], maps.shape[3]
+    key_labels = query_labels if key_labels is None else key_labels
+    plt = _pyplot()
+    cell = min(2.6, max(1.2, 0.11 * max(n_q, n_k)))
+    margin = 0.09 * max(len(visible(t)) for t in [*query_labels, *key_labels]) + 0.4
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * cell + margin, n_rows * cell + margin + 0.4),
+                             squeeze=False)
+    font = 7 if max(n_q, n_k) <= 24 else 5
+    for r, layer in enumerate(layers):
+        for h in range(n_cols):
+            ax = axes[r][h]
+            attention_heatmap(maps[layer, h], query_labels, key_labels, ax=ax, cmap=cmap, colorbar=False)
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+            ax.tick_params(length=0, labelsize=font)
+            if h:
+                ax.set_yticks([])
+            else:
+                ax.set_ylabel(f"layer {layer}", fontsize=9)
+            if r < n_rows - 1:
+                ax.set_xticks([])
+            if r == 0:
+                ax.set_title(f"head {h}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig

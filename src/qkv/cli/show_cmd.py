@@ -1,0 +1,129 @@
+"""``qkv show attention|positions``: attention maps and positional encodings as PNG pictures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qkv.positions import POSITIONAL_KINDS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="draw attention maps or positional encodings as PNG pictures",
+                       description="Pictures of what a model computes (matplotlib, written as PNG files).")
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+
+    a = what.add_parser("attention", help="a grid of heatmaps, layers x heads, or one head enlarged",
+                        description="Run a text through a model and draw every attention map, token labels on "
+                                    "both axes: one row per layer, one column per head. An encoder-decoder "
+                                    "gives three pictures: encoder self-attention, decoder masked "
+                                    "self-attention and cross-attention.")
+    a.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a qkv checkpoint or a pretrained (Hugging Face GPT-2 / BERT) directory")
+    a.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
+    a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the source text)")
+    a.add_argument("--layer", type=int, help="draw only this layer (negative counts from the end)")
+    a.add_argument("--head", type=int, help="with --layer: enlarge this one head")
+    a.add_argument("--kind", choices=["encoder", "decoder_self", "cross"],
+                   help="encoder-decoder only: draw one kind of attention (default: all three)")
+    a.add_argument("--out", default="runs/show/attention.png", metavar="PNG",
+                   help="where to write the picture (default runs/show/attention.png; an encoder-decoder adds "
+                        "-encoder, -decoder_self, -cross to the name)")
+    a.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
+    a.set_defaults(run=run_attention)
+
+    s = what.add_parser("positions", help="a positional encoding's table and its dot product against distance",
+                        description="Draw a positional encoding: its table as a heatmap (positions x "
+                                    "dimensions) and how two positions relate as a function of their distance. "
+                                    "Takes the encoding a checkpoint uses, or one by kind.")
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR", help="draw the encoding this model uses (trained tables)")
+    source.add_argument("--positional", default=None, choices=[*POSITIONAL_KINDS, "all"],
+                        help="draw a stand-alone encoding of this kind, or all of them (default: sinusoidal)")
+    s.add_argument("--positions", type=int, default=64, help="how many positions to draw (default 64)")
+    s.add_argument("--d-model", type=int, default=128, help="with --positional: the model width (default 128)")
+    s.add_argument("--heads", type=int, default=8, help="with --positional: heads, for RoPE and ALiBi (default 8)")
+    s.add_argument("--out", default="runs/show/positions.png", metavar="PNG",
+                   help="where to write the picture (default runs/show/positions.png; several encodings add "
+                        "-KIND to the name)")
+    s.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
+    s.set_defaults(run=run_positions)
+
+
+def _suffixed(path: Path, suffix: str) -> Path:
+    return path.with_name(f"{path.stem}-{suffix}{path.suffix or '.png'}")
+
+
+def read_text(text: str | None) -> str:
+    """The positional text, else the first non-empty line of stdin."""
+    if text is not None:
+        return text
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no text given; pass the text as an argument or pipe it in")
+    for line in sys.stdin:
+        if line.strip():
+            return line.rstrip("\n")
+    raise ValueError("stdin held no text; pipe in a line of text")
+
+
+def load_model(checkpoint: str):
+    """``qkv.load`` with the checks every picture command needs."""
+    from qkv.loading import load
+
+    model, tokenizer = load(checkpoint)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
+    return model, tokenizer
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from qkv.viz import KIND_TITLES, attention_grid, attention_heatmap, attention_maps, check_index, save_figure
+
+    if args.head is not None and args.layer is None:
+        raise ValueError("--head needs --layer: name the layer whose head to enlarge, e.g. --layer 0 --head 3")
+    text = read_text(args.text)
+    model, tokenizer = load_model(args.checkpoint)
+    found = attention_maps(model, tokenizer, text, args.target)
+    kinds = [found.kind(args.kind)] if args.kind else found.kinds
+    out = Path(args.out)
+    print(f"{len(found.inputs.labels)} tokens: {' '.join(repr(t) for t in found.inputs.labels)}")
+    for kind in kinds:
+        maps = found.maps[kind]
+        queries, keys = found.labels(kind)
+        title = f"{KIND_TITLES[kind]}: {text if len(text) <= 70 else text[:69] + '…'}"
+        if args.layer is None:
+            fig = attention_grid(maps, queries, keys, title=title)
+        else:
+            layer = check_index("layer", args.layer, maps.shape[0])
+            if args.head is None:
+                fig = attention_grid(maps, queries, keys, title=title, layers=[layer])
+            else:
+                head = check_index("head", args.head, maps.shape[1])
+                fig = attention_heatmap(maps[layer, head], queries, keys,
+                                        title=f"{KIND_TITLES[kind]}, layer {layer}, head {head}")
+        path = save_figure(fig, _suffixed(out, kind) if len(kinds) > 1 else out, dpi=args.dpi)
+        print(f"wrote {path}  ({KIND_TITLES[kind]}: {maps.shape[0]} layers x {maps.shape[1]} heads)")
+    return 0
+
+
+def run_positions(args: argparse.Namespace) -> int:
+    from qkv.viz import encoding_for_kind, positions_figure, save_figure
+
+    if args.positions < 2:
+        raise ValueError(f"--positions={args.positions} must be at least 2")
+    out = Path(args.out)
+    if args.checkpoint:
+        model, _ = load_model(args.checkpoint)
+        encodings = {model.config.positional: model.embed.positional}
+        where = f" of {args.checkpoint}"
+    else:
+        kinds = POSITIONAL_KINDS if args.positional == "all" else [args.positional or "sinusoidal"]
+        encodings = {k: encoding_for_kind(k, n_positions=args.positions, d_model=args.d_model,
+                                          n_heads=args.heads) for k in kinds}
+        where = f" (d_model={args.d_model}, {args.heads} heads)"
+    for kind, encoding in encodings.items():
+        fig = positions_figure(encoding, args.positions, title=f"positional encoding: {kind}{where}")
+        path = save_figure(fig, _suffixed(out, kind) if len(encodings) > 1 else out, dpi=args.dpi)
+        print(f"wrote {path}  ({kind})")
+    return 0

@@ -1,0 +1,184 @@
+"""The attention a model pays for one text, with the token labels to draw it: the data every picture uses.
+
+``attention_maps(model, tokenizer, text)`` runs the model once with ``return_attention=True`` and returns every
+map it computed, per kind of attention:
+
+- ``Encoder``: ``"encoder"`` (self-attention, every token sees every token);
+- ``DecoderLM``: ``"decoder_self"`` (masked self-attention: a token sees itself and the tokens before it);
+- ``Transformer``: ``"encoder"``, ``"decoder_self"`` and ``"cross"`` (decoder queries, encoder keys).
+
+Each map is a tensor ``(layers, heads, queries, keys)`` whose rows are softmax distributions (each sums to 1).
+Nothing here needs matplotlib, so the web explorer uses the same data as the PNG pictures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..models import DecoderLM, Encoder, Transformer
+from ..tokenizers import Tokenizer
+
+__all__ = ["ModelInput", "AttentionMaps", "encode_input", "attention_maps", "attention_kinds", "KIND_TITLES",
+           "check_index"]
+
+KIND_TITLES = {
+    "encoder": "encoder self-attention",
+    "decoder_self": "decoder masked self-attention",
+    "cross": "cross-attention (decoder → encoder)",
+}
+
+
+def attention_kinds(model: nn.Module) -> list[str]:
+    """The kinds of attention a model computes, in the order they run."""
+    if isinstance(model, Transformer):
+        return ["encoder", "decoder_self", "cross"]
+    if isinstance(model, Encoder):
+        return ["encoder"]
+    if isinstance(model, DecoderLM):
+        return ["decoder_self"]
+    raise TypeError(f"expected a qkv Encoder, DecoderLM or Transformer, got {type(model).__name__}")
+
+
+@dataclass
+class ModelInput:
+    """Token ids and their labels: the source side (and, for an encoder-decoder, the target side)."""
+
+    ids: Tensor  # (1, seq)
+    labels: list[str]
+    target_ids: Tensor | None = None  # (1, tgt_seq), encoder-decoder only
+    target_labels: list[str] = field(default_factory=list)
+
+    def labels_for(self, kind: str) -> tuple[list[str], list[str]]:
+        """(query labels, key labels) of a map of this kind."""
+        if kind == "encoder" or self.target_ids is None:
+            return self.labels, self.labels
+        if kind == "cross":
+            return self.target_labels, self.labels
+        return self.target_labels, self.target_labels
+
+
+def _labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Each id's text, decoded alone and keeping special tokens: the same rule as ``Tokenizer.pieces``."""
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+
+def _with_specials(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids as the model saw them in training: the tokenizer's own post-processing ([CLS] … [SEP] for BERT)."""
+    ids = tokenizer.encode(text)  # raises a clear error for text the vocabulary cannot represent
+    with_specials = tokenizer.backend.encode(text, add_special_tokens=True).ids
+    return with_specials if len(with_specials) >= len(ids) else ids
+
+
+def encode_input(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None) -> ModelInput:
+    """Turn text into model input, checking what a user can get wrong: empty text, text past the context.
+
+    For an encoder-decoder, ``target`` is the decoder's text (default: the source text itself, as in the copy
+    task); the decoder input starts with the beginning-of-sequence token when the tokenizer has one.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the text is empty; type a sentence to look at")
+    max_len = model.config.max_seq_len
+    ids = _with_specials(tokenizer, text)
+    if not ids:
+        raise ValueError(f"the text {text!r} gives no tokens; type a sentence to look at")
+    if len(ids) > max_len:
+        raise ValueError(f"the text has {len(ids)} tokens but the model's context holds {max_len} "
+                         f"(max_seq_len); shorten it to at most {max_len} tokens")
+    result = ModelInput(torch.tensor([ids]), _labels(tokenizer, ids))
+    if isinstance(model, Transformer):
+        target = text if target is None else target
+        if not target.strip():
+            raise ValueError("the target text is empty; type the decoder's text, or leave it out to use the source")
+        tgt = tokenizer.encode(target)
+        if tokenizer.bos_id is not None:
+            tgt = [tokenizer.bos_id, *tgt]
+        if len(tgt) > max_len:
+            raise ValueError(f"the target has {len(tgt)} tokens but the model's context holds {max_len}; "
+                             "shorten it")
+        result.target_ids, result.target_labels = torch.tensor([tgt]), _labels(tokenizer, tgt)
+    return result
+
+
+def check_index(name: str, value: int, size: int) -> int:
+    """``value`` must lie in [0, size); a negative value counts from the end, as in Python."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not -size <= value < size:
+        raise ValueError(f"{name}={value} is out of range: there are {size} {name}s; use 0 to {size - 1} "
+                         "(or a negative number to count from the end)")
+    return value % size
+
+
+@dataclass
+class AttentionMaps:
+    """Every attention map of one forward pass: ``maps[kind]`` is (layers, heads, queries, keys)."""
+
+    model_type: str
+    inputs: ModelInput
+    maps: dict[str, Tensor]
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.maps)
+
+    def labels(self, kind: str) -> tuple[list[str], list[str]]:
+        return self.inputs.labels_for(kind)
+
+    def kind(self, kind: str | None = None) -> str:
+        """The kind named, or the first one (the only one for Encoder and DecoderLM); an unknown one is an error."""
+        if kind is None:
+            return self.kinds[0]
+        if kind not in self.maps:
+            raise ValueError(f"this {self.model_type} model has no {kind!r} attention; choose one of "
+                             f"{', '.join(self.kinds)}")
+        return kind
+
+    def head(self, layer: int, head: int, kind: str | None = None) -> Tensor:
+        """One head's (queries, keys) map, with layer and head checked."""
+        maps = self.maps[self.kind(kind)]
+        layer = check_index("layer", layer, maps.shape[0])
+        head = check_index("head", head, maps.shape[1])
+        return maps[layer, head]
+
+    def to_dict(self, decimals: int = 5) -> dict:
+        """Plain lists for JSON (the web explorer)."""
+        def rounded(t: Tensor) -> list:
+            return torch.round(t, decimals=decimals).tolist()
+
+        return {
+            "model_type": self.model_type,
+            "kinds": self.kinds,
+            "maps": {k: rounded(v) for k, v in self.maps.items()},
+            "labels": {k: {"queries": q, "keys": kk} for k in self.kinds for q, kk in [self.labels(k)]},
+            "n_layers": {k: v.shape[0] for k, v in self.maps.items()},
+            "n_heads": {k: v.shape[1] for k, v in self.maps.items()},
+        }
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, inputs: ModelInput, *, return_attention: bool = True):
+    """One forward pass in evaluation mode (no dropout), restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, Transformer):
+            return model(inputs.ids, inputs.target_ids, return_attention=return_attention)
+        return model(inputs.ids, return_attention=return_attention)
+    finally:
+        model.train(was_training)
+
+
+def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None) -> AttentionMaps:
+    """Run ``text`` through the model and collect every attention map, labelled with the tokens' pieces."""
+    kinds = attention_kinds(model)
+    inputs = encode_input(model, tokenizer, text, target)
+    _, attentions = run_model(model, inputs)
+    if isinstance(attentions, dict):
+        per_kind = {k: attentions[k] for k in kinds}
+    else:
+        per_kind = {kinds[0]: attentions}
+    maps = {k: torch.stack([w[0] for w in layers]).float() for k, layers in per_kind.items()}
+    return AttentionMaps(model.model_type, inputs, maps)

@@ -1,0 +1,400 @@
+// qkv attention explorer: plain JavaScript and SVG written for qkv; talks to the JSON API of `qkv serve`.
+"use strict";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+
+// Everything the page shows follows from this state (exposed for tests as window.qkvState).
+const state = {
+  info: null,        // /api/info
+  data: null,        // /api/attention for the current text
+  text: "", target: null,
+  kind: null, layer: 0, head: 0,
+  visibleHeads: new Set(),
+  threshold: 0.05,
+  explainToken: null,
+};
+window.qkvState = state;
+
+// ---------------------------------------------------------------------------------------------------------------
+// API and errors
+// ---------------------------------------------------------------------------------------------------------------
+
+async function api(path, body) {
+  const options = body === undefined ? {} :
+    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    throw new Error("the qkv server does not answer; is `qkv serve` still running?");
+  }
+  const answer = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+  if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+  return answer;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function guarded(action) {
+  try {
+    showError("");
+    await action();
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+function el(name, attrs = {}, parent = null, text = null) {
+  const node = document.createElementNS(SVG_NS, name);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== null) node.textContent = text;
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+function html(name, attrs = {}, parent = null, text = null) {
+  const node = document.createElement(name);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== null) node.textContent = text;
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+// Whitespace made visible, as in the PNG pictures.
+const visible = (t) => (t.replace(/ /g, "\u2423").replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5") || "\u2205");
+
+function headColour(h, n) {
+  return `hsl(${Math.round((h * 360) / Math.max(n, 1) + 8) % 360}, 78%, 42%)`;
+}
+
+const fmt = (x, d = 3) => (x === null || x === undefined ? "" : Number(x).toFixed(d));
+const vec = (v, n = 6) => "[" + v.slice(0, n).map((x) => fmt(x, 3)).join(", ") + (v.length > n ? ", …]" : "]");
+
+function currentMaps() {
+  return state.data.maps[state.kind][state.layer]; // (heads, queries, keys)
+}
+
+function labels() {
+  return state.data.labels[state.kind]; // {queries, keys}
+}
+
+function clear(node) {
+  while (node.firstChild) node.removeChild(node.firstChild);
+}
+
+function fillSelect(select, values, chosen, text = (v) => String(v)) {
+  clear(select);
+  for (const v of values) {
+    const option = html("option", { value: v }, select, text(v));
+    if (v === chosen) option.selected = true;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Model info and loading
+// ---------------------------------------------------------------------------------------------------------------
+
+function showInfo(info) {
+  state.info = info;
+  const list = $("checkpoint-list");
+  clear(list);
+  for (const c of info.checkpoints || []) html("option", { value: c }, list);
+  if (!info.loaded) {
+    $("model-info").textContent = "no model loaded: pick a checkpoint";
+    return;
+  }
+  $("model-info").textContent =
+    `${info.source}: ${info.model_type}, ${info.n_heads} heads of d_k=${info.d_k}, context ` +
+    `${info.max_seq_len} tokens, ${info.positional} positions, ${info.tokenizer} tokenizer`;
+  $("target").hidden = info.model_type !== "seq2seq";
+  $("generate").disabled = !info.can_generate;
+  $("generate").title = info.can_generate ? "" : `a ${info.model_type} model does not continue text`;
+  $("max-new").max = info.max_new_tokens;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention for a text
+// ---------------------------------------------------------------------------------------------------------------
+
+async function showAttention() {
+  const text = $("text").value;
+  const target = $("target").hidden || !$("target").value.trim() ? null : $("target").value;
+  const body = { text };
+  if (target !== null) body.target = target;
+  const data = await api("/api/attention", body);
+  Object.assign(state, { data, text, target, explainToken: null });
+  if (!data.kinds.includes(state.kind)) state.kind = data.kinds[0];
+  setupControls();
+  render();
+  $("explain").textContent = "click a token in the heatmap (or a query token in the lines view)";
+  $("explain").className = "muted";
+}
+
+function setupControls() {
+  const d = state.data;
+  $("controls").hidden = false;
+  fillSelect($("kind"), d.kinds, state.kind);
+  $("kind").parentElement.hidden = d.kinds.length < 2;
+  const nLayers = d.n_layers[state.kind], nHeads = d.n_heads[state.kind];
+  state.layer = Math.min(state.layer, nLayers - 1);
+  state.head = Math.min(state.head, nHeads - 1);
+  fillSelect($("layer"), [...Array(nLayers).keys()], state.layer);
+  fillSelect($("head"), [...Array(nHeads).keys()], state.head);
+  if (state.visibleHeads.size === 0 || [...state.visibleHeads].some((h) => h >= nHeads)) {
+    state.visibleHeads = new Set([...Array(nHeads).keys()]);
+  }
+  const heads = $("heads");
+  clear(heads);
+  for (let h = 0; h < nHeads; h++) {
+    const label = html("label", { style: `--c: ${headColour(h, nHeads)}`, title: `head ${h}` }, heads);
+    const box = html("input", { type: "checkbox", "data-head": h }, label);
+    box.checked = state.visibleHeads.has(h);
+    box.addEventListener("change", () => {
+      if (box.checked) state.visibleHeads.add(h); else state.visibleHeads.delete(h);
+      renderLines();
+    });
+    label.appendChild(document.createTextNode(`h${h}`));
+  }
+}
+
+function render() {
+  renderLines();
+  renderHeatmap();
+}
+
+// The lines view: queries on the left, keys on the right, one line per (query, key, visible head) whose weight
+// reaches the threshold.
+function renderLines() {
+  const svg = $("lines");
+  clear(svg);
+  const maps = currentMaps(), { queries, keys } = labels();
+  const nHeads = maps.length, rowH = 20, labelW = 120, gap = 180, top = 14;
+  const rows = Math.max(queries.length, keys.length);
+  const width = 2 * labelW + gap;
+  svg.setAttribute("viewBox", `0 0 ${width} ${rows * rowH + top}`);
+  svg.setAttribute("height", rows * rowH + top);
+  const xLeft = labelW, xRight = labelW + gap, y = (i) => top + i * rowH;
+  const lines = el("g", { id: "line-group" }, svg);
+  for (let h = 0; h < nHeads; h++) {
+    if (!state.visibleHeads.has(h)) continue;
+    const colour = headColour(h, nHeads);
+    maps[h].forEach((row, i) => row.forEach((w, j) => {
+      if (w < state.threshold || w <= 0) return;
+      el("line", {
+        class: "att", x1: xLeft + 4, y1: y(i) - 4, x2: xRight - 4, y2: y(j) - 4, stroke: colour,
+        "stroke-opacity": w.toFixed(4), "stroke-width": 2, "data-q": i, "data-k": j, "data-h": h,
+        "data-w": w,
+      }, lines);
+    }));
+  }
+  const tokens = el("g", {}, svg);
+  queries.forEach((t, i) => {
+    const node = el("text", { class: "tok q", x: xLeft - 4, y: y(i), "text-anchor": "end", "data-i": i }, tokens,
+      visible(t));
+    node.addEventListener("mouseenter", () => highlight("q", i));
+    node.addEventListener("mouseleave", unhighlight);
+    node.addEventListener("click", () => guarded(() => explain(i)));
+  });
+  keys.forEach((t, j) => {
+    const node = el("text", { class: "tok k", x: xRight + 4, y: y(j), "data-j": j }, tokens, visible(t));
+    node.addEventListener("mouseenter", () => highlight("k", j));
+    node.addEventListener("mouseleave", unhighlight);
+  });
+}
+
+// Hovering a query shows what it attends to; hovering a key shows what attends to it.
+function highlight(side, index) {
+  const svg = $("lines");
+  svg.classList.add("hovering");
+  const other = side === "q" ? "k" : "q";
+  svg.querySelector(`text.tok.${side}[data-${side === "q" ? "i" : "j"}="${index}"]`).classList.add("hl");
+  for (const line of svg.querySelectorAll(`line.att[data-${side}="${index}"]`)) {
+    line.classList.add("hl");
+    const end = line.getAttribute(`data-${other}`);
+    svg.querySelector(`text.tok.${other}[data-${other === "q" ? "i" : "j"}="${end}"]`).classList.add("hl");
+  }
+}
+
+function unhighlight() {
+  const svg = $("lines");
+  svg.classList.remove("hovering");
+  for (const node of svg.querySelectorAll(".hl")) node.classList.remove("hl");
+}
+
+// A sequential colour scale from white to deep blue.
+function cellColour(w) {
+  const t = Math.max(0, Math.min(1, w));
+  const lerp = (a, b) => Math.round(a + (b - a) * Math.sqrt(t));
+  return `rgb(${lerp(255, 8)}, ${lerp(255, 48)}, ${lerp(255, 140)})`;
+}
+
+function renderHeatmap() {
+  const svg = $("heatmap");
+  clear(svg);
+  const weights = currentMaps()[state.head], { queries, keys } = labels();
+  const cell = Math.max(8, Math.min(22, Math.floor(460 / Math.max(keys.length, 1))));
+  const left = 110, top = 100;
+  const width = left + keys.length * cell + 10, height = top + queries.length * cell + 10;
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("height", height);
+  el("text", { x: left, y: 14 }, svg, `layer ${state.layer}, head ${state.head}: row = query, column = key`);
+  const grid = el("g", {}, svg);
+  weights.forEach((row, i) => row.forEach((w, j) => {
+    const rect = el("rect", {
+      class: "cell", x: left + j * cell, y: top + i * cell, width: cell, height: cell, fill: cellColour(w),
+      "data-q": i, "data-k": j, "data-w": w,
+    }, grid);
+    el("title", {}, rect, `${visible(queries[i])} → ${visible(keys[j])}: ${fmt(w, 4)}`);
+    rect.addEventListener("click", () => guarded(() => explain(i)));
+  }));
+  queries.forEach((t, i) => {
+    const node = el("text", { class: "q", x: left - 4, y: top + i * cell + cell * 0.7, "text-anchor": "end",
+      "data-i": i }, svg, visible(t));
+    node.addEventListener("click", () => guarded(() => explain(i)));
+  });
+  keys.forEach((t, j) => {
+    const x = left + j * cell + cell * 0.7, yy = top - 4;
+    el("text", { x, y: yy, transform: `rotate(-60 ${x} ${yy})` }, svg, visible(t));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The anatomy of one head for one query token
+// ---------------------------------------------------------------------------------------------------------------
+
+async function explain(token) {
+  state.explainToken = token;
+  const body = { text: state.text, layer: state.layer, head: state.head, token, kind: state.kind };
+  if (state.target !== null) body.target = state.target;
+  const e = await api("/api/explain", body);
+  const box = $("explain");
+  box.className = "";
+  clear(box);
+  html("p", {}, box,
+    `${e.kind} attention, layer ${e.layer}, head ${e.head}: query token ${e.token} "${visible(e.query_label)}"` +
+    `${e.rotary ? " (queries and keys rotated by RoPE)" : ""}. d_k = ${e.d_k}, √d_k = ${fmt(e.sqrt_d_k)}.`);
+  html("p", { class: "vec" }, box, `1. query q = x W_Q = ${vec(e.query)}`);
+  const table = html("table", {}, box);
+  const head = html("tr", {}, html("thead", {}, table));
+  const columns = ["j", "key token", "2. key k_j", "3. q·k_j", "4. ÷ √d_k"];
+  if (e.bias) columns.push("+ ALiBi bias");
+  columns.push("5. softmax a_j", "", "6. a_j v_j");
+  columns.forEach((c, n) => html("th", { class: n === 1 ? "tok" : "" }, head, c));
+  const body2 = html("tbody", {}, table);
+  const best = e.weights.indexOf(Math.max(...e.weights));
+  e.key_labels.forEach((label, j) => {
+    const row = html("tr", { class: !e.visible[j] ? "masked" : j === best ? "top" : "" }, body2);
+    html("td", {}, row, String(j));
+    html("td", { class: "tok" }, row, visible(label));
+    html("td", { class: "vec" }, row, vec(e.keys[j], 3));
+    html("td", {}, row, fmt(e.dots[j]));
+    html("td", {}, row, fmt(e.scaled[j]));
+    if (e.bias) html("td", {}, row, fmt(e.bias[j]));
+    html("td", {}, row, e.visible[j] ? fmt(e.weights[j], 4) : "masked");
+    const bar = html("td", { class: "tok" }, row);
+    html("span", { class: "bar", style: `width: ${Math.round(e.weights[j] * 80)}px` }, bar);
+    html("td", { class: "vec" }, row, vec(e.weighted[j], 3));
+  });
+  const foot = html("tr", {}, html("tfoot", {}, table));
+  html("td", { colspan: e.bias ? 6 : 5, class: "tok" }, foot, "sum of the weights");
+  html("td", {}, foot, fmt(e.weights_sum, 6));
+  html("p", { class: "vec" }, box, `7. output z = Σ_j a_j v_j = ${vec(e.output, 8)}`);
+  html("p", { class: "vec" }, box, `   the model's own head output = ${vec(e.model_output, 8)}`);
+  html("p", { class: e.matches_model ? "ok" : "bad" }, box,
+    `${e.matches_model ? "✓ equal" : "✗ different"}: max |z − model| = ${e.max_error.toExponential(2)} ` +
+    `(tolerance ${e.tolerance})`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Generation, streamed token by token (Server-Sent Events read with fetch, so 4xx messages reach the page)
+// ---------------------------------------------------------------------------------------------------------------
+
+async function generate() {
+  const prompt = $("prompt").value;
+  const params = new URLSearchParams({ text: prompt, max_new_tokens: $("max-new").value,
+    temperature: $("temperature").value });
+  const out = $("generated-new");
+  $("generate").disabled = true;
+  try {
+    const response = await fetch(`/api/generate?${params}`);
+    if (!response.ok) {
+      const answer = await response.json().catch(() => ({}));
+      throw new Error(answer.error || `the server answered ${response.status}`);
+    }
+    $("generated-prompt").textContent = prompt;
+    clear(out);
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const name = (frame.match(/^event: (.*)$/m) || [null, "message"])[1];
+        const data = JSON.parse((frame.match(/^data: (.*)$/m) || [null, "{}"])[1]);
+        if (name === "error") throw new Error(data.error);
+        if (name === "done") out.dataset.done = "true";
+        else html("span", { "data-id": data.id }, out, data.text);
+      }
+    }
+  } finally {
+    $("generate").disabled = !(state.info && state.info.can_generate);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Wiring
+// ---------------------------------------------------------------------------------------------------------------
+
+$("load-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  guarded(async () => {
+    showInfo(await api("/api/load", { checkpoint: $("checkpoint").value }));
+    state.data = null;
+    state.visibleHeads = new Set();
+    await showAttention();
+  });
+});
+$("text-form").addEventListener("submit", (ev) => { ev.preventDefault(); guarded(showAttention); });
+$("generate-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  $("generated-new").dataset.done = "false";
+  guarded(generate);
+});
+$("kind").addEventListener("change", () => {
+  state.kind = $("kind").value;
+  state.visibleHeads = new Set();
+  setupControls();
+  render();
+});
+$("layer").addEventListener("change", () => {
+  state.layer = Number($("layer").value);
+  render();
+  if (state.explainToken !== null) guarded(() => explain(state.explainToken));
+});
+$("head").addEventListener("change", () => {
+  state.head = Number($("head").value);
+  renderHeatmap();
+  if (state.explainToken !== null) guarded(() => explain(state.explainToken));
+});
+$("threshold").addEventListener("change", () => {
+  state.threshold = Math.max(0, Number($("threshold").value) || 0);
+  renderLines();
+});
+
+guarded(async () => {
+  showInfo(await api("/api/info"));
+  if (state.info.loaded) await showAttention();
+});
