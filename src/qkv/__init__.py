@@ -2,6 +2,7 @@
 
 from .attention import KVCache, MultiHeadAttention, scaled_dot_product_attention
 from .config import ModelConfig
+from .loading import load
 from .models import DecoderLM, Encoder, Transformer, build_model
 
 __version__ = "0.1.0"
@@ -15,5 +16,6 @@ __all__ = [
     "DecoderLM",
     "Transformer",
     "build_model",
+    "load",
     "__version__",
 ]

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
 __all__ = ["Tokenizer", "UnknownTokenError"]
@@ -41,6 +41,28 @@ class Tokenizer:
         backend.decoder = decoders.Fuse()
         if special_tokens:
             backend.add_special_tokens(list(special_tokens))
+        return cls(backend)
+
+    @classmethod
+    def bpe(cls, text: str | Iterable[str], vocab_size: int = 1024, special_tokens: Iterable[str] = (), *,
+            min_frequency: int = 2) -> Tokenizer:
+        """Byte-level BPE (GPT-2's scheme) trained on ``text``: start from the 256 bytes, merge the most frequent
+        adjacent pair until the vocabulary holds ``vocab_size`` tokens. Any Unicode text encodes; nothing is unknown.
+        """
+        special_tokens = list(special_tokens)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + len(special_tokens):
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small for byte-level BPE: it needs the {len(alphabet)} bytes "
+                f"plus {len(special_tokens)} special token(s); use vocab_size >= {len(alphabet) + len(special_tokens)}"
+            )
+        backend = _Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=special_tokens, initial_alphabet=alphabet,
+                                      show_progress=False)
+        backend.train_from_iterator(_chunks(text), trainer=trainer)
         return cls(backend)
 
     @classmethod
@@ -104,6 +126,16 @@ class Tokenizer:
     def unk_id(self) -> int | None:
         return self._special("<unk>", "[UNK]")
 
+    @property
+    def mask_id(self) -> int | None:
+        """The token masked-language modelling puts in place of a hidden token."""
+        return self._special("<mask>", "[MASK]")
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special (added) token."""
+        return sorted(self.backend.get_added_tokens_decoder())
+
     # -- encoding ---------------------------------------------------------------------------------------------
     def _unknown(self, text: str) -> UnknownTokenError:
         vocab = self.backend.get_vocab()
@@ -149,3 +181,13 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _chunks(text: str | Iterable[str], lines_per_chunk: int = 1000) -> Iterable[str]:
+    """Feed a long text to the Rust trainer in pieces of ``lines_per_chunk`` lines."""
+    if not isinstance(text, str):
+        yield from text
+        return
+    lines = text.splitlines(keepends=True)
+    for start in range(0, len(lines), lines_per_chunk):
+        yield "".join(lines[start:start + lines_per_chunk])

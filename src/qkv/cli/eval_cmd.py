@@ -1,0 +1,34 @@
+"""``qkv eval --checkpoint DIR [--data PATH]``: validation loss and perplexity of a trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a text",
+                       description="Mean cross-entropy per predicted token (nats) and perplexity = exp(loss) of "
+                                   "a checkpoint, on the validation split of a text (default: the text it "
+                                   "trained on) or on the whole text (--split all).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
+    p.add_argument("--data", help="a text file or folder (default: the text the run trained on)")
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="val: the last 10%% of the text (default); all: the whole text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--context", type=int, help="tokens per window (default: the model's max_seq_len)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from qkv.train import evaluate_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                                 context=args.context)
+    print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
+          f"({result['split']} split of {result['data']}, {result['tokens']:,} tokens, {result['checkpoint']})")
+    return 0

@@ -1,0 +1,147 @@
+"""``qkv train``: train a model (a preset, any ModelConfig field overridden) on a text; ``--resume`` continues."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import Field, fields
+from pathlib import Path
+from typing import Any
+
+from qkv.config import PRESETS, ModelConfig
+from qkv.train import TrainConfig
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out")
+
+
+def _add_field(group: argparse._ArgumentGroup, field: Field, section: str) -> None:
+    """One option per dataclass field: ``d_model`` → ``--d-model``, bools as ``--x/--no-x``."""
+    type_name = str(field.type).replace(" | None", "").strip()
+    kind = _TYPES.get(type_name, str)
+    flag = "--" + field.name.replace("_", "-")
+    common = dict(dest=f"{section}.{field.name}", default=argparse.SUPPRESS)
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{section} field {field.name}",
+                           **common)
+    else:
+        group.add_argument(flag, type=kind, metavar=type_name.upper(), help=f"{section} field {field.name}",
+                           **common)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model on a text (default: the bundled tiny Shakespeare)",
+        description="Train a preset on a text, overriding any model field (--d-model 128) or training option "
+                    "(--max-steps, --time-budget, --lr, ...). Options can also come from --config FILE.toml "
+                    "(keys named like the fields; flags win). --resume DIR continues a saved run exactly.")
+    p.add_argument("preset", nargs="?", default=argparse.SUPPRESS,
+                   help=f"model preset (default tiny-decoder): {', '.join(PRESETS)}")
+    p.add_argument("--data", default=argparse.SUPPRESS,
+                   help="a text file or a folder of text files (default: the bundled tiny Shakespeare)")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default=argparse.SUPPRESS,
+                   help="char (default) or byte-level bpe (its size: --vocab-size, default 1024)")
+    p.add_argument("--model-type", choices=["decoder", "encoder"], default=argparse.SUPPRESS,
+                   help="decoder: next-token LM; encoder: masked LM (default: what the preset's layers imply)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (default runs/<preset>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (a run or checkpoint directory)")
+    p.add_argument("--config", metavar="FILE", help="a TOML file of options (flat, or [model] / [train] tables)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    model = p.add_argument_group("model (any ModelConfig field; default: the preset's value)")
+    for field in fields(ModelConfig):
+        _add_field(model, field, "model")
+    trainer = p.add_argument_group("training (any TrainConfig field)")
+    for field in fields(TrainConfig):
+        _add_field(trainer, field, "train")
+    p.set_defaults(run=run)
+
+
+def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A TOML options file → {"run": ..., "model": ..., "train": ...}; an unknown key names the closest one."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; pass a TOML file of training options")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    out: dict[str, dict[str, Any]] = {"run": {}, "model": {}, "train": {}}
+    model_keys, train_keys = ModelConfig.field_names(), TrainConfig.field_names()
+    for key, value in flat.items():
+        key = key.replace("-", "_")
+        section = ("run" if key in RUN_KEYS else "model" if key in model_keys else
+                   "train" if key in train_keys else None)
+        if section is None:
+            known = [*RUN_KEYS, *model_keys, *train_keys]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see `qkv train --help` for the names"
+            raise ValueError(f"{path}: unknown option {key!r}; {hint}")
+        out[section][key] = value
+    return out
+
+
+def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Options from --config, then the command line on top: {"run", "model", "train"}."""
+    options = read_toml(args.config) if args.config else {"run": {}, "model": {}, "train": {}}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            options[section][name] = value
+        elif key in RUN_KEYS:
+            options["run"][key] = value
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from qkv.train import TrainingDiverged, TrainingInterrupted, resume, train
+
+    options = collect(args)
+    run_opts, model_opts, train_opts = options["run"], options["model"], options["train"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.resume:
+            fixed = [f"--{k.replace('_', '-')}" for k in (*run_opts, *model_opts) if k not in ("data", "out")]
+            if args.config or args.overwrite or fixed:
+                what = ", ".join(fixed + ["--config"] * bool(args.config) + ["--overwrite"] * bool(args.overwrite))
+                raise ValueError(f"--resume continues a run with its saved model and tokenizer; {what} cannot "
+                                 "change it: drop them, or start a new run without --resume")
+            result = resume(args.resume, train_opts, data=run_opts.get("data"), out_dir=run_opts.get("out"))
+        else:
+            preset = run_opts.get("preset", "tiny-decoder")
+            tokenizer = run_opts.get("tokenizer", "char")
+            if tokenizer == "char" and "vocab_size" in model_opts:
+                raise ValueError("--vocab-size sizes a BPE vocabulary, but a character tokenizer takes its "
+                                 "vocabulary from the text: drop --vocab-size or add --tokenizer bpe")
+            model_config = ModelConfig.preset(preset, **model_opts)
+            if tokenizer == "bpe" and "vocab_size" not in model_opts:
+                model_config = model_config.replace(vocab_size=1024)
+            result = train(model_config, TrainConfig(**train_opts), data=run_opts.get("data"),
+                           out_dir=run_opts.get("out", f"runs/{preset}"), tokenizer=tokenizer,
+                           model_type=run_opts.get("model_type"), overwrite=args.overwrite)
+    except TrainingDiverged as err:
+        print(f"qkv train: {err}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as err:
+        print(f"qkv train: interrupted: {err}", file=sys.stderr)
+        return 130
+    out = result.checkpoint.parent
+    print(f"done: step {result.step}, validation loss {result.val_loss:.4f} "
+          f"(perplexity {torch.tensor(result.val_loss).exp():.2f}) after {result.elapsed:.1f} s, "
+          f"{result.tokens_per_s:,.0f} tokens/s")
+    print(f"checkpoint {result.checkpoint}; metrics {out / 'metrics.csv'}; loss curve {out / 'loss.png'}")
+    return 0

@@ -1,0 +1,63 @@
+"""``qkv.load(DIR)``: a model and its tokenizer from a directory, whichever supported format it holds.
+
+The format is decided by the files found. Each loader is one entry of ``LOADERS``: a test ``(Path) -> bool`` and a
+function ``(Path, device) -> Loaded``; the first whose test passes loads the directory. (Hugging Face GPT-2 and
+BERT directories join the table with the interop work.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .checkpoint import PICKLE_SUFFIXES, is_qkv_checkpoint, load_checkpoint
+from .interop import is_hf_directory, load_hf
+from .tokenizers import Tokenizer
+
+__all__ = ["Loaded", "load", "LOADERS"]
+
+
+class Loaded(NamedTuple):
+    """What ``qkv.load`` returns: ``model, tokenizer = qkv.load(DIR)``."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+
+
+def _load_qkv(path: Path, device: str | torch.device) -> Loaded:
+    model, tokenizer, _ = load_checkpoint(path, device=device)
+    return Loaded(model, tokenizer)
+
+
+def _load_hf(path: Path, device: str | torch.device) -> Loaded:
+    return Loaded(*load_hf(path, device=device))
+
+
+# (name, does this loader recognise the directory?, load it)
+LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | torch.device], Loaded]]] = [
+    ("qkv checkpoint", is_qkv_checkpoint, _load_qkv),
+    ("Hugging Face GPT-2 or BERT directory", is_hf_directory, _load_hf),
+]
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> Loaded:
+    """Load a qkv checkpoint (a ``step-*`` directory or a training run directory) → ``Loaded(model, tokenizer)``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (e.g. one `qkv train` wrote)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json and the weights")
+    for _, recognises, loader in LOADERS:
+        if recognises(path):
+            return loader(path, device)
+    found = sorted(p.name for p in path.iterdir())[:8]
+    pickles = [name for name in found if name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"{path} holds pickled weights ({', '.join(pickles)}); qkv loads only safetensors, which "
+                         "cannot run code: convert the weights to model.safetensors first")
+    known = ", ".join(name for name, _, _ in LOADERS)
+    raise ValueError(f"{path} is not a checkpoint qkv can load (found: {', '.join(found) or 'nothing'}); "
+                     f"supported: {known}")

@@ -1,0 +1,706 @@
+"""Training: one loop for every model shape, with the objective as a small pluggable part.
+
+- ``NextToken`` (``DecoderLM``): L = -mean_t log P(x_{t+1} | x_≤t).
+- ``MaskedLM`` (``Encoder``): BERT's recipe, loss on the 15% chosen tokens only.
+- The encoder-decoder objective registers itself in ``OBJECTIVES["seq2seq"]`` with its own batch source.
+
+A batch source is anything with ``batch(index)`` (training batch number ``index``, a pure function of the index)
+and ``fixed(n_batches)`` (the evaluation batches); the objective turns what the source yields into a loss.
+The trainer owns what every objective shares: AdamW with weight-decay groups, the learning-rate schedule,
+gradient accumulation and clipping, mixed precision, evaluation, metrics, checkpoints, interruption and the
+divergence guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .blocks import RMSNorm
+from .checkpoint import load_checkpoint, load_trainer_state, save_run_checkpoint
+from .config import ModelConfig
+from .data import Corpus, TokenSplits, WindowBatches, load_tokens, read_corpus
+from .losses import IGNORE_INDEX, cross_entropy
+from .models import build_model, model_class_for
+from .positions import PositionalEncoding
+from .tokenizers import Tokenizer
+
+__all__ = ["TrainConfig", "Objective", "NextToken", "MaskedLM", "OBJECTIVES", "BatchSource", "Trainer",
+           "TrainResult", "TrainingDiverged", "TrainingInterrupted", "warmup_cosine", "noam_lr", "param_groups",
+           "train", "resume", "evaluate", "evaluate_checkpoint", "build_tokenizer", "MASK_TOKEN"]
+
+MASK_TOKEN = "<mask>"
+
+
+# -- options ------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Every option of a training run (model hyperparameters live in ``ModelConfig``)."""
+
+    max_steps: int | None = None  # optimizer steps; None: run until time_budget (default 1000 if neither)
+    time_budget: float | None = None  # seconds of the trainer's clock (training steps and evaluations)
+    batch_size: int = 32
+    context: int | None = None  # tokens per training window; default: the model's max_seq_len
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # peak learning rate (cosine, constant: default 1e-3); noam: the factor (default 1)
+    schedule: str = "cosine"  # "cosine" (linear warm-up, cosine decay), "noam" (the paper's), "constant"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    mlm_probability: float = 0.15
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32", "bf16"
+    device: str = "auto"
+    eval_every: int = 200  # steps between evaluations of the validation loss
+    eval_batches: int = 20
+    save_every: int | None = None  # steps between checkpoints; None: at each evaluation; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    val_fraction: float = 0.1
+    progress: bool = True  # a progress bar (tqdm) on stderr
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "noam", "constant"):
+            raise ValueError(f"schedule={self.schedule!r} is not one of cosine, noam, constant")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of auto, fp32, bf16 (fp16 is not offered: "
+                             "it overflows without loss scaling; bf16 does not)")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
+                     "keep_checkpoints", "context"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget={self.time_budget} must be a positive number of seconds")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 1) and "
+                             f"mlm_probability={self.mlm_probability} in (0, 1)")
+        if self.warmup_steps < 0 or (self.schedule == "noam" and self.warmup_steps < 1):
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (>= 1 for the noam schedule)")
+        if self.max_steps is None and self.time_budget is None:
+            self.max_steps = 1000
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (1.0 if self.schedule == "noam" else 1e-3)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# -- schedules: each formula has one home --------------------------------------------------------------------------
+def warmup_cosine(step: int, progress: float, *, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr: (step+1)/warmup while warming up, then min + (1-min)·½(1 + cos(π·progress))."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def noam_lr(step: int, d_model: int, warmup: int) -> float:
+    """lr = d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) ("Attention Is All You Need", eq. 3), step >= 1."""
+    step = max(step, 1)
+    return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+# -- objectives ---------------------------------------------------------------------------------------------------
+class BatchSource(Protocol):
+    def batch(self, index: int) -> Any: ...
+    def fixed(self, n_batches: int) -> list[Any]: ...
+
+
+class Objective:
+    """How a batch becomes a loss. ``window_extra``: tokens a text window needs beyond the model's context."""
+
+    window_extra = 0
+
+    def __init__(self, tokenizer: Tokenizer, config: TrainConfig):
+        self.tokenizer, self.config = tokenizer, config
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, int]:
+        """→ (mean loss over the predicted tokens, how many tokens it averaged over)."""
+        raise NotImplementedError
+
+    def tokens_in(self, batch: Any) -> int:
+        """How many tokens the model reads for this batch (for tokens/s)."""
+        return batch.shape[0] * (batch.shape[1] - self.window_extra)
+
+
+class NextToken(Objective):
+    """L = -mean_t log P(x_{t+1} | x_≤t): a window of T+1 tokens gives T inputs and their T successors."""
+
+    window_extra = 1
+
+    def loss(self, model, batch: Tensor, generator):
+        ids = batch.to(self.device(model), non_blocking=True)
+        logits = model(ids[:, :-1])  # (batch, T, vocab)
+        return cross_entropy(logits, ids[:, 1:], label_smoothing=self.config.label_smoothing), ids[:, 1:].numel()
+
+    @staticmethod
+    def device(model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+
+class MaskedLM(Objective):
+    """BERT: choose 15% of tokens; of those 80% → [MASK], 10% → a random token, 10% kept; predict the chosen."""
+
+    def __init__(self, tokenizer: Tokenizer, config: TrainConfig):
+        super().__init__(tokenizer, config)
+        if tokenizer.mask_id is None:
+            raise ValueError(f"masked-language modelling needs a mask token, and this {tokenizer.kind} tokenizer "
+                             f"has none; build it with special_tokens=[{MASK_TOKEN!r}]")
+
+    def corrupt(self, ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """ids (batch, T) → (inputs, chosen tokens replaced; targets: the chosen ids, IGNORE_INDEX elsewhere)."""
+        shape = ids.shape
+        chosen = torch.rand(shape, generator=generator) < self.config.mlm_probability
+        if not chosen.any():
+            chosen[0, 0] = True  # a batch with nothing to predict would give a 0/0 loss
+        how = torch.rand(shape, generator=generator)
+        random_ids = torch.randint(0, self.tokenizer.vocab_size, shape, generator=generator)
+        inputs = torch.where(chosen & (how < 0.8), self.tokenizer.mask_id, ids)
+        inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+        return inputs, torch.where(chosen, ids, IGNORE_INDEX)
+
+    def loss(self, model, batch: Tensor, generator):
+        inputs, targets = self.corrupt(batch, generator)
+        device = NextToken.device(model)
+        hidden = model(inputs.to(device))  # (batch, T, d_model)
+        logits = model.logits(hidden)
+        targets = targets.to(device)
+        return (cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing),
+                int((targets != IGNORE_INDEX).sum()))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, batches: list, *, seed: int = 0, bf16: bool = False) -> float:
+    """Mean loss per predicted token over ``batches`` (model in eval mode; its mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device_type = NextToken.device(model).type
+    for i, batch in enumerate(batches):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = objective.loss(model, batch, torch.Generator().manual_seed(seed + i))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# model_type → objective; the encoder-decoder objective adds "seq2seq" here.
+OBJECTIVES: dict[str, Callable[[Tokenizer, TrainConfig], Objective]] = {"decoder": NextToken, "encoder": MaskedLM}
+
+
+# -- optimizer ----------------------------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: never on norms, biases, token/positional/segment embeddings."""
+    no_decay_modules = (nn.Embedding, nn.LayerNorm, RMSNorm, PositionalEncoding)
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            exempt = isinstance(module, no_decay_modules) or name == "bias" or p.dim() < 2
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient) became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT / SIGTERM arrived; a checkpoint was saved at ``checkpoint``."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class TrainResult(NamedTuple):
+    step: int
+    elapsed: float  # seconds on the trainer's clock
+    val_loss: float
+    tokens_per_s: float
+    checkpoint: Path | None
+    history: list[dict]  # one entry per evaluation: step, elapsed_s, val_loss
+
+
+CSV_FIELDS = ["step", "elapsed_s", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s"]
+
+
+class Trainer:
+    """Trains ``model`` on batches from ``train_data`` with ``objective``; writes checkpoints under ``out_dir``."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_data: BatchSource, val_data: BatchSource,
+                 config: TrainConfig, out_dir: str | Path, *, objective: Objective | None = None,
+                 run_info: dict | None = None, print_fn: Callable[[str], None] | None = None):
+        self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
+        self.device = torch.device(config.device if config.device != "auto" else
+                                   "cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).train()
+        self.objective = objective or OBJECTIVES[model.model_type](tokenizer, config)
+        self.train_data, self.val_batches = train_data, val_data.fixed(config.eval_batches)
+        self.bf16 = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.peak_lr,
+                                           betas=(config.beta1, config.beta2), fused=cuda or None,
+                                           foreach=None if cuda else True)
+        self.run_info = dict(run_info or {})
+        self.print = print_fn or (lambda msg: print(msg, flush=True))
+        self.step = 0  # optimizer steps taken
+        self.elapsed = 0.0  # the trainer's clock: seconds spent in training steps and evaluations
+        self.train_time = 0.0  # seconds in training steps only (for tokens/s)
+        self.tokens = 0
+        self.last_checkpoint: Path | None = None
+        self.history: list[dict] = []
+        self._stop_signal: int | None = None
+        self._bar = None
+
+    # -- schedule -------------------------------------------------------------------------------------------------
+    def progress(self) -> float:
+        """How far along the run is, 0 → 1: by steps, by the clock, whichever is further."""
+        c = self.config
+        return max(self.step / c.max_steps if c.max_steps else 0.0,
+                   self.elapsed / c.time_budget if c.time_budget else 0.0)
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if c.schedule == "noam":
+            return c.peak_lr * noam_lr(step + 1, self.model.config.d_model, c.warmup_steps)
+        if c.schedule == "constant":
+            return c.peak_lr
+        return c.peak_lr * warmup_cosine(step, self.progress(), warmup=c.warmup_steps, min_ratio=c.min_lr_ratio)
+
+    def _done(self) -> bool:
+        c = self.config
+        return (c.max_steps is not None and self.step >= c.max_steps) or (
+            c.time_budget is not None and self.elapsed >= c.time_budget)
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _generator(self, index: int) -> torch.Generator:
+        """The random numbers of micro-batch ``index`` (MLM masks): a pure function of (seed, index)."""
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches → (loss, gradient norm, tokens)."""
+        c = self.config
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total, n_tokens = 0.0, 0
+        for micro in range(c.grad_accum):
+            index = self.step * c.grad_accum + micro  # the data position
+            batch = self.train_data.batch(index)
+            with self._autocast():
+                loss, _ = self.objective.loss(self.model, batch, self._generator(index))
+            (loss / c.grad_accum).backward()
+            total += float(loss.detach()) / c.grad_accum
+            n_tokens += self.objective.tokens_in(batch)
+        if c.grad_clip:
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
+        if math.isfinite(total) and math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm, n_tokens
+
+    def evaluate(self) -> float:
+        """Mean validation loss per predicted token over the fixed evaluation batches."""
+        return evaluate(self.model, self.objective, self.val_batches, seed=self.config.seed, bf16=self.bf16)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train until ``max_steps`` or ``time_budget``; evaluate, log and save along the way."""
+        c = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_every = c.eval_every if c.save_every is None else c.save_every
+        val_loss = float("nan")
+        window_loss, window_steps = 0.0, 0
+        with self._signals(), self._progress_bar(), _MetricsLog(self.out_dir) as metrics:
+            while not self._done():
+                start = time.perf_counter()
+                loss, norm, n_tokens = self.train_step()
+                spent = time.perf_counter() - start
+                self.elapsed += spent
+                self.train_time += spent
+                self.step += 1
+                self.tokens += n_tokens
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    raise TrainingDiverged(self._divergence_message(loss, norm))
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+                if self.step == 1 or self.step == self._resumed_at + 1:
+                    self.print(f"step {self.step}: loss {loss:.4f}, {spent:.2f} s")
+                evaluating = self.step % c.eval_every == 0 or self._done()
+                if self.step % c.log_every == 0 or evaluating:
+                    row = {"step": self.step, "elapsed_s": round(self.elapsed, 3), "tokens": self.tokens,
+                           "lr": self.optimizer.param_groups[0]["lr"], "train_loss": window_loss / window_steps,
+                           "tokens_per_s": round(self.tokens_per_s)}
+                    window_loss, window_steps = 0.0, 0
+                    if evaluating:
+                        start = time.perf_counter()
+                        val_loss = self.evaluate()
+                        self.elapsed += time.perf_counter() - start
+                        row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                        self.history.append({"step": self.step, "elapsed_s": self.elapsed, "val_loss": val_loss})
+                        self._say(f"step {self.step:>6} | {self.elapsed:7.1f} s | train {row['train_loss']:.4f} | "
+                                  f"val {val_loss:.4f} (ppl {row['val_ppl']:.2f}) | "
+                                  f"{self.tokens_per_s:,.0f} tok/s")
+                    metrics.write(row)
+                    self._update_bar(row["train_loss"])
+                if self._stop_signal is not None:
+                    path = self.save()
+                    name = signal.Signals(self._stop_signal).name
+                    raise TrainingInterrupted(
+                        f"{name} at step {self.step}: saved checkpoint {path}; continue with "
+                        f"`qkv train --resume {path.parent}`", path)
+                if save_every and self.step % save_every == 0 and not self._done():
+                    self.save()
+            if not self.history or self.history[-1]["step"] != self.step:
+                val_loss = self.evaluate()
+                self.history.append({"step": self.step, "elapsed_s": self.elapsed, "val_loss": val_loss})
+            checkpoint = self.save()
+        self._plot()
+        return TrainResult(self.step, self.elapsed, val_loss, self.tokens_per_s, checkpoint, self.history)
+
+    _resumed_at = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_time if self.train_time else 0.0
+
+    def _divergence_message(self, loss: float, norm: float) -> str:
+        what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
+        where = (f"the last good checkpoint, {self.last_checkpoint}, is left untouched"
+                 if self.last_checkpoint else "no checkpoint had been saved yet")
+        lr = self.optimizer.param_groups[0]["lr"]
+        return (f"training diverged: {what} at step {self.step}; stopped without saving, {where}. Usual causes: "
+                f"a learning rate too high (it was {lr:.3g}: try a tenth), a missing 1/sqrt(d_k) attention scale, "
+                f"or fp16 overflow (train in bf16 or fp32)")
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything beyond the weights that an exact continuation needs."""
+        rng = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": list(random.getstate())}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": self.step, "elapsed": self.elapsed, "train_time": self.train_time, "tokens": self.tokens,
+                "data_position": self.step * self.config.grad_accum, "optimizer": self.optimizer.state_dict(),
+                "schedule": {"name": self.config.schedule, "lr": self.config.peak_lr,
+                             "warmup_steps": self.config.warmup_steps, "progress": self.progress()},
+                "rng": rng, "train_config": asdict(self.config), "run": self.run_info, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.elapsed, self.tokens = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
+        self.train_time = float(state.get("train_time", self.elapsed))
+        self._resumed_at = self.step
+        self.history = list(state.get("history", []))
+        self.optimizer.load_state_dict(state["optimizer"])
+        cuda = self.device.type == "cuda"
+        for group in self.optimizer.param_groups:  # the saved flags belong to the device that saved them
+            group["fused"], group["foreach"] = (cuda or None), (None if cuda else True)
+            group["betas"] = tuple(group["betas"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(_numpy_state(rng["numpy"]))
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+    def save(self) -> Path:
+        self.last_checkpoint = save_run_checkpoint(self.out_dir, self.step, self.model, self.tokenizer,
+                                                   trainer_state=self.state_dict(),
+                                                   keep=self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    # -- interruption, progress, pictures -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM set a flag: the loop finishes its step, saves, and stops. A second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        bar = None
+        if self.config.progress:
+            try:
+                from tqdm.auto import tqdm
+
+                c = self.config
+                total = c.max_steps if c.max_steps else int(c.time_budget)
+                bar = tqdm(total=total, initial=self.step if c.max_steps else int(self.elapsed),
+                           unit="step" if c.max_steps else "s", dynamic_ncols=True, leave=False,
+                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]")
+            except ImportError:
+                pass
+        self._bar = bar
+        try:
+            yield
+        finally:
+            if bar is not None:
+                bar.close()
+            self._bar = None
+
+    def _update_bar(self, train_loss: float) -> None:
+        if self._bar is None:
+            return
+        c = self.config
+        self._bar.n = self.step if c.max_steps else min(int(self.elapsed), int(c.time_budget))
+        self._bar.set_postfix_str(f"loss {train_loss:.3f}, {self.tokens_per_s:,.0f} tok/s", refresh=True)
+
+    def _say(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            self.print(message)
+
+    def _plot(self) -> Path | None:
+        try:
+            return plot_loss_curve(self.out_dir / "metrics.csv", self.out_dir / "loss.png")
+        except ImportError:
+            return None
+
+
+def _numpy_state(saved: list | None = None):
+    """numpy's global RNG state ↔ a JSON-friendly list."""
+    if saved is None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    name, keys, pos, has_gauss, gauss = saved
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss
+
+
+class _MetricsLog:
+    """metrics.csv (appended to on resume) and TensorBoard event files when ``tensorboard`` is installed."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "metrics.csv"
+        self.out_dir = out_dir
+
+    def __enter__(self):
+        new = not self.path.exists()
+        self.file = self.path.open("a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
+        if new:
+            self.writer.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+        return self
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+                if key in row:
+                    self.tb.add_scalar(key, row[key], row["step"])
+
+    def __exit__(self, *exc):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss_curve(csv_path: str | Path, png_path: str | Path) -> Path:
+    """Training and validation loss against the trainer's clock, from metrics.csv."""
+    from .viz import save_figure
+    from .viz.heatmap import _pyplot
+
+    rows = list(csv.DictReader(Path(csv_path).open()))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+        points = [(float(r["elapsed_s"]), float(r[key])) for r in rows if r.get(key)]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("seconds (trainer's clock)")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    if rows:
+        ax.set_title(f"{rows[-1]['step']} steps, {int(rows[-1]['tokens']):,} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, png_path)
+
+
+# -- a whole run: corpus → tokenizer → tokens → model → trainer -----------------------------------------------------
+def build_tokenizer(corpus: Corpus, kind: str, model_type: str, bpe_vocab_size: int | None) -> Tokenizer:
+    """A tokenizer trained on ``corpus``: "char" or byte-level "bpe"; masked-LM models get a mask token."""
+    special = [MASK_TOKEN] if model_type == "encoder" else []
+    if kind == "char":
+        return Tokenizer.char(corpus.text, special_tokens=special)
+    if kind == "bpe":
+        return Tokenizer.bpe(corpus.text, vocab_size=bpe_vocab_size or 1024, special_tokens=special)
+    raise ValueError(f"tokenizer={kind!r} is not one of char, bpe")
+
+
+def train(model_config: ModelConfig | None = None, config: TrainConfig | None = None, *,
+          data: str | Path | None = None, out_dir: str | Path = "runs/train", tokenizer: str = "char",
+          model_type: str | None = None, overwrite: bool = False,
+          print_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a model from scratch on ``data`` (default: the bundled tiny Shakespeare); checkpoints go to ``out_dir``.
+
+    ``model_config.vocab_size`` is the BPE vocabulary size to train; a character tokenizer sets its own. An
+    ``out_dir`` that already holds a run is refused unless ``overwrite`` (its checkpoints and metrics are deleted).
+    """
+    say = print_fn or (lambda msg: print(msg, flush=True))
+    config = config or TrainConfig()
+    model_config = model_config or ModelConfig.preset("tiny-decoder")
+    model_type = model_type or model_class_for(model_config).model_type
+    if model_type not in OBJECTIVES:
+        raise ValueError(f"no training objective for model_type={model_type!r} yet; trainable: "
+                         f"{', '.join(OBJECTIVES)}")
+    out_dir = Path(out_dir)
+    _claim_out_dir(out_dir, overwrite)
+    corpus = read_corpus(data)
+    tok = build_tokenizer(corpus, tokenizer, model_type, model_config.vocab_size)
+    model_config = model_config.replace(vocab_size=tok.vocab_size)
+    torch.manual_seed(config.seed)
+    model = build_model(model_config, model_type)
+    run_info = {"data": corpus.source, "data_sha256": corpus.sha256, "tokenizer": tokenizer,
+                "model_type": model_type}
+    trainer, splits = _make_trainer(model, tok, corpus, config, out_dir, run_info, say)
+    say(f"training a {model.num_parameters():,}-parameter {type(model).__name__} on {corpus.source} "
+        f"({len(splits.train):,} train / {len(splits.val):,} validation tokens, {tok.kind} vocabulary "
+        f"{tok.vocab_size}) on {trainer.device}")
+    return trainer.fit()
+
+
+def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to train into a directory that holds another run, unless told to replace it."""
+    previous = [p for p in (out_dir / "latest", *out_dir.glob("step-*")) if p.exists()] if out_dir.is_dir() else []
+    if not previous:
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir} already holds a training run; continue it with --resume {out_dir}, "
+                         "or pick another --out")
+    for path in (*previous, out_dir / "metrics.csv", out_dir / "loss.png"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _make_trainer(model, tok: Tokenizer, corpus: Corpus, config: TrainConfig, out_dir, run_info: dict,
+                  say) -> tuple[Trainer, TokenSplits]:
+    context = config.context or model.config.max_seq_len
+    if context > model.config.max_seq_len:
+        raise ValueError(f"context={context} is longer than max_seq_len={model.config.max_seq_len}; "
+                         f"lower --context or raise --max-seq-len")
+    objective = OBJECTIVES[model.model_type](tok, config)
+    splits = load_tokens(corpus, tok, val_fraction=config.val_fraction)
+    window = context + objective.window_extra
+    train_data = WindowBatches(splits.train, window, config.batch_size, seed=config.seed, name="train")
+    val_data = WindowBatches(splits.val, window, config.batch_size, seed=config.seed, name="validation")
+    trainer = Trainer(model, tok, train_data, val_data, config, out_dir, objective=objective, run_info=run_info,
+                      print_fn=say)
+    return trainer, splits
+
+
+# Options that may change when a run resumes: none changes what a step computes, except lr (a deliberate choice).
+RESUMABLE_OPTIONS = ("max_steps", "time_budget", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+                     "log_every", "progress", "device", "lr")
+
+
+def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path | None = None,
+           out_dir: str | Path | None = None, print_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Continue the run saved at ``path`` (a checkpoint or a run directory) exactly where it stopped."""
+    say = print_fn or (lambda msg: print(msg, flush=True))
+    overrides = dict(overrides or {})
+    fixed = sorted(set(overrides) - set(RESUMABLE_OPTIONS))
+    if fixed:
+        raise ValueError(f"--resume continues a run with its saved settings; {', '.join(fixed)} cannot change "
+                         f"(only {', '.join(RESUMABLE_OPTIONS)} can); drop them or start a new run")
+    state, directory = load_trainer_state(path)
+    model, tok, _ = load_checkpoint(directory)
+    config = TrainConfig(**{**state["train_config"], **overrides})
+    run = state["run"]
+    corpus = read_corpus(data if data is not None else run["data"])
+    if corpus.sha256 != run["data_sha256"]:
+        raise ValueError(f"the data {corpus.source} differs from the text this run trained on "
+                         f"({run['data']}); pass the same --data to resume, or start a new run")
+    trainer, _ = _make_trainer(model.train(), tok, corpus, config, out_dir or directory.parent, run, say)
+    trainer.load_state_dict(state)
+    trainer.last_checkpoint = directory
+    say(f"resuming {directory} at step {trainer.step} ({trainer.elapsed:.1f} s on the clock)")
+    return trainer.fit()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, split: str = "val",
+                        batch_size: int = 32, context: int | None = None, max_batches: int = 10_000) -> dict:
+    """Loss (nats per predicted token) and perplexity exp(loss) of a checkpoint on a text.
+
+    ``data`` defaults to the text the run trained on; ``split`` "val" takes its last 10%, "all" the whole text.
+    """
+    if split not in ("val", "all"):
+        raise ValueError(f"split={split!r} is not one of val, all")
+    model, tok, directory = load_checkpoint(checkpoint)
+    if data is None:
+        try:
+            data = load_trainer_state(directory)[0]["run"]["data"]
+        except (FileNotFoundError, KeyError):
+            data = None  # a checkpoint without training state: the bundled corpus
+    corpus = read_corpus(data)
+    if model.model_type not in OBJECTIVES:
+        raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")
+    objective = OBJECTIVES[model.model_type](tok, TrainConfig())
+    context = context or model.config.max_seq_len
+    if context > model.config.max_seq_len:
+        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.config.max_seq_len}; "
+                         "lower --context")
+    splits = load_tokens(corpus, tok)
+    tokens = splits.val if split == "val" else np.concatenate([splits.train, splits.val])
+    batches = WindowBatches(tokens, context + objective.window_extra, batch_size,
+                            name="validation" if split == "val" else "text").fixed(max_batches)
+    loss = evaluate(model, objective, batches)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sum(b.numel() for b in batches),
+            "data": corpus.source, "split": split, "checkpoint": str(directory)}
