@@ -1,0 +1,148 @@
+"""The trainer: schedules, weight-decay groups, the MLM recipe, exact resume, learning beyond letter counts."""
+
+import collections
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qkv import ModelConfig
+from qkv.data import read_corpus
+from qkv.models import DecoderLM
+from qkv.tokenizers import Tokenizer
+from qkv.train import (
+    IGNORE_INDEX,
+    MaskedLM,
+    TrainConfig,
+    evaluate_checkpoint,
+    noam_lr,
+    param_groups,
+    resume,
+    train,
+    warmup_cosine,
+)
+
+SMALL = read_corpus().text[:30_000]
+
+
+@pytest.fixture(autouse=True)
+def _cache_and_one_thread(tmp_path, monkeypatch):
+    """Token files in tmp_path; one torch thread, so tiny models do not fight other tests for the CPU."""
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(SMALL)
+    return path
+
+
+def unigram_entropy(text: str) -> float:
+    """H = -Σ_c p(c) log p(c), in nats: the loss of a model that knows only letter frequencies."""
+    counts = collections.Counter(text)
+    return -sum(n / len(text) * math.log(n / len(text)) for n in counts.values())
+
+
+def tiny(model_type="decoder", **overrides) -> ModelConfig:
+    layers = {"n_decoder_layers": 1, "n_encoder_layers": 0} if model_type == "decoder" else {
+        "n_decoder_layers": 0, "n_encoder_layers": 1}
+    return ModelConfig(**{"vocab_size": 65, "d_model": 48, "n_heads": 2, "d_ff": 96, "max_seq_len": 32,
+                          **layers, **overrides})
+
+
+QUIET = dict(progress=False, eval_batches=8)
+
+
+# -- schedules ------------------------------------------------------------------------------------------------------
+def test_noam_schedule_is_the_papers_formula_peaking_at_warmup():
+    d_model, warmup = 512, 4000
+    for step in (1, 100, 3999, 4000, 4001, 100_000):
+        assert noam_lr(step, d_model, warmup) == pytest.approx(
+            d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5))
+    peak = max(range(1, 20_000, 7), key=lambda s: noam_lr(s, d_model, warmup))
+    assert abs(peak - warmup) <= 7
+
+
+def test_warmup_then_cosine_rises_linearly_and_decays_to_the_floor():
+    assert [warmup_cosine(s, 0.0, warmup=4, min_ratio=0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(10, 0.5, warmup=4, min_ratio=0.1) == pytest.approx(0.55)
+    assert warmup_cosine(10, 1.0, warmup=4, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings():
+    model = DecoderLM(tiny(tie_embeddings=False))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(n.endswith(".weight") and "norm" not in n and not n.startswith("embed") for n in decayed)
+    assert "lm_head.weight" in decayed and "embed.token.weight" not in decayed
+
+
+# -- masked language modelling -------------------------------------------------------------------------------------
+def test_mlm_corruption_follows_berts_15_80_10_10_recipe():
+    tok = Tokenizer.char("abcdefghij", special_tokens=["<mask>"])
+    ids = torch.randint(0, 10, (200, 500))
+    inputs, targets = MaskedLM(tok, TrainConfig()).corrupt(ids, torch.Generator().manual_seed(0))
+    chosen = targets != IGNORE_INDEX
+    assert chosen.float().mean().item() == pytest.approx(0.15, abs=0.005)
+    assert torch.equal(targets[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+    masked = (inputs[chosen] == tok.mask_id).float().mean().item()
+    kept = (inputs[chosen] == ids[chosen]).float().mean().item()
+    assert masked == pytest.approx(0.8, abs=0.01)
+    assert kept == pytest.approx(0.1 + 0.1 / tok.vocab_size, abs=0.01)  # 10% kept, plus random draws that hit
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+def test_decoder_learns_more_than_letter_frequencies(small_text, tmp_path):
+    result = train(tiny("decoder"), TrainConfig(max_steps=150, batch_size=16, lr=3e-3, warmup_steps=10,
+                                                eval_every=150, **QUIET),
+                   data=small_text, out_dir=tmp_path / "run", print_fn=lambda _: None)
+    assert result.val_loss < unigram_entropy(SMALL) - 0.4
+    # qkv eval on the same checkpoint and the same windows reproduces the trainer's validation loss
+    evaluated = evaluate_checkpoint(result.checkpoint, batch_size=16)
+    assert evaluated["data"] == str(small_text)
+    assert evaluated["loss"] < unigram_entropy(SMALL) - 0.4
+
+
+def test_encoder_learns_masked_tokens_beyond_letter_frequencies(small_text, tmp_path):
+    result = train(tiny("encoder", d_model=64, d_ff=128, n_heads=4),
+                   TrainConfig(max_steps=300, batch_size=32, lr=1e-2, warmup_steps=10, eval_every=300, **QUIET),
+                   data=small_text, out_dir=tmp_path / "run", print_fn=lambda _: None)
+    assert result.val_loss < unigram_entropy(SMALL) - 0.1
+
+
+def test_bpe_run_trains_and_saves_its_tokenizer(small_text, tmp_path):
+    result = train(tiny("decoder", vocab_size=300), TrainConfig(max_steps=3, batch_size=4, **QUIET),
+                   data=small_text, out_dir=tmp_path / "run", tokenizer="bpe", print_fn=lambda _: None)
+    tok = Tokenizer.load(result.checkpoint)
+    assert tok.kind == "bpe" and tok.vocab_size == 300
+
+
+# -- exact resume --------------------------------------------------------------------------------------------------
+def test_resume_reaches_bit_identical_weights(small_text, tmp_path):
+    """Stopped at step 6 and resumed, a run at step 12 equals the uninterrupted one, bit for bit (with dropout)."""
+    model = tiny("decoder", dropout=0.1, n_decoder_layers=2)
+    options = dict(batch_size=8, lr=3e-3, warmup_steps=3, grad_accum=2, eval_every=4, save_every=4,
+                   keep_checkpoints=5, **QUIET)
+    straight = train(model, TrainConfig(max_steps=12, **options), data=small_text, out_dir=tmp_path / "a",
+                     print_fn=lambda _: None)
+    train(model, TrainConfig(max_steps=12, **options), data=small_text, out_dir=tmp_path / "b",
+          print_fn=lambda _: None)
+    # the same run, cut at step 6: keep only the checkpoint of step 4, as if the process died at step 6
+    for late in ("step-000008", "step-000012"):
+        shutil.rmtree(tmp_path / "b" / late)
+    (tmp_path / "b" / "latest").write_text("step-000004\n")
+    resumed = resume(tmp_path / "b", print_fn=lambda _: None)
+    assert resumed.step == straight.step == 12
+    a, b = load_file(straight.checkpoint / "model.safetensors"), load_file(resumed.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.val_loss == straight.val_loss

@@ -1,0 +1,138 @@
+"""`qkv train` / `qkv eval` from the command line: interruption, divergence, TOML options, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qkv
+from qkv.cli import main
+from qkv.data import read_corpus
+
+TINY = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-decoder-layers", "1", "--max-seq-len", "32",
+        "--batch-size", "4", "--eval-batches", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _cache_and_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(read_corpus().text[:20_000])
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sigint_saves_a_loadable_checkpoint_and_the_run_resumes(small_text, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "train", "--data", small_text, "--out", out, "--max-steps", "100000",
+         "--eval-every", "100000", *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "QKV_CACHE_DIR": str(tmp_path / "cache")})
+    seen = []
+    for line in proc.stdout:  # wait for the first step, never a fixed sleep
+        seen.append(line)
+        if line.startswith("step 1:"):
+            break
+    assert seen and seen[-1].startswith("step 1:"), "".join(seen) + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "SIGINT at step" in stderr and "saved checkpoint" in stderr and f"--resume {out}" in stderr
+    model, tok = qkv.load(out)
+    stopped = int((out / "latest").read_text().strip().split("-")[1])
+    assert stopped >= 1 and model.config.d_model == 32 and tok.vocab_size > 30
+    code, stdout, err = run_cli(capsys, "train", "--resume", out, "--max-steps", stopped + 2, "--no-progress")
+    assert code == 0, err
+    assert f"resuming {out / f'step-{stopped:06d}'} at step {stopped}" in stdout
+    assert f"done: step {stopped + 2}," in stdout
+
+
+def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_text, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", small_text, "--out", out, "--max-steps", 4, *TINY)
+    assert code == 0, err
+    good = out / "step-000004"
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    code, _, err = run_cli(capsys, "train", "--resume", out, "--lr", "1e30", "--max-steps", 50, "--save-every",
+                           1000, "--no-progress")
+    assert code == 3
+    message = err.strip()
+    assert "\n" not in message, repr(err)
+    assert "diverged" in message and "at step 6" in message  # warm-up: the lr reaches 1e28 only at step 5
+    assert str(good) in message and "learning rate too high" in message
+    assert "attention scale" in message and "fp16" in message
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert (out / "latest").read_text().strip() == "step-000004"
+    assert all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
+
+
+def test_toml_options_apply_and_flags_override_them(small_text, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{small_text}"\nmax_steps = 2\n[model]\nd_model = 32\nn_heads = 2\n'
+                      f'd_ff = 64\nn_decoder_layers = 1\nmax_seq_len = 16\n[train]\nbatch_size = 2\n')
+    code, out, err = run_cli(capsys, "train", "--config", config, "--out", tmp_path / "run", "--max-steps", 3,
+                             "--no-progress", "--threads", 1)
+    assert code == 0, err
+    assert "done: step 3," in out
+    model, _ = qkv.load(tmp_path / "run")
+    assert (model.config.d_model, model.config.max_seq_len) == (32, 16)
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--threads", 1)
+    assert code == 0 and out.startswith("loss ") and "perplexity" in out
+
+
+@pytest.mark.parametrize(("make", "args", "expected"), [
+    (None, ["--data", "{tmp}/missing.txt"], "does not exist"),
+    ("", ["--data", "{tmp}/data.txt"], "is empty"),
+    ("to be or not", ["--data", "{tmp}/data.txt"], "shorter than one context window"),
+    (None, ["--vocab-size", "300"], "character tokenizer takes its vocabulary from the text"),
+    (None, ["--resume", "{tmp}/run", "--d-model", "64"], "--d-model cannot change"),
+    (None, ["--dtype", "fp16"], "fp16 is not offered"),
+    ("x = 1\n", ["--config", "{tmp}/data.txt"], "unknown option 'x'"),
+    ("d_modle = 1\n", ["--config", "{tmp}/data.txt"], "did you mean 'd_model'"),
+])
+def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path, capsys, make, args, expected):
+    if make is not None:
+        (tmp_path / "data.txt").write_text(make)
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, _, err = run_cli(capsys, "train", *args, "--out", tmp_path / "new", "--no-progress", "--max-steps", 1)
+    assert code == 2
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_an_existing_run_is_never_overwritten_by_a_new_one(small_text, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, "train", "--data", small_text, "--out", out, "--max-steps", 1, *TINY)[0] == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, "train", "--data", small_text, "--out", out, "--max-steps", 1, *TINY)
+    assert code == 2 and "already holds a training run" in err and f"--resume {out}" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_eval_refuses_a_pickle_and_a_checkpoint_missing_files(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"w": torch.zeros(2)}, bad / "pytorch_model.bin")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", bad)
+    assert code == 2 and err.count("\n") == 1 and "pickled weights" in err
+    (bad / "config.json").write_text('{"format": "qkv"}')
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", bad)
+    assert code == 2 and "pickled weights" in err
+    (bad / "pytorch_model.bin").unlink()
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", bad)
+    assert code == 2 and "missing model.safetensors, tokenizer.json" in err
