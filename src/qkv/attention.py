@@ -62,6 +62,19 @@ def to_torch_mha_mask(mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape the given shapes broadcast to, or None when they do not (plain Python: a decoding step calls
+    this every layer, and ``torch.broadcast_shapes`` costs tens of microseconds)."""
+    n = max(len(s) for s in shapes)
+    out = []
+    for dims in zip(*((1,) * (n - len(s)) + tuple(s) for s in shapes), strict=True):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -78,27 +91,26 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Te
         raise ValueError(
             f"keys and values need the same number of positions: k has {k.shape[-2]}, v has {v.shape[-2]}"
         )
-    scores_shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
+    batch = _broadcast(q.shape[:-2], k.shape[:-2])
+    if batch is None:
+        raise ValueError(f"queries {tuple(q.shape)} and keys {tuple(k.shape)} need broadcastable leading "
+                         "(batch, heads) dimensions")
+    scores_shape = (*batch, q.shape[-2], k.shape[-2])
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(
                 f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
                 "for additive float scores pass bias=..."
             )
-        try:
-            torch.broadcast_shapes(mask.shape, scores_shape)
-        except RuntimeError:
+        if _broadcast(mask.shape, scores_shape) is None:
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
                 f"(batch, heads, queries, keys) = {scores_shape}"
-            ) from None
-    if bias is not None:
-        try:
-            torch.broadcast_shapes(bias.shape, scores_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"bias of shape {tuple(bias.shape)} does not broadcast to the attention scores {scores_shape}"
-            ) from None
+            )
+    if bias is not None and _broadcast(bias.shape, scores_shape) is None:
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} does not broadcast to the attention scores {scores_shape}"
+        )
 
 
 def scaled_dot_product_attention(
@@ -281,12 +293,13 @@ class MultiHeadAttention(nn.Module):
     def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Q = X W_Q, K = C W_K, V = C W_V, split into heads: each (batch, heads, seq, d_k)."""
         kv = self.n_kv_heads * self.d_k
-        if context is None:
-            q, k, v = self.qkv(x).split([self.d_model, kv, kv], dim=-1)
-        else:
-            w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model])
-            k, v = F.linear(context, w[self.d_model :], None if b is None else b[self.d_model :]).split(kv, -1)
+        if context is None:  # one view splits all heads: [W_Q | W_K | W_V] outputs are head-major
+            b, t, _ = x.shape
+            heads = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.d_k).transpose(1, 2)
+            return heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model])
+        k, v = F.linear(context, w[self.d_model :], None if b is None else b[self.d_model :]).split(kv, -1)
         return self.split_heads(q, self.n_heads), self.split_heads(k, self.n_kv_heads), self.split_heads(
             v, self.n_kv_heads
         )

@@ -81,9 +81,10 @@ class EncoderBlock(nn.Module):
 
     def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         """One sublayer with its residual connection and norm, placed as ``norm_position`` says."""
-        if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+        h = sublayer(norm(x) if self.pre_norm else x)
+        if self.training:  # dropout is the identity in eval mode: skip the call (decoding runs it per token)
+            h = self.dropout(h)
+        return x + h if self.pre_norm else norm(x + h)
 
     def self_attention(self, x: Tensor, mask: Tensor | None, causal: bool, need_weights: bool, rotate, bias,
                        cache: KVCache | None) -> tuple[Tensor, Tensor | None]:
