@@ -1,0 +1,239 @@
+"""Training throughput: qkv against Hugging Face GPT-2 and x-transformers, measured in the same run.
+
+Every library trains the same decoder-only shape on the same random batch with the same step: forward, the
+same cross-entropy, backward, gradient clipping to norm 1, and the same AdamW. The libraries take turns
+(A/B/C/A/B/C...) so a noisy neighbour slows all of them alike; each figure is the median of the runs after a
+warm-up. MFU (model FLOPs utilisation) divides model FLOPs/s by the fp32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BenchShape",
+    "TRAINING_SHAPES",
+    "QUICK_SHAPE",
+    "matmul_peak",
+    "model_flops_per_token",
+    "make_optimizer",
+    "training_step",
+    "build_qkv",
+    "build_hf_gpt2",
+    "build_x_transformers",
+    "training_benchmark",
+    "format_training_table",
+]
+
+VOCAB_SIZE = 65  # the character vocabulary of tiny Shakespeare
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One decoder-only configuration and the batch it trains on."""
+
+    name: str
+    layers: int
+    heads: int
+    d_model: int
+    context: int
+    batch: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.context
+
+
+TRAINING_SHAPES = (
+    BenchShape("small", layers=4, heads=4, d_model=128, context=64, batch=12),
+    BenchShape("medium", layers=6, heads=6, d_model=384, context=256, batch=8),
+)
+QUICK_SHAPE = BenchShape("quick", layers=2, heads=2, d_model=32, context=16, batch=2)
+
+
+def _mm_seconds(a: Tensor, b: Tensor, out: Tensor) -> float:
+    start = time.perf_counter()
+    torch.mm(a, b, out=out)
+    return time.perf_counter() - start
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matrix-multiply peak in FLOP/s: 2·n³ / (median time of ``torch.mm`` on n x n matrices)."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    _mm_seconds(a, b, out)  # warm-up
+    return 2 * n**3 / statistics.median(_mm_seconds(a, b, out) for _ in range(repeats))
+
+
+def model_flops_per_token(n_params: int, layers: int, d_model: int, context: int) -> float:
+    """Training FLOPs per token = 6·N + 12·L·d·T (N: parameters but the position embeddings; PaLM, app. B)."""
+    return 6 * n_params + 12 * layers * d_model * context
+
+
+def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1) -> torch.optim.Optimizer:
+    """AdamW(betas=(0.9, 0.95)): the one optimizer every library in the comparison trains with.
+
+    ``fused=True`` runs the whole update as one kernel per parameter group (CPU and CUDA alike).
+    """
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                             fused=True)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor, targets: Tensor) -> Tensor:
+    """One step: loss = CE(model(ids), targets); backward; clip the gradient norm to 1; AdamW."""
+    logits = model(ids)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+class _LogitsOnly(nn.Module):
+    """Adapts a model whose forward returns an output object (Hugging Face) to ``ids → logits``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids).logits
+
+
+def build_qkv(shape: BenchShape) -> tuple[nn.Module, int]:
+    """qkv's DecoderLM in GPT-2's layout (pre-LN, learned positions, tanh GELU, tied output) → (model, N)."""
+    from qkv.config import ModelConfig
+    from qkv.models import DecoderLM
+
+    config = ModelConfig(vocab_size=VOCAB_SIZE, d_model=shape.d_model, n_heads=shape.heads,
+                         d_ff=4 * shape.d_model, n_decoder_layers=shape.layers, max_seq_len=shape.context,
+                         activation="gelu_tanh", positional="learned", norm_position="pre",
+                         tie_embeddings=True, dropout=0.0)
+    model = DecoderLM(config)
+    return model, model.num_parameters(exclude_positions=True)
+
+
+def build_hf_gpt2(shape: BenchShape) -> tuple[nn.Module, int]:
+    """``GPT2LMHeadModel(GPT2Config(...))`` with every dropout 0 → (ids → logits, N)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=shape.layers, n_head=shape.heads, n_embd=shape.d_model,
+                        n_positions=shape.context, vocab_size=VOCAB_SIZE, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return _LogitsOnly(model), n_params
+
+
+def build_x_transformers(shape: BenchShape) -> tuple[nn.Module, int]:
+    """``TransformerWrapper(attn_layers=Decoder(...))``, head size d // H, tied embedding → (model, N)."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    model = TransformerWrapper(num_tokens=VOCAB_SIZE, max_seq_len=shape.context, tie_embedding=True,
+                               attn_layers=Decoder(dim=shape.d_model, depth=shape.layers, heads=shape.heads,
+                                                   attn_dim_head=shape.d_model // shape.heads))
+    positions = sum(p.numel() for n, p in model.named_parameters() if n.startswith("pos_emb"))
+    return model, sum(p.numel() for p in model.parameters()) - positions
+
+
+BUILDERS: dict[str, Callable[[BenchShape], tuple[nn.Module, int]]] = {
+    "qkv": build_qkv,
+    "HF GPT-2": build_hf_gpt2,
+    "x-transformers": build_x_transformers,
+}
+
+
+@dataclass
+class _Contender:
+    name: str
+    shape: BenchShape
+    step: Callable[[], Tensor]
+    n_params: int
+    rates: list[float]
+
+
+def _contender(name: str, shape: BenchShape, build: Callable[[BenchShape], tuple[nn.Module, int]],
+               ids: Tensor, targets: Tensor, compile: bool = False) -> _Contender:
+    torch.manual_seed(0)
+    model, n_params = build(shape)
+    model.train()
+    optimizer = make_optimizer(model)
+    if compile:
+        model = torch.compile(model)
+    return _Contender(name, shape, lambda: training_step(model, optimizer, ids, targets), n_params, [])
+
+
+def _timed_run(contender: _Contender, steps: int) -> float:
+    """Tokens per second over ``steps`` consecutive training steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        contender.step()
+    return steps * contender.shape.tokens_per_step / (time.perf_counter() - start)
+
+
+def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: int = 5,
+                       libraries: tuple[str, ...] | None = None, seconds_per_run: float = 1.0) -> list[dict]:
+    """Rows of {config, library, tokens_per_s, mfu, vs}: the median of ``repeats`` interleaved runs each.
+
+    Each round runs every library once and one 2048 x 2048 ``torch.mm``; the median of those gives the matmul
+    peak, so the peak is measured under the same conditions as the training. ``compile=True`` adds a row
+    for qkv under ``torch.compile``. ``quick`` measures one tiny shape once.
+    """
+    shapes = (QUICK_SHAPE,) if quick else TRAINING_SHAPES
+    repeats = 1 if quick else repeats
+    names = libraries or tuple(BUILDERS)
+    n = 256 if quick else 2048
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    _mm_seconds(a, b, out)  # warm-up
+    rows = []
+    for shape in shapes:
+        generator = torch.Generator().manual_seed(0)
+        data = torch.randint(0, VOCAB_SIZE, (shape.batch, shape.context + 1), generator=generator)
+        ids, targets = data[:, :-1], data[:, 1:]
+        contenders = [_contender(name, shape, BUILDERS[name], ids, targets) for name in names]
+        if compile:
+            contenders.append(_contender("qkv compiled", shape, build_qkv, ids, targets, compile=True))
+        steps = {}
+        for c in contenders:  # warm-up (and compilation); then size each run to about seconds_per_run
+            c.step()
+            start = time.perf_counter()
+            c.step()
+            steps[c.name] = 1 if quick else max(2, round(seconds_per_run / (time.perf_counter() - start)))
+        mm_times = []
+        for _ in range(repeats):
+            mm_times.append(_mm_seconds(a, b, out))
+            for c in contenders:
+                c.rates.append(_timed_run(c, steps[c.name]))
+        peak = 2 * n**3 / statistics.median(mm_times)
+        medians = {c.name: statistics.median(c.rates) for c in contenders}
+        for c in contenders:
+            flops = model_flops_per_token(c.n_params, shape.layers, shape.d_model, shape.context)
+            row = {"config": shape.name, "library": c.name, "tokens_per_s": medians[c.name],
+                   "mfu": medians[c.name] * flops / peak, "peak_gflops": peak / 1e9, "n_params": c.n_params,
+                   "threads": torch.get_num_threads()}
+            if c.name.startswith("qkv"):
+                row["vs"] = {o: medians[c.name] / medians[o] for o in medians if not o.startswith("qkv")}
+            rows.append(row)
+    return rows
+
+
+def format_training_table(rows: list[dict]) -> str:
+    """The rows as a plain-text table, one line per (config, library)."""
+    if not rows:
+        return ""
+    lines = [f"Training: forward + backward + clip + AdamW, fp32, random batches, {rows[0]['threads']} threads; "
+             "MFU = (6·N + 12·L·d·T) · tokens/s / fp32 matmul peak",
+             f"  {'config':<7} {'library':<15} {'params N':>10} {'tokens/s':>9} {'peak GF/s':>9} {'MFU':>6}  "
+             "qkv / other"]
+    for r in rows:
+        ratios = "  ".join(f"/{other} {ratio:.2f}" for other, ratio in r.get("vs", {}).items())
+        lines.append(f"  {r['config']:<7} {r['library']:<15} {r['n_params']:>10,} {r['tokens_per_s']:>9,.0f} "
+                     f"{r['peak_gflops']:>9.0f} {r['mfu']:>6.1%}  {ratios}")
+    return "\n".join(lines)

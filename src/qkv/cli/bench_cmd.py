@@ -1,0 +1,67 @@
+"""``qkv bench [training|attention|generate|all]``: how fast qkv trains, attends and generates, as tables.
+
+Every comparison is measured in one run, the contenders interleaved, so the ratios hold on a busy machine
+even when the absolute figures do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+SUITES = ("training", "attention", "generate", "all")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: training tokens/s vs Hugging Face and x-transformers, "
+                                     "attention memory vs length, generation tokens/s",
+                       description="Measure qkv against the libraries people would pick instead, in one run.")
+    p.add_argument("suite", nargs="?", default="all", choices=SUITES, help="what to measure (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, one run each: seconds, for smoke tests")
+    p.add_argument("--compile", action="store_true",
+                   help="also train qkv under torch.compile (an extra row; compiling takes a minute or more)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every contender (default: every core this process may use)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per contender; the median is shown")
+    p.set_defaults(run=run)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats} must be >= 1")
+    torch.set_num_threads(args.threads or _cores())  # set here, for the benchmark only, never on import
+    suites = ("training", "attention", "generate") if args.suite == "all" else (args.suite,)
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"qkv bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}", flush=True)
+    for suite in suites:
+        print(flush=True)
+        if suite == "training":
+            from qkv.bench.training import format_training_table, training_benchmark
+
+            rows = training_benchmark(quick=args.quick, compile=args.compile, repeats=args.repeats)
+            print(format_training_table(rows), flush=True)
+        elif suite == "attention":
+            from qkv.bench.attention import attention_benchmark, format_attention_table
+
+            print(format_attention_table(attention_benchmark(quick=args.quick, repeats=args.repeats)), flush=True)
+        else:
+            try:
+                from qkv.bench.generation import format_generation_table, generation_benchmark
+            except ImportError:
+                print("Generation: qkv.bench.generation is not available in this version", flush=True)
+                continue
+            rows = generation_benchmark(args.quick, threads=torch.get_num_threads(), repeats=args.repeats)
+            print("Generation", flush=True)
+            print(format_generation_table(rows), flush=True)
+    return 0

@@ -1,0 +1,49 @@
+"""`qkv bench --quick` runs and prints its tables; the benchmark's bookkeeping is right. No timed tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from qkv.bench.attention import growth_exponent
+from qkv.bench.training import BenchShape, build_hf_gpt2, build_qkv, build_x_transformers, model_flops_per_token
+
+
+def test_qkv_bench_quick_prints_every_table():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-m", "qkv", "bench", "--quick"], capture_output=True, text=True,
+                          env=env, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    rows = {}
+    for library in ("qkv", "HF GPT-2", "x-transformers"):
+        match = re.search(rf"^\s+quick\s+{re.escape(library)}\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s+([\d.]+)%", out, re.M)
+        assert match, f"no training row for {library} in:\n{out}"
+        rows[library] = float(match.group(2).replace(",", ""))
+        assert rows[library] > 0
+    ratio = re.search(r"/HF GPT-2 ([\d.]+)", out)
+    assert ratio and float(ratio.group(1)) == pytest.approx(rows["qkv"] / rows["HF GPT-2"], rel=0.05, abs=0.01)
+    for length in (64, 128):
+        assert re.search(rf"^\s+{length}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    assert "Generation" in out
+
+
+def test_qkv_and_gpt2_have_the_same_parameters_for_the_flop_count():
+    """The comparison is like for like: qkv's GPT-2-layout model has exactly Hugging Face GPT-2's N."""
+    shape = BenchShape("t", layers=2, heads=2, d_model=32, context=16, batch=1)
+    (_, n_qkv), (_, n_hf), (_, n_x) = build_qkv(shape), build_hf_gpt2(shape), build_x_transformers(shape)
+    d, L, V = 32, 2, 65  # per layer: 4d² + 4d (attention) + 8d² + 5d (feed-forward) + 4d (two norms)
+    assert n_qkv == n_hf == L * (12 * d * d + 13 * d) + V * d + 2 * d
+    assert abs(n_x - n_qkv) < 0.05 * n_qkv  # no biases in its attention: slightly fewer
+    assert model_flops_per_token(n_qkv, L, d, 16) == 6 * n_qkv + 12 * L * d * 16
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_growth_exponent_sees_through_a_constant(p):
+    rows = [{"length": t, "mb": 7.0 + 0.001 * t**p} for t in (1024, 2048, 4096, 8192)]
+    assert growth_exponent(rows, "mb") == pytest.approx(p)
+    assert growth_exponent(rows[:2], "mb") is None
