@@ -70,7 +70,9 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32", "bf16"
     device: str = "auto"
     eval_every: int = 200  # steps between evaluations of the validation loss
+    eval_seconds: float | None = None  # also evaluate each time the clock passes a multiple of this
     eval_batches: int = 20
+    final_eval_batches: int | None = None  # the evaluation after the last step (default: eval_batches)
     save_every: int | None = None  # steps between checkpoints; None: at each evaluation; 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -84,7 +86,8 @@ class TrainConfig:
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of auto, fp32, bf16 (fp16 is not offered: "
                              "it overflows without loss scaling; bf16 does not)")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "final_eval_batches",
+                     "log_every",
                      "keep_checkpoints", "context"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -265,7 +268,8 @@ class Trainer:
                                    "cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).train()
         self.objective = objective or OBJECTIVES[model.model_type](tokenizer, config)
-        self.train_data, self.val_batches = train_data, val_data.fixed(config.eval_batches)
+        self.train_data, self.val_data = train_data, val_data
+        self.val_batches = val_data.fixed(config.eval_batches)
         self.bf16 = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.peak_lr,
@@ -335,9 +339,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm, n_tokens
 
-    def evaluate(self) -> float:
+    def evaluate(self, final: bool = False) -> float:
         """Mean validation loss per predicted token over the fixed evaluation batches."""
-        return evaluate(self.model, self.objective, self.val_batches, seed=self.config.seed, bf16=self.bf16)
+        c = self.config
+        batches = self.val_batches
+        if final and c.final_eval_batches not in (None, c.eval_batches):
+            batches = self.val_data.fixed(c.final_eval_batches)
+        return evaluate(self.model, self.objective, batches, seed=c.seed, bf16=self.bf16)
+
+    def _evaluation_due(self, clock_before_step: float) -> bool:
+        c = self.config
+        if self.step % c.eval_every == 0:
+            return True
+        return bool(c.eval_seconds) and int(self.elapsed // c.eval_seconds) > int(clock_before_step // c.eval_seconds)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -349,6 +363,7 @@ class Trainer:
         window_loss, window_steps = 0.0, 0
         with self._signals(), self._progress_bar(), _MetricsLog(self.out_dir) as metrics:
             while not self._done():
+                clock_before_step = self.elapsed
                 start = time.perf_counter()
                 loss, norm, n_tokens = self.train_step()
                 spent = time.perf_counter() - start
@@ -361,18 +376,20 @@ class Trainer:
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 if self.step == 1 or self.step == self._resumed_at + 1:
                     self.print(f"step {self.step}: loss {loss:.4f}, {spent:.2f} s")
-                evaluating = self.step % c.eval_every == 0 or self._done()
+                done = self._done()
+                evaluating = done or self._evaluation_due(clock_before_step)
                 if self.step % c.log_every == 0 or evaluating:
                     row = {"step": self.step, "elapsed_s": round(self.elapsed, 3), "tokens": self.tokens,
                            "lr": self.optimizer.param_groups[0]["lr"], "train_loss": window_loss / window_steps,
                            "tokens_per_s": round(self.tokens_per_s)}
                     window_loss, window_steps = 0.0, 0
                     if evaluating:
-                        start = time.perf_counter()
-                        val_loss = self.evaluate()
-                        self.elapsed += time.perf_counter() - start
+                        start, at = time.perf_counter(), self.elapsed
+                        val_loss = self.evaluate(final=done)
+                        if not done:  # evaluations during training count on the clock; the final one does not
+                            self.elapsed += time.perf_counter() - start
                         row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-                        self.history.append({"step": self.step, "elapsed_s": self.elapsed, "val_loss": val_loss})
+                        self.history.append({"step": self.step, "elapsed_s": at, "val_loss": val_loss})
                         self._say(f"step {self.step:>6} | {self.elapsed:7.1f} s | train {row['train_loss']:.4f} | "
                                   f"val {val_loss:.4f} (ppl {row['val_ppl']:.2f}) | "
                                   f"{self.tokens_per_s:,.0f} tok/s")
@@ -384,10 +401,10 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"{name} at step {self.step}: saved checkpoint {path}; continue with "
                         f"`qkv train --resume {path.parent}`", path)
-                if save_every and self.step % save_every == 0 and not self._done():
+                if save_every and self.step % save_every == 0 and not done:
                     self.save()
             if not self.history or self.history[-1]["step"] != self.step:
-                val_loss = self.evaluate()
+                val_loss = self.evaluate(final=True)
                 self.history.append({"step": self.step, "elapsed_s": self.elapsed, "val_loss": val_loss})
             checkpoint = self.save()
         self._plot()
@@ -647,8 +664,8 @@ def _make_trainer(model, tok: Tokenizer, corpus: Corpus, config: TrainConfig, ou
 
 
 # Options that may change when a run resumes: none changes what a step computes, except lr (a deliberate choice).
-RESUMABLE_OPTIONS = ("max_steps", "time_budget", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                     "log_every", "progress", "device", "lr")
+RESUMABLE_OPTIONS = ("max_steps", "time_budget", "eval_every", "eval_seconds", "eval_batches", "final_eval_batches",
+                     "save_every", "keep_checkpoints", "log_every", "progress", "device", "lr")
 
 
 def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path | None = None,
