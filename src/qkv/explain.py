@@ -81,14 +81,30 @@ class HeadExplanation:
         }
 
 
+def _bare(label: str) -> str:
+    return label.strip().lower().removeprefix("##")
+
+
 def find_token(labels: list[str], spec: int | str) -> int:
-    """A token index from an index ("3", "-1") or a token's text ("it": its first occurrence, case-insensitive)."""
+    """A token index from an index ("3", "-1") or a word ("it"): the token that is that word, else the first token
+    of the first run of tokens spelling it at a word boundary (a character model spells "it" as "i", "t")."""
     if isinstance(spec, int) or str(spec).lstrip("-").isdigit():
         return check_index("token", int(spec), len(labels))
     wanted = str(spec).strip().lower()
     for i, label in enumerate(labels):
-        if label.strip().lower().removeprefix("##") == wanted:
+        if _bare(label) == wanted:
             return i
+    for i in range(len(labels)):
+        if not _bare(labels[i]):
+            continue
+        at_boundary = i == 0 or not labels[i - 1].strip() or labels[i][:1].isspace()
+        spelled = ""
+        for j in range(i, len(labels)):
+            spelled += _bare(labels[j])
+            if spelled == wanted and at_boundary and (j + 1 == len(labels) or not labels[j + 1][:1].isalnum()):
+                return i
+            if not wanted.startswith(spelled):
+                break
     shown = ", ".join(f"{i}:{t!r}" for i, t in enumerate(labels[:40]))
     raise ValueError(f"no token {spec!r} in the text; pass an index or one of the tokens: {shown}")
 

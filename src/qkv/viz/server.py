@@ -7,8 +7,8 @@ elsewhere) talks to a small JSON API:
 - ``POST /api/load      {checkpoint}``     load a qkv checkpoint or a pretrained (Hugging Face) directory;
 - ``POST /api/attention {text, target?}``  every attention map of the text, with token labels;
 - ``POST /api/explain   {text, layer, head, token, kind?, target?}``  one head's anatomy (``qkv.explain``);
-- ``GET  /api/generate?text=…&max_new_tokens=…``  a continuation streamed as Server-Sent Events, one event per
-  token, then ``event: done``.
+- ``GET  /api/generate?text=…&max_new_tokens=…&temperature=…``  a continuation streamed as Server-Sent Events,
+  one event per piece of text as each token is chosen, then ``event: done``.
 
 Every request is checked (text length, token counts, layer/head/token ranges, max new tokens); a bad one is
 answered with a 4xx status and ``{"error": message}``, never a stack trace. The server binds 127.0.0.1 unless
@@ -24,15 +24,18 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlparse
 
-import torch
 from torch import nn
 
 from ..explain import explain_head
 from ..models import DecoderLM
 from ..tokenizers import Tokenizer
 from .maps import attention_kinds, attention_maps
+
+if TYPE_CHECKING:
+    from ..generate import GenerationConfig
 
 __all__ = ["Explorer", "RequestError", "make_server", "serve", "STATIC_FILES"]
 
@@ -147,8 +150,10 @@ class Explorer:
                                  kind=kind, target=target)
         return found.to_dict()
 
-    def check_generation(self, payload: dict) -> tuple[torch.Tensor, int, float]:
-        """Validate a generation request before the stream starts → (prompt ids, max new tokens, temperature)."""
+    def check_generation(self, payload: dict) -> tuple[str, GenerationConfig]:
+        """Validate a generation request before the stream starts → its GenerationConfig (prompt checked too)."""
+        from ..generate import GenerationConfig
+
         model, tokenizer = self._require_model()
         if not isinstance(model, DecoderLM):
             raise RequestError(f"a {model.model_type} model does not continue text; load a decoder "
@@ -163,28 +168,26 @@ class Explorer:
             raise RequestError(f"temperature must be a number, got {payload.get('temperature')!r}") from None
         if not 0.0 <= temperature <= 10.0:
             raise RequestError(f"temperature={temperature} is out of range; use 0 (greedy) to 10")
-        ids = tokenizer.encode(text)
-        room = model.config.max_seq_len - len(ids)
+        n_prompt = len(tokenizer.encode(text))
+        room = model.config.max_seq_len - n_prompt
         if n_new > room:
-            raise RequestError(f"the prompt has {len(ids)} tokens and the context holds "
+            raise RequestError(f"the prompt has {n_prompt} tokens and the context holds "
                                f"{model.config.max_seq_len}: at most {max(room, 0)} new tokens fit; shorten the "
                                "prompt or ask for fewer tokens")
-        return torch.tensor([ids]), n_new, temperature
+        return text, GenerationConfig(max_new_tokens=n_new, temperature=temperature)
 
-    def generate(self, ids: torch.Tensor, n_new: int, temperature: float) -> Iterator[dict]:
-        """Yield one event per new token: its id and the text it adds to the continuation."""
-        from ..generate import generate
+    def generate(self, text: str, config: GenerationConfig) -> Iterator[dict]:
+        """Yield the continuation piece by piece (``qkv.generate.stream_text``), as each token is chosen."""
+        from ..generate import stream_text
 
         model, tokenizer = self._require_model()
-        prompt_len, shown = ids.shape[1], ""
-        for _ in range(n_new):
-            with self.lock:
-                ids = generate(model, ids, 1, temperature=temperature)
-            text = tokenizer.decode(ids[0, prompt_len:].tolist())
-            # a byte-level token can end inside a UTF-8 character: hold its text back until it completes
-            piece = "" if text.endswith("\ufffd") else text[len(shown):]
-            shown += piece
-            yield {"id": int(ids[0, -1]), "text": piece}
+        pieces = stream_text(model, tokenizer, text, config=config)
+        while True:
+            with self.lock:  # one model step at a time, shared with the other requests
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield {"text": piece}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class Explorer:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "qkv-explorer"
+    protocol_version = "HTTP/1.1"  # keep-alive, and a chunked body for the event stream
     explorer: Explorer  # set on the subclass make_server creates
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
@@ -230,6 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _payload(self) -> dict:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body cannot be skipped safely
             raise RequestError(f"request body of {length} bytes is larger than {MAX_BODY_BYTES}",
                                HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         try:
@@ -261,10 +266,11 @@ class _Handler(BaseHTTPRequestHandler):
         routes = {"/api/attention": self.explorer.attention, "/api/explain": self.explorer.explain,
                   "/api/load": lambda p: self.explorer.load(p.get("checkpoint"))}
         try:
+            payload = self._payload()  # read first: on a kept-alive connection the body must not linger
             route = routes.get(urlparse(self.path).path)
             if route is None:
                 raise RequestError(f"no API at {self.path}", HTTPStatus.NOT_FOUND)
-            self._json(HTTPStatus.OK, route(self._payload()))
+            self._json(HTTPStatus.OK, route(payload))
         except Exception as err:
             self._error(err)
 
@@ -275,31 +281,38 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, body, f"{STATIC_FILES[name]}; charset=utf-8")
 
     def _stream(self, query: dict) -> None:
-        """Server-Sent Events: ``data: {"id", "text"}`` per token, then ``event: done`` (or ``event: error``)."""
-        ids, n_new, temperature = self.explorer.check_generation(query)  # 4xx before the stream starts
+        """Server-Sent Events: ``data: {"text"}`` per token, then ``event: done`` (or ``event: error``)."""
+        text, config = self.explorer.check_generation(query)  # 4xx before the stream starts
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
+        # no-cache, not no-store: Chromium reports a streamed no-store fetch as aborted even when it completed
+        # (microsoft/playwright#42742); an event stream is never cached either way
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.close_connection = True
+
+        def chunk(body: bytes) -> None:  # HTTP/1.1 chunked encoding: size in hex, CRLF, bytes, CRLF
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+            self.wfile.flush()
 
         def event(data: dict, name: str | None = None) -> None:
             head = f"event: {name}\n" if name else ""
-            self.wfile.write(f"{head}data: {json.dumps(data)}\n\n".encode())
-            self.wfile.flush()
+            chunk(f"{head}data: {json.dumps(data)}\n\n".encode())
 
         try:
             count = 0
-            for token in self.explorer.generate(ids, n_new, temperature):
+            for token in self.explorer.generate(text, config):
                 event(token)
                 count += 1
             event({"tokens": count}, "done")
         except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
             return  # the page went away
         except Exception as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             event({"error": message}, "error")
+        self.wfile.write(b"0\r\n\r\n")  # the last chunk
+        self.wfile.flush()
 
 
 def make_server(explorer: Explorer, host: str = "127.0.0.1", port: int = 0, *,

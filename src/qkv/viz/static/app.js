@@ -346,7 +346,7 @@ async function generate() {
         const data = JSON.parse((frame.match(/^data: (.*)$/m) || [null, "{}"])[1]);
         if (name === "error") throw new Error(data.error);
         if (name === "done") out.dataset.done = "true";
-        else html("span", { "data-id": data.id }, out, data.text);
+        else html("span", { "data-n": out.childElementCount }, out, data.text);
       }
     }
   } finally {

@@ -1,0 +1,198 @@
+"""The explorer page in a real browser (headless Chromium driven by Playwright): lines, layers, hovering, heatmap,
+explain panel, streamed generation and error messages, checked against the numbers the model computes.
+
+Needs Debian's ``chromium`` (``apt-get install -y chromium``; ``.ci/run`` installs it). Without it the test is
+skipped locally, and fails when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv import ModelConfig
+from qkv.generate import generate_text
+from qkv.models import build_model
+from qkv.tokenizers import Tokenizer
+from qkv.viz import attention_maps
+from qkv.viz.server import Explorer, make_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SENTENCE = "the cat sat on the mat"
+THRESHOLD = 0.05  # the page's default
+SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "test_browser" / "explorer.png"
+
+
+def _browser_or_skip():
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install 'qkv[dev]')"
+    if reason is None and not CHROMIUM.is_file():
+        reason = f"no Chromium at {CHROMIUM}; install Debian's package: apt-get install -y chromium"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test must run in CI: {reason}")
+        pytest.skip(reason)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.char("the cat sat on a mat, the dog ran.")
+    model = build_model(ModelConfig.preset("tiny-decoder", vocab_size=tokenizer.vocab_size)).eval()
+    with torch.no_grad():  # larger weights than the init: attention rows far from uniform, layers that differ
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model, tokenizer
+
+
+class PacedExplorer(Explorer):
+    """The real explorer, except that after its first streamed token it waits until the test lets it go on, so
+    the test can see the page while the continuation is still arriving."""
+
+    go_on = threading.Event()
+
+    def generate(self, text, config):
+        for n, piece in enumerate(super().generate(text, config)):
+            yield piece
+            if n == 0:
+                assert self.go_on.wait(timeout=60), "the test never let generation go on"
+
+
+@pytest.fixture(scope="module")
+def page_url(model_and_tokenizer):
+    server = make_server(PacedExplorer(*model_and_tokenizer, max_new_tokens=40))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    yield f"http://{host}:{port}/"
+    server.shutdown()
+    server.server_close()
+
+
+def expected_lines(maps: torch.Tensor, layer: int, heads: set[int]) -> set[tuple[int, int, int]]:
+    """(query, key, head) of every weight at or above the threshold in the visible heads of a layer."""
+    return {(q, k, h) for h in heads for q, k in (maps[layer, h] >= THRESHOLD).nonzero().tolist()}
+
+
+def drawn_lines(page) -> set[tuple[int, int, int]]:
+    found = page.eval_on_selector_all(
+        "line.att", "ls => ls.map(l => [+l.dataset.q, +l.dataset.k, +l.dataset.h])")
+    assert len(found) == len({tuple(x) for x in found})  # never two lines for the same (query, key, head)
+    return {tuple(x) for x in found}
+
+
+def test_explorer_in_a_real_browser(page_url, model_and_tokenizer):
+    sync_playwright = _browser_or_skip()
+    model, tokenizer = model_and_tokenizer
+    maps = attention_maps(model, tokenizer, SENTENCE).maps["decoder_self"]
+    n_layers, n_heads = maps.shape[:2]
+    all_heads = set(range(n_heads))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.on("requestfailed", lambda req: errors.append(f"request failed: {req.url} {req.failure}"))
+            external: list[str] = []
+            page.on("request", lambda req: None if req.url.startswith(page_url) or req.url.startswith("data:")
+                    else external.append(req.url))
+            page.goto(page_url)
+
+            # type a sentence: one line per (query, key, visible head) above the threshold
+            page.fill("#text", SENTENCE)
+            page.click("#show")
+            page.wait_for_function(f"window.qkvState.data && window.qkvState.text === {SENTENCE!r}")
+            labels = page.eval_on_selector_all("text.tok.q", "ts => ts.map(t => t.textContent)")
+            assert labels == [t.replace(" ", "␣") for t in tokenizer.pieces(SENTENCE)]
+            first = drawn_lines(page)
+            assert first == expected_lines(maps, 0, all_heads) and len(first) > 0
+            opacities = page.eval_on_selector_all(
+                "line.att", "ls => ls.map(l => [+l.dataset.q, +l.dataset.k, +l.dataset.h, +l.getAttribute("
+                            "'stroke-opacity')])")
+            for q, k, h, opacity in opacities:  # opacity = weight
+                assert opacity == pytest.approx(float(maps[0, h, q, k]), abs=1e-4)
+
+            # heads toggle on and off
+            page.uncheck("#heads input[data-head='1']")
+            assert drawn_lines(page) == expected_lines(maps, 0, all_heads - {1})
+            page.check("#heads input[data-head='1']")
+
+            # switching the layer changes the lines to that layer's
+            page.select_option("#layer", str(n_layers - 1))
+            last = drawn_lines(page)
+            assert last == expected_lines(maps, n_layers - 1, all_heads) and last != first
+
+            # hovering a query highlights what it attends to; hovering a key, what attends to it
+            query = 8
+            page.hover(f"text.tok.q[data-i='{query}']")
+            lit = page.eval_on_selector_all("line.att.hl", "ls => ls.map(l => +l.dataset.q)")
+            assert lit and set(lit) == {query} and len(lit) == len([x for x in last if x[0] == query])
+            keys_lit = page.eval_on_selector_all("text.tok.k.hl", "ts => ts.map(t => +t.dataset.j)")
+            assert set(keys_lit) == {k for q, k, _ in last if q == query}
+            dim = page.eval_on_selector("line.att:not(.hl)", "l => getComputedStyle(l).opacity")
+            assert float(dim) < 0.1
+            page.hover("text.tok.k[data-j='0']")
+            lit = page.eval_on_selector_all("line.att.hl", "ls => ls.map(l => +l.dataset.k)")
+            assert set(lit) == {0} and len(lit) == len([x for x in last if x[1] == 0])
+            page.mouse.move(0, 0)
+            assert page.locator("line.att.hl").count() == 0
+
+            # the heatmap shows the chosen head; a click explains that query, equal to the model's numbers
+            page.select_option("#head", "2")
+            cells = page.eval_on_selector_all("rect.cell", "rs => rs.map(r => [+r.dataset.q, +r.dataset.k, "
+                                                             "+r.dataset.w])")
+            assert len(cells) == maps.shape[2] * maps.shape[3]
+            for q, k, w in cells:
+                assert w == pytest.approx(float(maps[n_layers - 1, 2, q, k]), abs=1e-4)
+            page.click("rect.cell[data-q='6'][data-k='2']")
+            page.wait_for_selector("#explain table")
+            assert "✓ equal" in page.inner_text("#explain")
+
+            # generated text streams in, token by token
+            prompt, n_new = "the cat", 24
+            page.fill("#prompt", prompt)
+            page.fill("#max-new", str(n_new))
+            page.click("#generate")
+            # the first token is on the page while the server still holds the rest
+            page.wait_for_function("document.querySelectorAll('#generated-new span').length === 1")
+            assert page.get_attribute("#generated-new", "data-done") == "false"
+            first_piece = page.inner_text("#generated-new")
+            PacedExplorer.go_on.set()
+            page.wait_for_selector("#generated-new[data-done='true']", state="attached")
+            spans = page.eval_on_selector_all("#generated-new span", "ss => ss.map(s => s.textContent)")
+            assert "".join(spans) == generate_text(model, tokenizer, prompt, n_new, temperature=0)
+            assert len(spans) == n_new and spans[0] == first_piece  # one span per token, in order
+            assert page.inner_text("#generated-prompt") == prompt
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # bad input: a clear message in the page, not a stack trace
+            page.fill("#text", "   ")
+            page.click("#show")
+            page.wait_for_selector("#error:not([hidden])")
+            message = page.inner_text("#error")
+            assert "empty" in message and "Traceback" not in message
+            page.fill("#text", "the zebra")
+            page.click("#show")
+            page.wait_for_function("document.getElementById('error').textContent.includes('lacks')")
+            page.fill("#prompt", "the cat " * 15)  # 120 tokens: 20 more do not fit the context of 128
+            page.fill("#max-new", "20")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('error').textContent.includes('at most 8 new tokens')")
+            page.fill("#checkpoint", "/no/such/checkpoint")
+            page.click("#load-form button")
+            page.wait_for_function("document.getElementById('error').textContent.includes('does not exist')")
+            assert errors == [] and external == []
+        finally:
+            browser.close()
