@@ -1,0 +1,274 @@
+"""Generation speed: qkv against Hugging Face ``generate`` on the same weights, the weight-reading limit, and
+what the KV cache buys.
+
+Three measurements, all greedy, batch 1, a 16-token prompt:
+
+1. **Small model** (4 layers, 4 heads, d_model 128, vocabulary 65, context 2048), 128 new tokens: per-token
+   Python and dispatch overhead dominates. qkv and a ``transformers.GPT2LMHeadModel`` holding the same weights
+   (built from a ``GPT2Config`` of the same shape: dropouts 0, SDPA attention, ``gelu_new``) run interleaved
+   A/B/A/B; the median of ``repeats`` runs each gives tokens/s and the ratio qkv / HF.
+2. **GPT-2-small shapes** (124M parameters, fp32), 128 new tokens: each token reads every weight once, so the
+   speed limit is memory bandwidth. The limit is measured in the same run: the median time of 20 fp32
+   products W @ x of a contiguous 124,439,808-value matrix with a vector; qkv's share = limit time / qkv time
+   per token.
+3. **The cache**, small model: tokens/s with and without the KV cache for 128, 512 and 1024 new tokens, and,
+   with the cache, the mean cost of generated tokens 897-1024 over that of tokens 2-128 (token 1 also pays
+   for the prompt).
+
+``qkv bench generate`` runs it (``--quick`` for a seconds-long smoke run); so does
+``python benchmarks/bench_generate.py``. Timings on a shared machine are noisy: compare the ratios, which
+are measured in one interleaved run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..generate import generate, stream
+from ..models import DecoderLM
+
+__all__ = ["small_config", "gpt2_small_config", "hf_twin", "weight_read_limit", "generation_benchmark",
+           "format_generation_table", "main"]
+
+GPT2_SMALL_VALUES = 124_439_808  # GPT-2 small's parameter count: the matrix the limit reads
+
+
+def small_config() -> ModelConfig:
+    """The small model of the benchmark: 4 layers, 4 heads, d_model 128, vocabulary 65, context 2048."""
+    return ModelConfig(vocab_size=65, d_model=128, n_heads=4, d_ff=512, n_decoder_layers=4, max_seq_len=2048,
+                       activation="gelu_tanh", norm_position="pre", positional="learned", tie_embeddings=True)
+
+
+def gpt2_small_config() -> ModelConfig:
+    """GPT-2 small's shapes (124M parameters), without dropout and without a stop token."""
+    return ModelConfig.preset("gpt2-small", dropout=0.0, bos_token_id=None, eos_token_id=None)
+
+
+def hf_twin(model: DecoderLM) -> torch.nn.Module:
+    """A ``transformers`` ``GPT2LMHeadModel`` of the same shape holding a copy of ``model``'s weights (SDPA)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ..interop.gpt2 import config_to_gpt2, gpt2_rules
+    from ..interop.hf import from_qkv_state_dict
+
+    hf_config = {k: v for k, v in config_to_gpt2(model.config).items() if k not in ("architectures", "model_type")}
+    hf_config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config, attn_implementation="sdpa"))
+    tensors = from_qkv_state_dict(model.state_dict(), gpt2_rules(model.config))
+    missing, unexpected = hf.transformer.load_state_dict(tensors, strict=False)
+    if unexpected or any(not name.endswith(("attn.bias", "attn.masked_bias")) for name in missing):
+        raise RuntimeError(f"weights did not map onto GPT-2: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _median_times(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``repeats`` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, width: int = 768
+                      ) -> tuple[float, float]:
+    """(wall, CPU) seconds to read ``n_values`` fp32 weights once: the medians over ``repeats`` products W @ x,
+    W contiguous (n_values / width, width), x a vector. No decoder makes a token faster than it reads its weights."""
+    with torch.inference_mode():
+        w = torch.randn(n_values // width, width)
+        x = torch.randn(width)
+        w @ x  # warm-up: page the matrix in
+        return _median_times(lambda: w @ x, repeats)
+
+
+def _interleaved(contenders: dict[str, Callable[[], Any]], repeats: int
+                 ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
+    """Run the contenders A/B/A/B... after one warm-up each → (median (wall, CPU) seconds, warm-up outputs).
+
+    CPU seconds (``time.process_time``) leave out the time this process waited for a core, so on a machine
+    shared with other work they show the cost of the code itself; wall seconds are what a user waits.
+    """
+    outputs = {name: fn() for name, fn in contenders.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(_median_times(fn, 1))
+    medians = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+               for name, t in times.items()}
+    return medians, outputs
+
+
+def _qkv_greedy(model: DecoderLM, ids: Tensor, n: int, use_cache: bool = True) -> Callable[[], Tensor]:
+    return lambda: generate(model, ids, n, temperature=0, stop_token_ids=(), use_cache=use_cache)
+
+
+def _hf_greedy(hf: torch.nn.Module, ids: Tensor, n: int) -> Callable[[], Tensor]:
+    mask = torch.ones_like(ids)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               use_cache=True, pad_token_id=0)
+
+    return run
+
+
+def _versus_hf(name: str, config: ModelConfig, prompt: int, n: int, repeats: int, seed: int) -> list[dict]:
+    torch.manual_seed(seed)
+    model = DecoderLM(config).eval()
+    hf = hf_twin(model)
+    ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    t, out = _interleaved({"qkv": _qkv_greedy(model, ids, n), "hf": _hf_greedy(hf, ids, n)}, repeats)
+    same = torch.equal(out["qkv"], out["hf"])
+    return [{"section": "vs Hugging Face", "model": name, "new_tokens": n, "repeats": repeats,
+             "qkv_tokens_per_s": n / t["qkv"][0], "hf_tokens_per_s": n / t["hf"][0],
+             "qkv_over_hf": t["hf"][0] / t["qkv"][0], "qkv_over_hf_cpu": t["hf"][1] / t["qkv"][1],
+             "qkv_cpu_s_per_token": t["qkv"][1] / n, "hf_cpu_s_per_token": t["hf"][1] / n, "same_tokens": same}]
+
+
+def _versus_limit(prompt: int, n: int, repeats: int, seed: int, limit_repeats: int = 20) -> list[dict]:
+    rows = _versus_hf("gpt2-small (124M fp32)", gpt2_small_config(), prompt, n, repeats, seed)
+    wall, cpu = weight_read_limit(repeats=limit_repeats)
+    row = rows[0]
+    limit = 1.0 / wall
+    row.update(limit_tokens_per_s=limit, qkv_share_of_limit=row["qkv_tokens_per_s"] / limit,
+               hf_share_of_limit=row["hf_tokens_per_s"] / limit, limit_gb_per_s=GPT2_SMALL_VALUES * 4 / wall / 1e9,
+               limit_cpu_s=cpu, qkv_share_of_limit_cpu=cpu / row["qkv_cpu_s_per_token"],
+               hf_share_of_limit_cpu=cpu / row["hf_cpu_s_per_token"])
+    return rows
+
+
+def _token_costs(model: DecoderLM, ids: Tensor, n: int) -> list[float]:
+    """Seconds between consecutive tokens of one greedy streamed run (n - 1 values: tokens 2..n)."""
+    stamps = []
+    for _ in stream(model, ids, n, temperature=0, stop_token_ids=()):
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def _cache_table(lengths: Sequence[int], prompt: int, repeats: int, seed: int) -> list[dict]:
+    torch.manual_seed(seed)
+    model = DecoderLM(small_config()).eval()
+    ids = torch.randint(0, 65, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for n in lengths:
+        t, out = _interleaved({"cache": _qkv_greedy(model, ids, n), "no cache": _qkv_greedy(model, ids, n, False)},
+                              repeats if n <= 128 else 1)
+        rows.append({"section": "KV cache", "model": "small", "new_tokens": n,
+                     "cached_tokens_per_s": n / t["cache"][0], "uncached_tokens_per_s": n / t["no cache"][0],
+                     "speedup": t["no cache"][0] / t["cache"][0], "same_tokens": torch.equal(out["cache"],
+                                                                                             out["no cache"])})
+    n = max(lengths)
+    window = max(1, n // 8)  # 128 of 1024
+    costs = [_token_costs(model, ids, n) for _ in range(max(1, repeats // 2))]
+    early = statistics.median(statistics.fmean(c[: window - 1]) for c in costs)  # tokens 2..window
+    late = statistics.median(statistics.fmean(c[-window:]) for c in costs)  # tokens n-window+1..n
+    rows.append({"section": "cost growth", "model": "small", "new_tokens": n, "early_tokens": f"2-{window}",
+                 "late_tokens": f"{n - window + 1}-{n}", "early_ms": early * 1e3, "late_ms": late * 1e3,
+                 "late_over_early": late / early})
+    return rows
+
+
+def generation_benchmark(quick: bool = False, *, threads: int | None = None, repeats: int = 5, prompt: int = 16,
+                         new_tokens: int = 128, seed: int = 0, sections: Sequence[str] = ("small", "gpt2", "cache"),
+                         ) -> list[dict]:
+    """Run the measurements → one dict per table row. ``quick``: small model only, 16 tokens, 2 repeats.
+
+    ``threads`` sets torch's thread count for the run (restored afterwards); qkv, Hugging Face and the limit
+    always run with the same threads.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if quick:
+            repeats, new_tokens, lengths, sections = 2, 16, (16, 32), tuple(s for s in sections if s != "gpt2")
+        else:
+            lengths = (128, 512, 1024)
+        rows: list[dict] = []
+        if "small" in sections:
+            rows += _versus_hf("small (4x128)", small_config(), prompt, new_tokens, repeats, seed)
+        if "gpt2" in sections:
+            rows += _versus_limit(prompt, new_tokens, repeats, seed)
+        if "cache" in sections:
+            rows += _cache_table(lengths, prompt, repeats, seed)
+        for row in rows:
+            row["threads"] = torch.get_num_threads()
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def format_generation_table(rows: list[dict]) -> str:
+    """The rows as the plain-text tables ``qkv bench generate`` prints."""
+    lines = []
+    head = [r for r in rows if r["section"] == "vs Hugging Face"]
+    if head:
+        lines.append(f"greedy, batch 1, 16-token prompt, median of {head[0]['repeats']} interleaved A/B runs, "
+                     f"{head[0]['threads']} thread(s); (CPU) = the same ratio in CPU seconds")
+        lines.append(f"{'model':<24}{'new':>5}{'qkv tok/s':>11}{'HF tok/s':>10}{'qkv/HF':>8}{'(CPU)':>7}"
+                     f"{'same ids':>9}")
+        for r in head:
+            lines.append(f"{r['model']:<24}{r['new_tokens']:>5}{r['qkv_tokens_per_s']:>11.1f}"
+                         f"{r['hf_tokens_per_s']:>10.1f}{r['qkv_over_hf']:>8.2f}{r['qkv_over_hf_cpu']:>7.2f}"
+                         f"{str(r['same_tokens']):>9}")
+        for r in head:
+            if "limit_tokens_per_s" in r:
+                lines.append(f"limit: W @ x over {GPT2_SMALL_VALUES:,} fp32 values, median of 20: "
+                             f"{r['limit_gb_per_s']:.1f} GB/s = {r['limit_tokens_per_s']:.1f} tokens/s; share of "
+                             f"it: qkv {r['qkv_share_of_limit']:.2f} (CPU {r['qkv_share_of_limit_cpu']:.2f}), "
+                             f"HF {r['hf_share_of_limit']:.2f} (CPU {r['hf_share_of_limit_cpu']:.2f})")
+    cache = [r for r in rows if r["section"] == "KV cache"]
+    if cache:
+        lines += ["", "small model, greedy: with and without the KV cache",
+                  f"{'new tokens':>10}{'cache tok/s':>13}{'no cache tok/s':>16}{'speed-up':>10}{'same ids':>10}"]
+        for r in cache:
+            lines.append(f"{r['new_tokens']:>10}{r['cached_tokens_per_s']:>13.1f}{r['uncached_tokens_per_s']:>16.1f}"
+                         f"{r['speedup']:>10.1f}{str(r['same_tokens']):>10}")
+    for r in rows:
+        if r["section"] == "cost growth":
+            lines.append(f"with the cache: mean cost of tokens {r['late_tokens']} = {r['late_ms']:.3f} ms, of tokens "
+                         f"{r['early_tokens']} = {r['early_ms']:.3f} ms: ratio {r['late_over_early']:.2f}")
+    return "\n".join(lines)
+
+
+def print_generation_benchmark(rows: list[dict]) -> None:
+    print(format_generation_table(rows), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generation speed: qkv vs Hugging Face, the limit, the cache.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``qkv bench generate`` and ``benchmarks/bench_generate.py``."""
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (small model only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every contender")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per contender (median)")
+    parser.add_argument("--only", choices=["small", "gpt2", "cache"], action="append",
+                        help="run only these sections (repeatable)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} must be >= 1")
+    rows = generation_benchmark(args.quick, threads=args.threads, repeats=args.repeats,
+                                sections=tuple(args.only or ("small", "gpt2", "cache")))
+    print_generation_benchmark(rows)
+    return 0

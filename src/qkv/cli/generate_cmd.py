@@ -1,0 +1,74 @@
+"""``qkv generate --checkpoint DIR "prompt"``: continue text with a trained model, printing it as it comes.
+
+The prompt is the positional argument, or, without one, each line of stdin in turn. A decoder-only model
+prints the prompt followed by its continuation; an encoder-decoder model prints the target sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained model, streaming the text",
+                       description="Continue each prompt with a trained model (greedy, sampling or beam search), "
+                                   "printing the text as it is produced. Prompts: the argument, or stdin lines.")
+    p.add_argument("prompt", nargs="?", help="the text to continue (default: read prompts from stdin, one a line)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a qkv checkpoint or a Hugging Face GPT-2 directory")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (200)")
+    p.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="never stop before N new tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; 1 = the model's distribution (0.8)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the nucleus of probability p (1 = all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable); TEXT is not printed")
+    p.add_argument("--stop-id", action="append", type=int, default=None, metavar="ID",
+                   help="stop after token ID (repeatable; default: the model's end-of-sequence token)")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (prints at the end)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0.6)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow)")
+    p.set_defaults(run=run)
+
+
+def _prompts(args: argparse.Namespace) -> Iterable[str]:
+    if args.prompt is not None:
+        yield args.prompt
+        return
+    for line in sys.stdin:  # lazily: each prompt is answered before the next line is read
+        yield line.rstrip("\r\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qkv.generate import GenerationConfig, generate_text, stream_text
+    from qkv.loading import load
+    from qkv.models import Transformer
+
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop_strings=tuple(args.stop),
+        stop_token_ids=None if args.stop_id is None else tuple(args.stop_id), seed=args.seed,
+        num_beams=args.num_beams, length_penalty=args.length_penalty, use_cache=not args.no_cache,
+    )
+    model, tokenizer = load(args.checkpoint)
+    echo = not isinstance(model, Transformer)
+    out = sys.stdout
+    for prompt in _prompts(args):
+        if echo:
+            out.write(prompt)
+            out.flush()
+        if config.num_beams > 1:
+            out.write(generate_text(model, tokenizer, prompt, config=config))
+        else:
+            for piece in stream_text(model, tokenizer, prompt, config=config):
+                out.write(piece)
+                out.flush()
+        out.write("\n")
+        out.flush()
+    return 0

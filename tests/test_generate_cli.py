@@ -1,0 +1,106 @@
+"""``qkv generate`` end to end on a saved checkpoint, the text helpers, stop strings, and the benchmark's quick mode."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+import torch
+
+from qkv import DecoderLM, ModelConfig
+from qkv.checkpoint import save_checkpoint
+from qkv.cli import main
+from qkv.generate import generate, generate_text, stream_text
+from qkv.tokenizers import Tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog. "
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny character model fitted for a few steps to one sentence, so greedy text is that sentence's pattern."""
+    tokenizer = Tokenizer.char(TEXT)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, d_ff=64,
+                                  n_decoder_layers=1, max_seq_len=96))
+    ids = torch.tensor([tokenizer.encode(TEXT * 2)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokenizer
+
+
+def test_stream_text_pieces_join_to_generate_text(trained):
+    model, tokenizer = trained
+    whole = generate_text(model, tokenizer, "the q", 30, temperature=0)
+    pieces = list(stream_text(model, tokenizer, "the q", 30, temperature=0))
+    assert len(pieces) > 1 and "".join(pieces) == whole
+    ids = torch.tensor([tokenizer.encode("the q")])
+    assert whole == tokenizer.decode(generate(model, ids, 30, temperature=0)[0, 5:].tolist())
+
+
+def test_stop_strings_cut_the_text_and_stop_generating(trained):
+    model, tokenizer = trained
+    free = generate_text(model, tokenizer, "the q", 40, temperature=0)
+    stop = free[6:8]  # two characters that occur in the free-running text
+    cut = free.index(stop)
+    assert generate_text(model, tokenizer, "the q", 40, temperature=0, stop_strings=[stop]) == free[:cut]
+    assert "".join(stream_text(model, tokenizer, "the q", 40, temperature=0, stop_strings=[stop])) == free[:cut]
+    ids = torch.tensor([tokenizer.encode("the q")])
+    stopped = generate(model, ids, 40, temperature=0, stop_strings=[stop], tokenizer=tokenizer)
+    assert stopped.shape[1] == 5 + cut + len(stop)  # the token that completed the stop string is the last one
+
+
+def test_batched_text_equals_one_by_one(trained):
+    model, tokenizer = trained
+    prompts = ["the quick brown", "a", "lazy do"]
+    batched = generate_text(model, tokenizer, prompts, 20, temperature=0)
+    assert batched == [generate_text(model, tokenizer, p, 20, temperature=0) for p in prompts]
+
+
+def test_cli_streams_the_prompt_and_its_continuation(trained, tmp_path, capsys):
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    expected = "the q" + generate_text(model, tokenizer, "the q", 25, temperature=0)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "25",
+                 "the q"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_reads_prompts_from_stdin_and_seeds_sampling(trained, tmp_path, capsys, monkeypatch):
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the\nlazy\n"))
+    args = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "15", "--seed", "3",
+            "--top-k", "5", "--temperature", "1.2"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = [p + generate_text(model, tokenizer, p, 15, temperature=1.2, top_k=5, seed=3) for p in ("the", "lazy")]
+    assert lines == expected
+
+
+@pytest.mark.parametrize("option, value, words", [("--top-p", "1.5", "top_p=1.5 must lie in (0, 1]"),
+                                                  ("--temperature", "-1", "temperature=-1.0 must be >= 0"),
+                                                  ("--top-k", "0", "top_k=0 must be an integer >= 1")])
+def test_cli_bad_options_exit_2_with_one_line(trained, tmp_path, capsys, option, value, words):
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), option, value, "the"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_generation_benchmark_quick_mode_runs_and_prints(capsys):
+    from qkv.bench.generation import format_generation_table, generation_benchmark
+
+    rows = generation_benchmark(quick=True, threads=1, sections=("small", "cache"))
+    table = format_generation_table(rows)
+    head = next(r for r in rows if r["section"] == "vs Hugging Face")
+    assert head["same_tokens"], "Hugging Face greedy on the same weights must give the same ids"
+    assert all(r["same_tokens"] for r in rows if r["section"] == "KV cache")
+    assert "qkv/HF" in table and "no cache tok/s" in table and "mean cost of tokens" in table
