@@ -1,0 +1,48 @@
+"""``qkv info PRESET``: per-component and total parameter counts, and a one-line error for a bad preset."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import torch
+
+from qkv import ModelConfig, build_model
+
+
+def expected_total(preset: str) -> int:
+    with torch.device("meta"):
+        return build_model(ModelConfig.preset(preset)).num_parameters()
+
+
+def test_qkv_info_prints_component_and_total_counts() -> None:
+    commands = {
+        "vaswani-base": ["info", "vaswani-base"],
+        "gpt2-small": ["info", "gpt2-small"],
+        "unknown": ["info", "vaswani-bsae"],
+    }
+    # Started together: each pays the torch import, the wall time is paid once.
+    running = {name: subprocess.Popen([sys.executable, "-m", "qkv", *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+               for name, args in commands.items()}
+    results = {name: (*p.communicate(timeout=100), p.returncode) for name, p in running.items()}
+
+    for preset, total in (("vaswani-base", 63_082_496), ("gpt2-small", 124_439_808)):
+        out, err, code = results[preset]
+        assert code == 0, err
+        assert total == expected_total(preset)
+        assert re.search(rf"^\s+total\s+{total:,}\s", out, re.MULTILINE), out
+        # The components listed add up to the total.
+        parts = [int(n.replace(",", "")) for name, n in re.findall(r"^\s+(.+?)\s{2,}([\d,]+)", out, re.MULTILINE)
+                 if name != "total"]
+        assert len(parts) >= 4 and sum(parts) == total, out
+    assert "(124.4M)" in results["gpt2-small"][0]
+    assert "self-attention" in results["vaswani-base"][0] and "cross-attention" in results["vaswani-base"][0]
+
+    out, err, code = results["unknown"]
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "unknown preset 'vaswani-bsae'" in lines[0] and "did you mean 'vaswani-base'" in lines[0]
