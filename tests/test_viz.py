@@ -16,6 +16,7 @@ from qkv.tokenizers import Tokenizer
 from qkv.viz import (
     attention_grid,
     attention_heatmap,
+    attention_lines,
     attention_maps,
     encoding_for_kind,
     positional_picture_data,
@@ -91,6 +92,24 @@ def test_grid_panels_hold_each_head_with_token_labels():
     assert [t.get_text() for t in axes[-1, 0].get_xticklabels()] == labels  # keys on the bottom row
     import matplotlib.pyplot as plt
 
+    plt.close(fig)
+
+
+def test_lines_picture_draws_one_line_per_query_key_head_with_opacity_the_weight():
+    import matplotlib.pyplot as plt
+
+    model, tokenizer = tiny("decoder")
+    found = attention_maps(model, tokenizer, "the cat sat")
+    maps = found.maps["decoder_self"][1]  # (heads, q, k)
+    fig = attention_lines(maps, found.inputs.labels, heads=[0, 2], threshold=0.1)
+    collection = fig.axes[0].collections[0]
+    expected = [(h, i, j) for h in (0, 2) for i, j in (maps[h] >= 0.1).nonzero().tolist()]
+    segments, colours = collection.get_segments(), collection.get_colors()
+    assert len(segments) == len(expected) > 0
+    for (h, i, j), segment, colour in zip(expected, segments, colours, strict=True):
+        assert segment.tolist() == [[0.0, -i], [1.0, -j]]  # query i (left) to key j (right)
+        assert colour[3] == pytest.approx(float(maps[h, i, j]), abs=1e-6)
+    assert len({tuple(c[:3]) for c in colours}) == 2  # one colour per head
     plt.close(fig)
 
 
@@ -197,6 +216,17 @@ def test_show_attention_writes_one_picture_per_kind(checkpoints, tmp_path, capsy
                  "--head", "2", "--out", str(out), "--dpi", "40"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "'t' 'h' 'e' ' ' 'c' 'a' 't'" in capsys.readouterr().out
+
+
+def test_show_attention_picks_heads_draws_lines_and_reports_a_token(checkpoints, tmp_path, capsys):
+    out = tmp_path / "picked.png"
+    assert main(["show", "attention", "--checkpoint", str(checkpoints / "decoder"), "the cat sat", "--pick", "1:2",
+                 "--pick", "0:0", "--lines", "--token", "sat", "--out", str(out), "--dpi", "40"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "layer 1 head 2: 's' attends most to" in printed and "layer 0 head 0:" in printed
+    assert main(["show", "attention", "--checkpoint", str(checkpoints / "decoder"), "the cat", "--pick", "1"]) == 2
+    assert "not LAYER:HEAD" in capsys.readouterr().err
 
 
 def test_show_positions_from_a_checkpoint_and_by_kind(checkpoints, tmp_path):

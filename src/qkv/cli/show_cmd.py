@@ -25,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the source text)")
     a.add_argument("--layer", type=int, help="draw only this layer (negative counts from the end)")
     a.add_argument("--head", type=int, help="with --layer: enlarge this one head")
+    a.add_argument("--pick", action="append", default=[], metavar="LAYER:HEAD",
+                   help="draw these heads side by side (repeat: --pick 3:1 --pick 5:11)")
+    a.add_argument("--lines", action="store_true",
+                   help="draw lines (query → key, opacity = weight, a colour per head) instead of heatmaps; "
+                        "with --layer alone, every head of that layer is overlaid")
+    a.add_argument("--token", help="highlight one query token: its index or its text (e.g. it)")
     a.add_argument("--kind", choices=["encoder", "decoder_self", "cross"],
                    help="encoder-decoder only: draw one kind of attention (default: all three)")
     a.add_argument("--out", default="runs/show/attention.png", metavar="PNG",
@@ -77,11 +83,30 @@ def load_model(checkpoint: str):
     return model, tokenizer
 
 
+def _pick(spec: str) -> tuple[int, int]:
+    layer, sep, head = spec.partition(":")
+    if not sep or not layer.strip().lstrip("-").isdigit() or not head.strip().lstrip("-").isdigit():
+        raise ValueError(f"--pick {spec!r} is not LAYER:HEAD; write e.g. --pick 3:1")
+    return int(layer), int(head)
+
+
 def run_attention(args: argparse.Namespace) -> int:
-    from qkv.viz import KIND_TITLES, attention_grid, attention_heatmap, attention_maps, check_index, save_figure
+    from qkv.explain import find_token
+    from qkv.viz import (
+        KIND_TITLES,
+        attention_grid,
+        attention_heatmap,
+        attention_maps,
+        attention_panels,
+        check_index,
+        save_figure,
+    )
 
     if args.head is not None and args.layer is None:
         raise ValueError("--head needs --layer: name the layer whose head to enlarge, e.g. --layer 0 --head 3")
+    if args.pick and (args.layer is not None or args.head is not None):
+        raise ValueError("--pick names layer and head itself; leave out --layer and --head")
+    picks = [_pick(p) for p in args.pick]
     text = read_text(args.text)
     model, tokenizer = load_model(args.checkpoint)
     found = attention_maps(model, tokenizer, text, args.target)
@@ -90,20 +115,38 @@ def run_attention(args: argparse.Namespace) -> int:
     print(f"{len(found.inputs.labels)} tokens: {' '.join(repr(t) for t in found.inputs.labels)}")
     for kind in kinds:
         maps = found.maps[kind]
+        n_layers, n_heads = maps.shape[:2]
         queries, keys = found.labels(kind)
+        token = None if args.token is None else find_token(queries, args.token)
         title = f"{KIND_TITLES[kind]}: {text if len(text) <= 70 else text[:69] + '…'}"
-        if args.layer is None:
-            fig = attention_grid(maps, queries, keys, title=title)
+        if picks:
+            panels = [(check_index("layer", l, n_layers), [check_index("head", h, n_heads)]) for l, h in picks]
+        elif args.head is not None:
+            panels = [(check_index("layer", args.layer, n_layers), [check_index("head", args.head, n_heads)])]
+        elif args.lines:
+            layers = range(n_layers) if args.layer is None else [check_index("layer", args.layer, n_layers)]
+            panels = [(layer, list(range(n_heads))) for layer in layers]
         else:
-            layer = check_index("layer", args.layer, maps.shape[0])
-            if args.head is None:
-                fig = attention_grid(maps, queries, keys, title=title, layers=[layer])
-            else:
-                head = check_index("head", args.head, maps.shape[1])
-                fig = attention_heatmap(maps[layer, head], queries, keys,
-                                        title=f"{KIND_TITLES[kind]}, layer {layer}, head {head}")
+            panels = None
+        if panels is None:
+            layers = None if args.layer is None else [check_index("layer", args.layer, n_layers)]
+            fig = attention_grid(maps, queries, keys, title=title, layers=layers)
+        elif len(panels) == 1 and not args.lines and token is None:
+            (layer, (head,)), = panels
+            fig = attention_heatmap(maps[layer, head], queries, keys,
+                                    title=f"{KIND_TITLES[kind]}, layer {layer}, head {head}")
+        else:
+            fig = attention_panels(maps, queries, keys, panels, lines=args.lines, token=token, title=title)
         path = save_figure(fig, _suffixed(out, kind) if len(kinds) > 1 else out, dpi=args.dpi)
-        print(f"wrote {path}  ({KIND_TITLES[kind]}: {maps.shape[0]} layers x {maps.shape[1]} heads)")
+        print(f"wrote {path}  ({KIND_TITLES[kind]}: {n_layers} layers x {n_heads} heads)")
+        if token is not None:
+            for layer, heads in panels or [(layer, range(n_heads)) for layer in range(n_layers)]:
+                for head in heads:
+                    row = maps[layer, head, token]
+                    top = row.topk(min(3, row.numel()))
+                    best = ", ".join(f"{keys[j]!r} {w:.2f}" for w, j in zip(top.values.tolist(),
+                                                                              top.indices.tolist(), strict=True))
+                    print(f"  layer {layer} head {head}: {queries[token]!r} attends most to {best}")
     return 0
 
 

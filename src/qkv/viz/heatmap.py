@@ -121,3 +121,99 @@ def attention_grid(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def head_colour(head: int, n_heads: int) -> tuple[float, float, float]:
+    """One colour per head, evenly spaced around the hue circle (the same rule as the explorer page)."""
+    import colorsys
+
+    return colorsys.hls_to_rgb(((head * 360 / max(n_heads, 1) + 8) % 360) / 360, 0.42, 0.78)
+
+
+def attention_lines(
+    weights: torch.Tensor,
+    query_labels: Sequence[str],
+    key_labels: Sequence[str] | None = None,
+    *,
+    heads: Sequence[int] | None = None,
+    token: int | None = None,
+    threshold: float = 0.02,
+    title: str | None = None,
+    ax=None,
+):
+    """The "lines" picture: queries on the left, keys on the right, a line from each query to each key it attends
+    to, opacity = weight, one colour per head. ``weights`` is (heads, queries, keys) or one head (queries, keys);
+    ``heads`` picks which to draw; ``token`` highlights one query's lines (the others fade). Returns the Figure.
+    """
+    from matplotlib.collections import LineCollection
+
+    weights = torch.as_tensor(weights).detach().float().cpu()
+    if weights.dim() == 2:
+        weights = weights[None]
+    if weights.dim() != 3:
+        raise ValueError(f"attention_lines draws (heads, queries, keys), got {tuple(weights.shape)}")
+    n_heads, n_q, n_k = weights.shape
+    key_labels = query_labels if key_labels is None else key_labels
+    heads = range(n_heads) if heads is None else heads
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 0.26 * max(n_q, n_k) + 1.2))
+    else:
+        fig = ax.figure
+    segments, colours = [], []
+    for h in heads:
+        r, g, b = head_colour(h, n_heads)
+        for i, j in (weights[h] >= threshold).nonzero().tolist():
+            alpha = float(weights[h, i, j]) * (1.0 if token is None or i == token else 0.08)
+            segments.append([(0.0, -i), (1.0, -j)])
+            colours.append((r, g, b, alpha))
+    ax.add_collection(LineCollection(segments, colors=colours, linewidths=2.0))
+    for side, x, labels, align in ((0, -0.04, query_labels, "right"), (1, 1.04, key_labels, "left")):
+        for i, label in enumerate(labels):
+            lit = token is not None and (i == token if side == 0 else any(
+                float(weights[h, token, i]) >= threshold for h in heads))
+            ax.text(x, -i, visible(label), ha=align, va="center", fontsize=9,
+                    fontweight="bold" if lit else "normal", color="black" if lit or token is None else "0.45")
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylim(-max(n_q, n_k) + 0.4, 0.8)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def attention_panels(
+    maps: torch.Tensor,
+    query_labels: Sequence[str],
+    key_labels: Sequence[str] | None,
+    panels: Sequence[tuple[int, Sequence[int]]],
+    *,
+    lines: bool = False,
+    token: int | None = None,
+    title: str | None = None,
+):
+    """Side-by-side panels of chosen heads: each panel is (layer, heads); heatmaps need one head per panel,
+    lines overlay several heads (one colour each). ``token`` highlights one query."""
+    maps = torch.as_tensor(maps).detach().float().cpu()
+    n_q, n_k = maps.shape[2], maps.shape[3]
+    key_labels = query_labels if key_labels is None else key_labels
+    plt = _pyplot()
+    width = 4.2 if lines else max(3.5, 0.26 * n_k + 1.6)
+    height = 0.26 * max(n_q, n_k) + (1.2 if lines else 1.8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, (layer, heads) in zip(axes[0], panels, strict=True):
+        heads = list(heads)
+        name = f"layer {layer}, head {heads[0]}" if len(heads) == 1 else f"layer {layer}, heads {heads[0]}-{heads[-1]}"
+        if lines:
+            attention_lines(maps[layer], query_labels, key_labels, heads=heads, token=token, title=name, ax=ax)
+            continue
+        if len(heads) != 1:
+            raise ValueError(f"a heatmap panel shows one head, got heads {heads}; pick one head per panel")
+        attention_heatmap(maps[layer, heads[0]], query_labels, key_labels, title=name, ax=ax, colorbar=False)
+        if token is not None:
+            from matplotlib.patches import Rectangle
+
+            ax.add_patch(Rectangle((-0.5, token - 0.5), n_k, 1, fill=False, edgecolor="red", linewidth=1.5))
+    if title:
+        fig.suptitle(title)
+    return fig
