@@ -217,3 +217,37 @@ def test_page_is_served_by_qkv_and_fetches_nothing_from_elsewhere(served):
         assert "@import" not in text
     status, data = request(server, "GET", "/static/../server.py")
     assert status == 404
+
+
+def test_qkv_serve_command_binds_loopback_and_serves_the_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    model, tokenizer = tiny()
+    save_checkpoint(tmp_path / "dec", model, tokenizer)
+    proc = subprocess.Popen([sys.executable, "-m", "qkv", "serve", "--checkpoint", str(tmp_path / "dec"),
+                             "--port", "0", "--root", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the server prints its address once it listens
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line + proc.stderr.read()
+        conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=30)
+        conn.request("GET", "/api/info")
+        info = json.loads(conn.getresponse().read())
+        conn.close()
+        assert info["loaded"] and info["source"] == str(tmp_path / "dec") and info["can_generate"]
+        assert info["checkpoints"] == [str(tmp_path / "dec")]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_qkv_serve_with_a_missing_checkpoint_says_so_and_exits_2(tmp_path, capsys):
+    from qkv.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1

@@ -53,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(e.to_dict()))
         return 0 if e.matches_model else 1
 
-    from rich.console import Console
-    from rich.table import Table
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        raise ImportError("the explain table needs rich: pip install 'qkv[serve]' (or pass --json)") from None
 
     console = Console()
     if not console.is_terminal:

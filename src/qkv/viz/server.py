@@ -18,6 +18,7 @@ told otherwise.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -37,7 +38,7 @@ from .maps import attention_kinds, attention_maps
 if TYPE_CHECKING:
     from ..generate import GenerationConfig
 
-__all__ = ["Explorer", "RequestError", "make_server", "serve", "STATIC_FILES"]
+__all__ = ["Explorer", "RequestError", "make_server", "serve", "find_checkpoints", "STATIC_FILES"]
 
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 MAX_BODY_BYTES = 64 * 1024
@@ -51,12 +52,27 @@ class RequestError(ValueError):
         self.status = int(status)
 
 
-def _find_checkpoints(root: Path, limit: int = 50) -> list[str]:
-    """Directories under ``root`` that hold a config.json (qkv checkpoints, pretrained directories)."""
+def find_checkpoints(root: Path, *, max_depth: int = 4, limit: int = 50) -> list[str]:
+    """Directories under ``root`` that ``qkv.load`` recognises (qkv checkpoints and runs, pretrained directories),
+    skipping hidden folders such as .venv and .git."""
+    from ..loading import LOADERS
+
+    root = Path(root)
+    found: list[str] = []
     if not root.is_dir():
-        return []
-    found = sorted(str(p.parent) for p in root.glob("**/config.json") if ".cache" not in p.parts)
-    return found[:limit]
+        return found
+    base_depth = len(root.resolve().parts)
+    for here, folders, _ in os.walk(root):
+        folders[:] = sorted(f for f in folders if not f.startswith((".", "__")) and f != "node_modules")
+        path = Path(here)
+        if len(path.resolve().parts) - base_depth >= max_depth:
+            folders[:] = []
+        if any(recognises(path) for _, recognises, _ in LOADERS):
+            found.append(str(path))
+            folders[:] = []  # a run directory's step-* checkpoints are reached through it
+        if len(found) >= limit:
+            break
+    return found
 
 
 class Explorer:
@@ -95,7 +111,7 @@ class Explorer:
         return self.model, self.tokenizer
 
     def info(self) -> dict:
-        candidates = _find_checkpoints(self.search_root) if self.search_root else []
+        candidates = find_checkpoints(self.search_root) if self.search_root else []
         if self.model is None:
             return {"loaded": False, "checkpoints": candidates, "max_text_chars": self.max_text_chars,
                     "max_new_tokens": self.max_new_tokens}

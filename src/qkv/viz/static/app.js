@@ -242,7 +242,7 @@ function renderHeatmap() {
   clear(svg);
   const weights = currentMaps()[state.head], { queries, keys } = labels();
   const cell = Math.max(8, Math.min(22, Math.floor(460 / Math.max(keys.length, 1))));
-  const left = 110, top = 100;
+  const left = 110, top = 100, font = `font-size: ${Math.min(12, Math.round(cell * 0.9))}px`;
   const width = left + keys.length * cell + 10, height = top + queries.length * cell + 10;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("height", height);
@@ -258,12 +258,12 @@ function renderHeatmap() {
   }));
   queries.forEach((t, i) => {
     const node = el("text", { class: "q", x: left - 4, y: top + i * cell + cell * 0.7, "text-anchor": "end",
-      "data-i": i }, svg, visible(t));
+      "data-i": i, style: font }, svg, visible(t));
     node.addEventListener("click", () => guarded(() => explain(i)));
   });
   keys.forEach((t, j) => {
     const x = left + j * cell + cell * 0.7, yy = top - 4;
-    el("text", { x, y: yy, transform: `rotate(-60 ${x} ${yy})` }, svg, visible(t));
+    el("text", { x, y: yy, transform: `rotate(-60 ${x} ${yy})`, style: font }, svg, visible(t));
   });
 }
 
