@@ -211,11 +211,15 @@ def test_models_reject_bad_input_with_a_clear_message() -> None:
     for kind in POSITIONAL_KINDS:  # every model, whatever its positions, has a maximum length
         with pytest.raises(ValueError, match="33 tokens is longer than max_seq_len=32"):
             decoder_lm(kind)(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, max_seq_len=32\), got min 0, max 40"):
+        enc(ids[:, :3], positions=torch.tensor([[0, 1, 40]]))
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, keys\) = \(2, 5\), got \(2, 4\)"):
         enc(ids, attention_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"src_attention_mask .* got \(5,\)"):
         s2s(ids, ids, src_attention_mask=torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="same batch size: 2 vs 1"):
         s2s(ids, ids[:1])
+    with pytest.raises(TypeError, match="tgt_ids must be a torch.Tensor"):
+        s2s(ids, ids.tolist())
     with pytest.raises(TypeError, match="ModelConfig"):
         Encoder({"d_model": 32})

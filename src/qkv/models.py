@@ -89,6 +89,9 @@ class _Model(nn.Module):
             return torch.arange(past, n, device=ids.device).unsqueeze(0)
         if positions.shape[-1] != ids.shape[1]:
             raise ValueError(f"positions {tuple(positions.shape)} must match ids {tuple(ids.shape)}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len):
+            raise ValueError(f"positions must lie in [0, max_seq_len={self.config.max_seq_len}), got "
+                             f"min {int(positions.min())}, max {int(positions.max())}")
         return positions
 
     @staticmethod
@@ -264,6 +267,8 @@ class Transformer(_Model):
     def forward(self, src_ids: Tensor, tgt_ids: Tensor, src_attention_mask: Tensor | None = None,
                 tgt_attention_mask: Tensor | None = None, *, return_attention: bool = False):
         """(source ids, target ids) → logits (batch, tgt_seq, vocab) [, {encoder, decoder_self, cross}]."""
+        self._check_ids(src_ids, "src_ids")
+        self._check_ids(tgt_ids, "tgt_ids")
         if src_ids.shape[0] != tgt_ids.shape[0]:
             raise ValueError(f"src_ids and tgt_ids need the same batch size: {src_ids.shape[0]} vs "
                              f"{tgt_ids.shape[0]}")
