@@ -65,7 +65,7 @@ class PacedExplorer(Explorer):
     def generate(self, text, config):
         for n, piece in enumerate(super().generate(text, config)):
             yield piece
-            if n == 0:
+            if n == 0:  # the event is cleared by the test just before it asks for text
                 assert self.go_on.wait(timeout=60), "the test never let generation go on"
 
 
@@ -163,6 +163,7 @@ def test_explorer_in_a_real_browser(page_url, model_and_tokenizer):
             prompt, n_new = "the cat", 24
             page.fill("#prompt", prompt)
             page.fill("#max-new", str(n_new))
+            PacedExplorer.go_on.clear()
             page.click("#generate")
             # the first token is on the page while the server still holds the rest
             page.wait_for_function("document.querySelectorAll('#generated-new span').length === 1")
@@ -196,3 +197,16 @@ def test_explorer_in_a_real_browser(page_url, model_and_tokenizer):
             assert errors == [] and external == []
         finally:
             browser.close()
+
+
+def test_a_missing_browser_skips_locally_and_fails_in_ci(monkeypatch, tmp_path):
+    import sys
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        _browser_or_skip()
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="must run in CI"):
+        _browser_or_skip()

@@ -101,6 +101,8 @@ class Explorer:
             raise RequestError(f"checkpoint {checkpoint} does not exist; pick a directory written by `qkv train` "
                                "or a pretrained directory", HTTPStatus.NOT_FOUND)
         model, tokenizer = load(path)
+        if tokenizer is None:
+            raise RequestError(f"{path} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
         with self.lock:
             self.model, self.tokenizer, self.source = model.eval(), tokenizer, str(path)
         return self.info()
