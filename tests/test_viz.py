@@ -60,6 +60,21 @@ def test_every_row_drawn_is_a_distribution_and_labels_are_the_pieces(model_type)
         assert np.allclose(rows, 1.0, atol=1e-4)
 
 
+def test_encoder_decoder_shows_its_own_translation_by_default():
+    from qkv.generate import generate_seq2seq
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.char(TEXT, ["<pad>", "<bos>", "<eos>"])
+    model = build_model(ModelConfig.preset("tiny-seq2seq", vocab_size=tokenizer.vocab_size)).eval()
+    found = attention_maps(model, tokenizer, "the cat")
+    source = [*tokenizer.encode("the cat"), tokenizer.eos_id]  # as qkv.translation trains it
+    assert found.inputs.ids[0].tolist() == source and found.inputs.labels[-1] == "<eos>"
+    output = generate_seq2seq(model, [source], bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                              pad_token_id=tokenizer.pad_id, max_new_tokens=63)[0]
+    assert found.inputs.target_ids[0].tolist() == [tokenizer.bos_id, *output]
+    assert found.maps["cross"].shape[2:] == (1 + len(output), len(source))
+
+
 @pytest.mark.parametrize("model_type", ["decoder", "seq2seq"])
 def test_masked_decoder_maps_are_lower_triangular(model_type):
     model, tokenizer = tiny(model_type)

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the query token: its index (0-based, negative from the end) or its text, e.g. 'it'")
     p.add_argument("--kind", choices=["encoder", "decoder_self", "cross"],
                    help="encoder-decoder only: which attention (default: encoder)")
-    p.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the source text)")
+    p.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the model's own translation)")
     p.add_argument("--dims", type=int, default=4, help="vector entries shown (default 4; 0 = all)")
     p.add_argument("--json", action="store_true", help="print every number as JSON instead of a table")
     p.set_defaults(run=run)

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a qkv checkpoint or a pretrained (Hugging Face GPT-2 / BERT) directory")
     a.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
-    a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the source text)")
+    a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the model's own translation)")
     a.add_argument("--layer", type=int, help="draw only this layer (negative counts from the end)")
     a.add_argument("--head", type=int, help="with --layer: enlarge this one head")
     a.add_argument("--pick", action="append", default=[], metavar="LAYER:HEAD",

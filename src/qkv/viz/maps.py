@@ -72,29 +72,50 @@ def _with_specials(tokenizer: Tokenizer, text: str) -> list[int]:
     return with_specials if len(with_specials) >= len(ids) else ids
 
 
+def _model_output(model: Transformer, tokenizer: Tokenizer, src_ids: list[int]) -> list[int] | None:
+    """The encoder-decoder's own greedy output for the source (target ids, no start or end token), or None when
+    the tokenizer has no start/end tokens to decode with."""
+    from ..generate import generate_seq2seq
+
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        return None
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return generate_seq2seq(model, [src_ids], bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                            pad_token_id=pad, max_new_tokens=model.config.max_seq_len - 1)[0]
+
+
 def encode_input(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None) -> ModelInput:
     """Turn text into model input, checking what a user can get wrong: empty text, text past the context.
 
-    For an encoder-decoder, ``target`` is the decoder's text (default: the source text itself, as in the copy
-    task); the decoder input starts with the beginning-of-sequence token when the tokenizer has one.
+    An encoder gets the tokenizer's own special tokens ([CLS] … [SEP] for BERT). An encoder-decoder reads the
+    source followed by the end token (as ``qkv.translation`` trains it), and its decoder reads the start token
+    followed by ``target``, or, when no target is given, by the model's own greedy output (its translation);
+    a tokenizer without start/end tokens decodes the source itself (the copy task).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty; type a sentence to look at")
     max_len = model.config.max_seq_len
-    ids = _with_specials(tokenizer, text)
+    seq2seq = isinstance(model, Transformer)
+    ids = tokenizer.encode(text) if seq2seq else _with_specials(tokenizer, text)
+    if seq2seq and tokenizer.eos_id is not None:
+        ids = [*ids, tokenizer.eos_id]
     if not ids:
         raise ValueError(f"the text {text!r} gives no tokens; type a sentence to look at")
     if len(ids) > max_len:
         raise ValueError(f"the text has {len(ids)} tokens but the model's context holds {max_len} "
                          f"(max_seq_len); shorten it to at most {max_len} tokens")
     result = ModelInput(torch.tensor([ids]), _labels(tokenizer, ids))
-    if isinstance(model, Transformer):
-        target = text if target is None else target
-        if not target.strip():
-            raise ValueError("the target text is empty; type the decoder's text, or leave it out to use the source")
-        tgt = tokenizer.encode(target)
+    if seq2seq:
+        if target is not None and not target.strip():
+            raise ValueError("the target text is empty; type the decoder's text, or leave it out to see the "
+                             "model's own translation")
+        tgt = tokenizer.encode(target) if target is not None else _model_output(model, tokenizer, ids)
+        if tgt is None:
+            tgt = tokenizer.encode(text)
         if tokenizer.bos_id is not None:
             tgt = [tokenizer.bos_id, *tgt]
+        if not tgt:
+            raise ValueError("the decoder has no tokens to read; pass a target text")
         if len(tgt) > max_len:
             raise ValueError(f"the target has {len(tgt)} tokens but the model's context holds {max_len}; "
                              "shorten it")
@@ -172,7 +193,9 @@ def run_model(model: nn.Module, inputs: ModelInput, *, return_attention: bool = 
 
 
 def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None) -> AttentionMaps:
-    """Run ``text`` through the model and collect every attention map, labelled with the tokens' pieces."""
+    """Run ``text`` through the model and collect every attention map, labelled with the tokens' pieces.
+
+    ``target``: the decoder's text for an encoder-decoder (default: the model's own greedy translation)."""
     kinds = attention_kinds(model)
     inputs = encode_input(model, tokenizer, text, target)
     _, attentions = run_model(model, inputs)
