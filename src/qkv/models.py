@@ -74,9 +74,13 @@ class _Model(nn.Module):
                              "add a batch dimension with ids.unsqueeze(0)")
         if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"{name} holds token ids outside [0, vocab_size={self.config.vocab_size}): "
-                             f"min {int(ids.min())}, max {int(ids.max())}")
+        # The range check reads the values back: free on the CPU, a device sync every forward elsewhere (where
+        # the embedding's own bounds check catches a bad id), and a graph break under torch.compile.
+        if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"{name} holds token ids outside [0, vocab_size={self.config.vocab_size}): "
+                                 f"min {low}, max {high}")
 
     def _positions(self, ids: Tensor, past: int, positions: Tensor | None) -> Tensor:
         n = past + ids.shape[1]
