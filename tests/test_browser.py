@@ -94,7 +94,8 @@ def drawn_lines(page) -> set[tuple[int, int, int]]:
 def test_explorer_in_a_real_browser(page_url, model_and_tokenizer):
     sync_playwright = _browser_or_skip()
     model, tokenizer = model_and_tokenizer
-    maps = attention_maps(model, tokenizer, SENTENCE).maps["decoder_self"]
+    # the numbers the page receives: the model's maps rounded for JSON, so a weight at the threshold is decided alike
+    maps = torch.tensor(attention_maps(model, tokenizer, SENTENCE).to_dict()["maps"]["decoder_self"])
     n_layers, n_heads = maps.shape[:2]
     all_heads = set(range(n_heads))
     with sync_playwright() as p:

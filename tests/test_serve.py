@@ -116,6 +116,18 @@ def test_text_longer_than_the_context_is_refused():
         server.server_close()
 
 
+def test_the_explorer_caps_the_tokens_it_draws():
+    model, tokenizer = tiny()
+    server = make_server(Explorer(model, tokenizer, max_tokens=10))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, data = request(server, "POST", "/api/attention", {"text": "the cat sat"})
+        assert status == 413 and "11 tokens; the explorer draws at most 10" in data["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_malformed_json_is_a_400(served):
     server, *_ = served
     status, data = request(server, "POST", "/api/attention", raw=b"{not json")

@@ -192,12 +192,14 @@ def run_model(model: nn.Module, inputs: ModelInput, *, return_attention: bool = 
         model.train(was_training)
 
 
-def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None) -> AttentionMaps:
+def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None, *,
+                   inputs: ModelInput | None = None) -> AttentionMaps:
     """Run ``text`` through the model and collect every attention map, labelled with the tokens' pieces.
 
-    ``target``: the decoder's text for an encoder-decoder (default: the model's own greedy translation)."""
+    ``target``: the decoder's text for an encoder-decoder (default: the model's own greedy translation);
+    ``inputs``: the text already encoded by :func:`encode_input`."""
     kinds = attention_kinds(model)
-    inputs = encode_input(model, tokenizer, text, target)
+    inputs = encode_input(model, tokenizer, text, target) if inputs is None else inputs
     _, attentions = run_model(model, inputs)
     if isinstance(attentions, dict):
         per_kind = {k: attentions[k] for k in kinds}

@@ -33,7 +33,7 @@ from torch import nn
 from ..explain import explain_head
 from ..models import DecoderLM
 from ..tokenizers import Tokenizer
-from .maps import attention_kinds, attention_maps
+from .maps import attention_kinds, attention_maps, encode_input
 
 if TYPE_CHECKING:
     from ..generate import GenerationConfig
@@ -80,12 +80,12 @@ class Explorer:
 
     def __init__(self, model: nn.Module | None = None, tokenizer: Tokenizer | None = None, *,
                  checkpoint: str | Path | None = None, search_root: str | Path | None = None,
-                 max_text_chars: int = 2000, max_new_tokens: int = 200):
+                 max_text_chars: int = 2000, max_new_tokens: int = 200, max_tokens: int = 128):
         self.lock = threading.Lock()
         self.model, self.tokenizer = model, tokenizer
         self.source = "in-process model" if model is not None else None
         self.search_root = Path(search_root) if search_root is not None else None
-        self.max_text_chars, self.max_new_tokens = max_text_chars, max_new_tokens
+        self.max_text_chars, self.max_new_tokens, self.max_tokens = max_text_chars, max_new_tokens, max_tokens
         if checkpoint is not None:
             self.load(str(checkpoint))
 
@@ -155,7 +155,13 @@ class Explorer:
         model, tokenizer = self._require_model()
         text, target = self._text(payload), self._text(payload, "target", required=False)
         with self.lock:
-            maps = attention_maps(model, tokenizer, text, target)
+            inputs = encode_input(model, tokenizer, text, target)
+            n_tokens = max(len(inputs.labels), len(inputs.target_labels))
+            if n_tokens > self.max_tokens:
+                raise RequestError(f"the text has {n_tokens} tokens; the explorer draws at most {self.max_tokens} "
+                                   "(every head's map goes to the page): shorten it",
+                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            maps = attention_maps(model, tokenizer, text, target, inputs=inputs)
         return maps.to_dict()
 
     def explain(self, payload: dict) -> dict:
@@ -233,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: int, data: dict) -> None:
-        self._send(status, json.dumps(data, allow_nan=False).encode(), "application/json")
+        self._send(status, json.dumps(data, allow_nan=False, separators=(",", ":")).encode(), "application/json")
 
     def _error(self, err: Exception) -> None:
         if isinstance(err, RequestError):
