@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="directory searched for checkpoints to offer in the page (default: the current one)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="the most tokens one request may generate")
     p.add_argument("--max-text-chars", type=int, default=2000, help="the longest text a request may send")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="the most tokens whose attention the page draws (every head's map is sent; default 128)")
     p.set_defaults(run=run)
 
 
@@ -29,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} is not a port number; use 1 to 65535 (or 0 for any free port)")
-    for name in ("max_new_tokens", "max_text_chars"):
+    for name in ("max_new_tokens", "max_text_chars", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     explorer = Explorer(checkpoint=args.checkpoint, search_root=args.root, max_new_tokens=args.max_new_tokens,
-                        max_text_chars=args.max_text_chars)
+                        max_text_chars=args.max_text_chars, max_tokens=args.max_tokens)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
