@@ -264,10 +264,8 @@ class _Stepper:
             self.memory = model.encode(ids, mask)
             self.src_mask4 = None if mask is None else padding_mask(mask)
             prefix = 0
-            self.mask = None
         else:
             prefix = ids.shape[1]
-            self.mask = mask
         total = prefix + max_new_tokens + (1 if self.seq2seq else 0)  # callers checked it fits
         device = ids.device
         # positions[:, j] of the j-th token of each row (the prompt, then the new tokens): counted from each
@@ -600,7 +598,7 @@ def beam_search(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int
             total = (scores.unsqueeze(-1) + log_probs.view(n_batch, beams, vocab)).view(n_batch, -1)
             top_scores, top_index = total.topk(n_candidates, dim=-1)
             rows, tokens, new_scores = [], [], []
-            hist = history.tolist()
+            hist: list[list[int]] = []  # the hypotheses as lists, converted only when one finishes
             for b, (row_scores, row_index) in enumerate(zip(top_scores.tolist(), top_index.tolist(), strict=True)):
                 live: list[tuple[int, int, float]] = []
                 if not done[b]:
@@ -610,6 +608,7 @@ def beam_search(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int
                         beam, token = divmod(index, vocab)
                         if token in stop_set:
                             if rank < beams:  # a stop token among the best `beams` candidates ends a hypothesis
+                                hist = hist or history.tolist()
                                 hyp = hist[b * beams + beam] + [token]
                                 finished[b].append((score / gnmt_length_penalty(len(hyp), cfg.length_penalty),
                                                     hyp))
