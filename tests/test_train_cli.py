@@ -124,6 +124,13 @@ def test_an_existing_run_is_never_overwritten_by_a_new_one(small_text, tmp_path,
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_eval_names_characters_the_vocabulary_lacks(small_text, tmp_path, capsys):
+    assert run_cli(capsys, "train", "--data", small_text, "--out", tmp_path / "run", "--max-steps", 1, *TINY)[0] == 0
+    (tmp_path / "other.txt").write_text("héllo wörld ✓ " * 50)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--data", tmp_path / "other.txt")
+    assert code == 2 and err.count("\n") == 1 and "lacks: 'é', 'ö', '✓'" in err
+
+
 def test_eval_refuses_a_pickle_and_a_checkpoint_missing_files(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
