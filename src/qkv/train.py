@@ -284,6 +284,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.history: list[dict] = []
         self._stop_signal: int | None = None
+        self._resumed_at = 0  # the step a resumed run started from (its first step is printed)
         self._bar = None
 
     # -- schedule -------------------------------------------------------------------------------------------------
@@ -409,8 +410,6 @@ class Trainer:
             checkpoint = self.save()
         self._plot()
         return TrainResult(self.step, self.elapsed, val_loss, self.tokens_per_s, checkpoint, self.history)
-
-    _resumed_at = 0
 
     @property
     def tokens_per_s(self) -> float:
