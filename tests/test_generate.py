@@ -364,3 +364,13 @@ def test_bad_prompts_raise_clear_errors():
     with_bos = decoder(bos_token_id=1)
     assert generate(with_bos, torch.zeros(1, 0, dtype=torch.long), 3, temperature=0)[0, 0] == 1
     assert GenerationConfig(stop_token_ids=[3]).stop_token_ids == (3,)
+
+
+def test_an_empty_prompt_starts_from_bos_alone_and_in_a_batch():
+    model = decoder("learned", bos_token_id=1)
+    alone = generate(model, torch.zeros(1, 0, dtype=torch.long), 6, temperature=0)
+    assert alone[0].tolist() == generate(model, torch.tensor([[1]]), 6, temperature=0)[0].tolist()
+    ids, mask = left_pad([[], [5, 6, 7]], pad_id=0)
+    batched = generate(model, ids, 6, temperature=0, attention_mask=mask)
+    assert batched[0, -6:].tolist() == alone[0, 1:].tolist()
+    assert batched[1].tolist() == generate(model, torch.tensor([[5, 6, 7]]), 6, temperature=0)[0].tolist()

@@ -391,11 +391,14 @@ def _prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig
             raise ValueError("empty prompt, and the model has no beginning-of-sequence token to start from "
                              "(ModelConfig.bos_token_id is None); give at least one prompt token or pass "
                              "bos_token_id=...")
-        # Every row starts with BOS: an empty row becomes BOS alone, the others BOS + prompt. (In a left-padded
-        # row BOS sits before the padding; positions count real tokens only, so that is the same thing.)
-        ids = torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask.new_ones(ids.shape[0], 1), mask], dim=1)
+        # An empty prompt becomes [BOS]; the other rows stay as they are (as they would be alone).
+        if ids.shape[1] == 0:
+            ids = ids.new_full((ids.shape[0], 1), bos)
+        else:  # left-padded: an empty row's last column becomes its one real token
+            ids, mask = ids.clone(), mask.clone()
+            empty_rows = ~mask.any(-1)
+            ids[empty_rows, -1] = bos
+            mask[empty_rows, -1] = True
     if ids.shape[1] > mc.max_seq_len:
         raise ValueError(f"prompt of {ids.shape[1]} tokens is longer than the model's context "
                          f"max_seq_len={mc.max_seq_len}; shorten the prompt (keep its last {mc.max_seq_len} "
