@@ -374,3 +374,10 @@ def test_an_empty_prompt_starts_from_bos_alone_and_in_a_batch():
     batched = generate(model, ids, 6, temperature=0, attention_mask=mask)
     assert batched[0, -6:].tolist() == alone[0, 1:].tolist()
     assert batched[1].tolist() == generate(model, torch.tensor([[5, 6, 7]]), 6, temperature=0)[0].tolist()
+
+
+def test_batched_beam_search_seq2seq_equals_one_by_one():
+    model = seq2seq("sinusoidal", seed=2)
+    sources = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    batched = generate_seq2seq(model, sources, num_beams=3, max_new_tokens=8)
+    assert batched == [generate_seq2seq(model, [s], num_beams=3, max_new_tokens=8)[0] for s in sources]
