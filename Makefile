@@ -22,7 +22,7 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(PY)
 	touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
-	$(PY) -m qkv.demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m qkv.demo  # idle OpenMP threads sleep, not spin, when the CPU is shared
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="batches of 32 windows for the final validation loss (default: the whole split)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        print("tip: run with OMP_WAIT_POLICY=PASSIVE (as `make demo` does): when other programs share the CPU, "
+              "spinning OpenMP threads can make training 10x slower")
 
     out = Path(args.out)
     print(f"qkv demo: a character-level Transformer learns tiny Shakespeare in {args.time_budget:.0f} s "
