@@ -1,6 +1,7 @@
 """The trainer: schedules, weight-decay groups, the MLM recipe, exact resume, learning beyond letter counts."""
 
 import collections
+import csv
 import math
 import shutil
 
@@ -146,3 +147,12 @@ def test_resume_reaches_bit_identical_weights(small_text, tmp_path):
     a, b = load_file(straight.checkpoint / "model.safetensors"), load_file(resumed.checkpoint / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.val_loss == straight.val_loss
+
+
+def test_trainer_applies_the_noam_schedule_under_bf16_autocast_on_cpu(small_text, tmp_path):
+    result = train(tiny("decoder"), TrainConfig(max_steps=3, batch_size=4, schedule="noam", warmup_steps=2,
+                                                dtype="bf16", log_every=1, **QUIET),
+                   data=small_text, out_dir=tmp_path / "run", print_fn=lambda _: None)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([noam_lr(s, 48, 2) for s in (1, 2, 3)])
+    assert math.isfinite(result.val_loss)
