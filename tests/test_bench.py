@@ -21,7 +21,8 @@ def test_qkv_bench_quick_prints_every_table():
     out = done.stdout
     rows = {}
     for library in ("qkv", "HF GPT-2", "x-transformers"):
-        match = re.search(rf"^\s+quick\s+{re.escape(library)}\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s+([\d.]+)%", out, re.M)
+        row = rf"^\s+quick\s+2/2/32/16/2\s+{re.escape(library)}\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s+([\d.]+)%"
+        match = re.search(row, out, re.M)
         assert match, f"no training row for {library} in:\n{out}"
         rows[library] = float(match.group(2).replace(",", ""))
         assert rows[library] > 0

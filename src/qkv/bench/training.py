@@ -58,17 +58,36 @@ TRAINING_SHAPES = (
 QUICK_SHAPE = BenchShape("quick", layers=2, heads=2, d_model=32, context=16, batch=2)
 
 
-def _mm_seconds(a: Tensor, b: Tensor, out: Tensor) -> float:
+def _sync(t: Tensor) -> None:
+    """Wait for the device to finish the work queued before ``t`` (a no-op in effect on the CPU)."""
+    t.reshape(-1)[0].item()
+
+
+def _mm_seconds(a: Tensor, b: Tensor, out: Tensor, calls: int = 1) -> float:
+    """Seconds per ``torch.mm(a, b)`` over ``calls`` back-to-back calls."""
     start = time.perf_counter()
-    torch.mm(a, b, out=out)
-    return time.perf_counter() - start
+    for _ in range(calls):
+        torch.mm(a, b, out=out)
+    _sync(out)
+    return (time.perf_counter() - start) / calls
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """The fp32 matrix-multiply peak in FLOP/s: 2·n³ / (median time of ``torch.mm`` on n x n matrices)."""
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    _mm_seconds(a, b, out)  # warm-up
-    return 2 * n**3 / statistics.median(_mm_seconds(a, b, out) for _ in range(repeats))
+def _square(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # what training computes its matmuls in
+    return (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype),
+            torch.empty(n, n, device=device, dtype=dtype))
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """The matrix-multiply peak in FLOP/s: 2·n³ / (median time of ``torch.mm`` on n x n matrices).
+
+    fp32 on the CPU (the precision qkv trains in there); bf16 on an accelerator (under bf16 autocast).
+    """
+    device = torch.device(device)
+    a, b, out = _square(n, device)
+    calls = 1 if device.type == "cpu" else 20
+    _mm_seconds(a, b, out, calls)  # warm-up
+    return 2 * n**3 / statistics.median(_mm_seconds(a, b, out, calls) for _ in range(repeats))
 
 
 def model_flops_per_token(n_params: int, layers: int, d_model: int, context: int) -> float:
@@ -86,9 +105,13 @@ def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor, targets: Tensor) -> Tensor:
-    """One step: loss = CE(model(ids), targets); backward; clip the gradient norm to 1; AdamW."""
-    logits = model(ids)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """One step: loss = CE(model(ids), targets); backward; clip the gradient norm to 1; AdamW.
+
+    On an accelerator the forward runs under bf16 autocast (the weights and the optimizer stay fp32).
+    """
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type != "cpu"):
+        logits = model(ids)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -108,13 +131,14 @@ class _LogitsOnly(nn.Module):
 
 
 def build_qkv(shape: BenchShape) -> tuple[nn.Module, int]:
-    """qkv's DecoderLM in GPT-2's layout (pre-LN, learned positions, tanh GELU, tied output) → (model, N)."""
+    """qkv's DecoderLM at its defaults: GPT-2's layout (pre-LN, learned positions, biases, tied output),
+    exact (erf) GELU as in x-transformers where GPT-2 uses the tanh approximation → (model, N)."""
     from qkv.config import ModelConfig
     from qkv.models import DecoderLM
 
     config = ModelConfig(vocab_size=VOCAB_SIZE, d_model=shape.d_model, n_heads=shape.heads,
                          d_ff=4 * shape.d_model, n_decoder_layers=shape.layers, max_seq_len=shape.context,
-                         activation="gelu_tanh", positional="learned", norm_position="pre",
+                         activation="gelu", positional="learned", norm_position="pre",
                          tie_embeddings=True, dropout=0.0)
     model = DecoderLM(config)
     return model, model.num_parameters(exclude_positions=True)
@@ -163,7 +187,7 @@ def _contender(name: str, shape: BenchShape, build: Callable[[BenchShape], tuple
                ids: Tensor, targets: Tensor, compile: bool = False) -> _Contender:
     torch.manual_seed(0)
     model, n_params = build(shape)
-    model.train()
+    model.to(ids.device).train()
     optimizer = make_optimizer(model)
     if compile:
         model = torch.compile(model)
@@ -171,44 +195,45 @@ def _contender(name: str, shape: BenchShape, build: Callable[[BenchShape], tuple
 
 
 def _timed_run(contender: _Contender, steps: int) -> float:
-    """Tokens per second over ``steps`` consecutive training steps."""
+    """Tokens per second over ``steps`` consecutive training steps (waiting for the device at the end)."""
     start = time.perf_counter()
     for _ in range(steps):
-        contender.step()
+        loss = contender.step()
+    _sync(loss)
     return steps * contender.shape.tokens_per_step / (time.perf_counter() - start)
 
 
 def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: int = 5,
-                       libraries: tuple[str, ...] | None = None, seconds_per_run: float = 1.0) -> list[dict]:
+                       libraries: tuple[str, ...] | None = None, seconds_per_run: float = 1.0,
+                       device: str | torch.device = "cpu") -> list[dict]:
     """Rows of {config, library, tokens_per_s, mfu, vs}: the median of ``repeats`` interleaved runs each.
 
-    Each round runs every library once and one 2048 x 2048 ``torch.mm``; the median of those gives the matmul
+    Each round runs every library once and a 2048 x 2048 ``torch.mm``; the median of those gives the matmul
     peak, so the peak is measured under the same conditions as the training. ``compile=True`` adds a row
     for qkv under ``torch.compile``. ``quick`` measures one tiny shape once.
     """
+    device = torch.device(device)
     shapes = (QUICK_SHAPE,) if quick else TRAINING_SHAPES
     repeats = 1 if quick else repeats
     names = libraries or tuple(BUILDERS)
-    n = 256 if quick else 2048
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    _mm_seconds(a, b, out)  # warm-up
+    n, calls = (256 if quick else 2048), (1 if device.type == "cpu" else 20)
+    a, b, out = _square(n, device)
+    _mm_seconds(a, b, out, calls)  # warm-up
     rows = []
     for shape in shapes:
         generator = torch.Generator().manual_seed(0)
-        data = torch.randint(0, VOCAB_SIZE, (shape.batch, shape.context + 1), generator=generator)
+        data = torch.randint(0, VOCAB_SIZE, (shape.batch, shape.context + 1), generator=generator).to(device)
         ids, targets = data[:, :-1], data[:, 1:]
         contenders = [_contender(name, shape, BUILDERS[name], ids, targets) for name in names]
         if compile:
             contenders.append(_contender("qkv compiled", shape, build_qkv, ids, targets, compile=True))
         steps = {}
         for c in contenders:  # warm-up (and compilation); then size each run to about seconds_per_run
-            c.step()
-            start = time.perf_counter()
-            c.step()
-            steps[c.name] = 1 if quick else max(2, round(seconds_per_run / (time.perf_counter() - start)))
+            _timed_run(c, 1)
+            steps[c.name] = 1 if quick else max(2, round(seconds_per_run * _timed_run(c, 1) / shape.tokens_per_step))
         mm_times = []
         for _ in range(repeats):
-            mm_times.append(_mm_seconds(a, b, out))
+            mm_times.append(_mm_seconds(a, b, out, calls))
             for c in contenders:
                 c.rates.append(_timed_run(c, steps[c.name]))
         peak = 2 * n**3 / statistics.median(mm_times)
@@ -217,7 +242,8 @@ def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: i
             flops = model_flops_per_token(c.n_params, shape.layers, shape.d_model, shape.context)
             row = {"config": shape.name, "library": c.name, "tokens_per_s": medians[c.name],
                    "mfu": medians[c.name] * flops / peak, "peak_gflops": peak / 1e9, "n_params": c.n_params,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "device": device.type,
+                   "shape": shape, "runs": repeats, "steps_per_run": steps[c.name], "peak_n": n}
             if c.name.startswith("qkv"):
                 row["vs"] = {o: medians[c.name] / medians[o] for o in medians if not o.startswith("qkv")}
             rows.append(row)
@@ -228,12 +254,17 @@ def format_training_table(rows: list[dict]) -> str:
     """The rows as a plain-text table, one line per (config, library)."""
     if not rows:
         return ""
-    lines = [f"Training: forward + backward + clip + AdamW, fp32, random batches, {rows[0]['threads']} threads; "
-             "MFU = (6·N + 12·L·d·T) · tokens/s / fp32 matmul peak",
-             f"  {'config':<7} {'library':<15} {'params N':>10} {'tokens/s':>9} {'peak GF/s':>9} {'MFU':>6}  "
-             "qkv / other"]
+    first = rows[0]
+    precision = "fp32" if first["device"] == "cpu" else "bf16 autocast"
+    lines = [f"Training tokens/s: forward + cross-entropy + backward + clip + fused AdamW, {precision}, "
+             f"{first['device']}, {first['threads']} threads; median of {first['runs']} interleaved runs",
+             f"MFU = (6·N + 12·L·d·T) · tokens/s / matmul peak (torch.mm {first['peak_n']}², median, same rounds)",
+             f"  {'config':<7} {'L/H/d/T/batch':<16} {'library':<15} {'params N':>10} {'tokens/s':>9} "
+             f"{'peak GF/s':>9} {'MFU':>6}  qkv / other"]
     for r in rows:
+        s = r["shape"]
+        dims = f"{s.layers}/{s.heads}/{s.d_model}/{s.context}/{s.batch}"
         ratios = "  ".join(f"/{other} {ratio:.2f}" for other, ratio in r.get("vs", {}).items())
-        lines.append(f"  {r['config']:<7} {r['library']:<15} {r['n_params']:>10,} {r['tokens_per_s']:>9,.0f} "
-                     f"{r['peak_gflops']:>9.0f} {r['mfu']:>6.1%}  {ratios}")
+        lines.append(f"  {r['config']:<7} {dims:<16} {r['library']:<15} {r['n_params']:>10,} "
+                     f"{r['tokens_per_s']:>9,.0f} {r['peak_gflops']:>9.0f} {r['mfu']:>6.1%}  {ratios}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for every contender (default: every core this process may use)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per contender; the median is shown")
+    p.add_argument("--device", default="cpu", help="where the training benchmark runs (cpu, cuda, ...)")
     p.set_defaults(run=run)
 
 
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         if suite == "training":
             from qkv.bench.training import format_training_table, training_benchmark
 
-            rows = training_benchmark(quick=args.quick, compile=args.compile, repeats=args.repeats)
+            rows = training_benchmark(quick=args.quick, compile=args.compile, repeats=args.repeats,
+                                      device=args.device)
             print(format_training_table(rows), flush=True)
         elif suite == "attention":
             from qkv.bench.attention import attention_benchmark, format_attention_table
