@@ -27,6 +27,15 @@ from qkv.generate import (
 from qkv.positions import POSITIONAL_KINDS
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine the fork-join waits dominate."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def decoder(positional: str = "learned", seed: int = 0, **overrides) -> DecoderLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_decoder_layers=2, max_seq_len=64,
