@@ -302,8 +302,11 @@ class MultiHeadAttention(nn.Module):
         kv = self.n_kv_heads * self.d_k
         if context is None:  # one view splits all heads: [W_Q | W_K | W_V] outputs are head-major
             b, t, _ = x.shape
-            heads = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.d_k).transpose(1, 2)
-            return heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+            heads = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.d_k)
+            # Split before transposing: backward then joins the three gradients straight into the
+            # (batch, seq, 3·d_model) layout the projection needs, with no extra copy.
+            q, k, v = heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         w, b = self.qkv.weight, self.qkv.bias
         q = F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model])
         k, v = F.linear(context, w[self.d_model :], None if b is None else b[self.d_model :]).split(kv, -1)
