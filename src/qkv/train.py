@@ -680,6 +680,10 @@ def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path 
     model, tok, _ = load_checkpoint(directory)
     config = TrainConfig(**{**state["train_config"], **overrides})
     run = state["run"]
+    if run.get("task") == "translation":  # a parallel-file run: its batches come from qkv.translation
+        from .translation import resume_translation
+
+        return resume_translation(model, tok, state, directory, config, data=data, out_dir=out_dir, print_fn=say)
     corpus = read_corpus(data if data is not None else run["data"])
     if corpus.sha256 != run["data_sha256"]:
         raise ValueError(f"the data {corpus.source} differs from the text this run trained on "

@@ -1,4 +1,5 @@
-"""``qkv eval --checkpoint DIR [--data PATH]``: validation loss and perplexity of a trained model."""
+"""``qkv eval --checkpoint DIR [--data PATH]``: validation loss and perplexity of a trained model; ``--bleu``:
+BLEU and chrF of a translation checkpoint on its test split."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--context", type=int, help="tokens per window (default: the model's max_seq_len)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    bleu = p.add_argument_group("translation (a checkpoint trained on a parallel file)")
+    bleu.add_argument("--bleu", action="store_true",
+                      help="corpus BLEU (sacrebleu, 13a) and chrF on the held-out test split, detokenized output "
+                           "against all raw references")
+    bleu.add_argument("--beam", type=int, nargs="+", default=[1, 4], metavar="N",
+                      help="beam sizes to score; 1 = greedy (default: 1 4)")
+    bleu.add_argument("--alpha", type=float, default=0.6, help="beam search length penalty alpha (default 0.6)")
+    bleu.add_argument("--limit", type=int, help="score only the first N test sentences (a quick look)")
+    bleu.add_argument("--samples", type=int, default=10, help="sample translations to print (default 10)")
+    bleu.add_argument("--report", metavar="FILE", help="also write scores, samples and hypotheses as JSON")
     p.set_defaults(run=run)
 
 
@@ -27,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bleu:
+        from qkv.translation import bleu_report
+
+        bleu_report(args.checkpoint, beams=args.beam, alpha=args.alpha, limit=args.limit, samples=args.samples,
+                    report=args.report)
+        return 0
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                                  context=args.context)
     print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "

@@ -13,7 +13,7 @@ from qkv.config import PRESETS, ModelConfig
 from qkv.train import TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out")
+RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out", "batch_tokens", "test_size", "valid_size", "split_seed")
 
 
 def _add_field(group: argparse._ArgumentGroup, field: Field, section: str) -> None:
@@ -42,13 +42,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a text file or a folder of text files (default: the bundled tiny Shakespeare)")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default=argparse.SUPPRESS,
                    help="char (default) or byte-level bpe (its size: --vocab-size, default 1024)")
-    p.add_argument("--model-type", choices=["decoder", "encoder"], default=argparse.SUPPRESS,
-                   help="decoder: next-token LM; encoder: masked LM (default: what the preset's layers imply)")
+    p.add_argument("--model-type", choices=["decoder", "encoder", "seq2seq"], default=argparse.SUPPRESS,
+                   help="decoder: next-token LM; encoder: masked LM; seq2seq: translation on a parallel --data "
+                        "file (default: what the preset's layers imply)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (a run or checkpoint directory)")
     p.add_argument("--config", metavar="FILE", help="a TOML file of options (flat, or [model] / [train] tables)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    seq2seq = p.add_argument_group("translation (an encoder-decoder preset; --data a source<TAB>target file or a "
+                                   "Tatoeba zip)")
+    seq2seq.add_argument("--batch-tokens", type=int, default=argparse.SUPPRESS,
+                         help="tokens per batch on each side, padding included (default 2048)")
+    seq2seq.add_argument("--test-size", type=int, default=argparse.SUPPRESS,
+                         help="source sentences held out for BLEU (default 2000)")
+    seq2seq.add_argument("--valid-size", type=int, default=argparse.SUPPRESS,
+                         help="source sentences for the validation loss (default 1000)")
+    seq2seq.add_argument("--split-seed", type=int, default=argparse.SUPPRESS, help="seed of the split (default 1234)")
     model = p.add_argument_group("model (any ModelConfig field; default: the preset's value)")
     for field in fields(ModelConfig):
         _add_field(model, field, "model")
@@ -104,6 +114,32 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _is_seq2seq(run_opts: dict[str, Any], model_opts: dict[str, Any]) -> bool:
+    if "model_type" in run_opts:
+        return run_opts["model_type"] == "seq2seq"
+    config = ModelConfig.preset(run_opts.get("preset", "tiny-decoder"), **model_opts)
+    return bool(config.n_encoder_layers and config.n_decoder_layers)
+
+
+def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], train_opts: dict[str, Any],
+                       overwrite: bool):
+    """An encoder-decoder trains on a parallel file (``qkv.translation``), with the paper's training defaults."""
+    from qkv.translation import train_translation, translation_train_config
+
+    preset = run_opts.get("preset", "tiny-decoder")
+    if "data" not in run_opts:
+        raise ValueError(f"{preset} is an encoder-decoder: it trains on a parallel file; pass --data "
+                         "data/tatoeba-fra-eng-2017-09-29.zip (or any source<TAB>target file)")
+    if run_opts.get("tokenizer", "bpe") != "bpe":
+        raise ValueError("translation uses a shared BPE vocabulary (its size: --vocab-size); drop --tokenizer")
+    model_config = ModelConfig.preset(preset, **model_opts)
+    options = {"batch_tokens": "max_tokens", "test_size": "n_test", "valid_size": "n_valid",
+               "split_seed": "split_seed"}
+    return train_translation(run_opts["data"], model_config, translation_train_config(**train_opts),
+                             out_dir=run_opts.get("out", f"runs/{preset}"), overwrite=overwrite,
+                             **{options[k]: v for k, v in run_opts.items() if k in options})
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -121,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--resume continues a run with its saved model and tokenizer; {what} cannot "
                                  "change it: drop them, or start a new run without --resume")
             result = resume(args.resume, train_opts, data=run_opts.get("data"), out_dir=run_opts.get("out"))
+        elif _is_seq2seq(run_opts, model_opts):
+            result = _train_translation(run_opts, model_opts, train_opts, args.overwrite)
         else:
             preset = run_opts.get("preset", "tiny-decoder")
             tokenizer = run_opts.get("tokenizer", "char")
