@@ -82,7 +82,7 @@ class EncoderBlock(nn.Module):
     def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         """One sublayer with its residual connection and norm, placed as ``norm_position`` says."""
         h = sublayer(norm(x) if self.pre_norm else x)
-        if self.training:  # dropout is the identity in eval mode: skip the call (decoding runs it per token)
+        if self.training and isinstance(self.dropout, nn.Dropout):  # p = 0 or eval mode: identity, no call
             h = self.dropout(h)
         return x + h if self.pre_norm else norm(x + h)
 

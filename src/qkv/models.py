@@ -49,7 +49,7 @@ class Embeddings(nn.Module):
             x = x + self.token_type(torch.zeros_like(ids) if token_type_ids is None else token_type_ids)
         if self.norm is not None:
             x = self.norm(x)
-        return self.dropout(x) if self.training else x
+        return self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else x
 
 
 class _Model(nn.Module):
