@@ -6,7 +6,6 @@ so encoding runs in Rust and the file format is the one the rest of the field re
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -88,7 +87,7 @@ class Tokenizer:
     @property
     def kind(self) -> str:
         """"char", "bpe", "wordpiece" or "unigram"."""
-        model = json.loads(self.backend.to_str())["model"]["type"]
+        model = type(self.backend.model).__name__  # no JSON round trip: encode() asks on every call
         return {"WordLevel": "char", "BPE": "bpe", "WordPiece": "wordpiece", "Unigram": "unigram"}.get(
             model, model.lower()
         )
