@@ -369,3 +369,25 @@ def test_a_translation_run_resumes_exactly(tiny_run, tmp_path):
     for name in straight:
         torch.testing.assert_close(straight[name], resumed[name], rtol=0, atol=0)
     shutil.rmtree(tmp_path)
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_newest_weights(tiny_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qkv.translation import average_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    newest = sorted(run.glob("step-*"))[-1]
+    weights = load_file(str(newest / "model.safetensors"))
+    older = run / "step-000001"
+    shutil.copytree(newest, older)
+    save_file({k: 3 * v for k, v in weights.items()}, str(older / "model.safetensors"))
+    model, _, steps = average_checkpoints(run, 2)
+    assert steps == [older, newest]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, 2 * weights[name])
+    with pytest.raises(ValueError, match="fewer than --average 3"):
+        average_checkpoints(run, 3)

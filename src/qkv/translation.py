@@ -40,7 +40,7 @@ __all__ = ["PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN", "ParallelCorpus", "read_parall
            "references_by_source", "train_shared_bpe", "encode_pairs", "Seq2SeqBatch", "pad_batch",
            "TokenBatches", "Seq2SeqObjective", "translate", "corpus_scores", "evaluate_bleu", "BleuResult",
            "TranslationData", "prepare", "translation_train_config", "train_translation", "resume_translation",
-           "held_out_test_split", "bleu_report"]
+           "held_out_test_split", "bleu_report", "average_checkpoints"]
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2: the layout of qkv.tasks as well
@@ -563,15 +563,40 @@ def held_out_test_split(checkpoint: str | Path) -> tuple[list[Pair], dict]:
     return splits.test, run
 
 
+def average_checkpoints(run_dir: str | Path, n: int) -> tuple[Transformer, Tokenizer, list[Path]]:
+    """The paper's checkpoint averaging: θ = (1/n) Σ θ_i over the newest ``n`` checkpoints of a run directory."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import WEIGHTS, load_checkpoint
+
+    run_dir = Path(run_dir)
+    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / WEIGHTS).is_file())[-n:]
+    if len(steps) < n:
+        raise ValueError(f"{run_dir} holds {len(steps)} checkpoint(s), fewer than --average {n}; train with "
+                         f"--keep-checkpoints {n} or average fewer")
+    model, tokenizer, _ = load_checkpoint(steps[-1])
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.state_dict().items()}
+    for step in steps:
+        for k, v in load_file(str(step / WEIGHTS)).items():
+            total[k] += v.double()
+    model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in total.items()})
+    return model.eval(), tokenizer, steps
+
+
 def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha: float = 0.6,
                 limit: int | None = None, samples: int = 10, report: str | Path | None = None,
-                print_fn=None) -> list[BleuResult]:
+                average: int | None = None, print_fn=None) -> list[BleuResult]:
     """Score a translation checkpoint on its held-out test split, once per beam size; print the scores and
-    ``samples`` example translations (source, output, references). ``report`` also writes them as JSON."""
+    ``samples`` example translations (source, output, references). ``report`` also writes them as JSON.
+    ``average`` scores the average of the run directory's newest ``average`` checkpoints instead."""
     from .loading import load
 
     say = print_fn or (lambda msg: print(msg, flush=True))
-    model, tokenizer = load(checkpoint)
+    if average:
+        model, tokenizer, steps = average_checkpoints(checkpoint, average)
+        say(f"averaging {len(steps)} checkpoints: {', '.join(p.name for p in steps)}")
+    else:
+        model, tokenizer = load(checkpoint)
     if not isinstance(model, Transformer):
         raise TypeError(f"{checkpoint} holds a {type(model).__name__}; BLEU needs an encoder-decoder Transformer "
                         "trained with `qkv train vaswani-small --data PARALLEL_FILE`")
@@ -586,8 +611,8 @@ def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha:
         say(f"  EN  {best.sources[i]}\n  MT  {best.hypotheses[i]}\n  REF {' | '.join(best.references[i])}")
     if report is not None:
         Path(report).write_text(json.dumps({
-            "checkpoint": str(checkpoint), "test": {"data": run["data"], "split_seed": run["split_seed"],
-                                                    "sentences": len(best.sources)},
+            "checkpoint": str(checkpoint), "averaged": average or 1,
+            "test": {"data": run["data"], "split_seed": run["split_seed"], "sentences": len(best.sources)},
             "scores": [json.loads(r.to_json()) for r in results],
             "translations": [{"source": s, "references": refs, **{f"beam{r.beam}": r.hypotheses[i]
                                                                   for r in results}}

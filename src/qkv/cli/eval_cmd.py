@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bleu.add_argument("--limit", type=int, help="score only the first N test sentences (a quick look)")
     bleu.add_argument("--samples", type=int, default=10, help="sample translations to print (default 10)")
     bleu.add_argument("--report", metavar="FILE", help="also write scores, samples and hypotheses as JSON")
+    bleu.add_argument("--average", type=int, metavar="N",
+                      help="score the average of the run's newest N checkpoints (the paper averages 5)")
     p.set_defaults(run=run)
 
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         from qkv.translation import bleu_report
 
         bleu_report(args.checkpoint, beams=args.beam, alpha=args.alpha, limit=args.limit, samples=args.samples,
-                    report=args.report)
+                    report=args.report, average=args.average)
         return 0
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                                  context=args.context)
