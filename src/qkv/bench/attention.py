@@ -3,7 +3,7 @@
 The explicit path materialises the (T, T) scores, mask and weights, so its memory grows as T²; the fused path
 (``F.scaled_dot_product_attention``, causal without a mask) works through blocks of keys and keeps only
 (T, d_k)-sized tensors, so its memory grows as T. Each (path, length) runs in a fresh subprocess, whose peak
-resident memory (``ru_maxrss``) above what it held before the call is the attention's peak memory.
+resident memory (VmHWM, or ``ru_maxrss``) above its peak before the call is the attention's peak memory.
 """
 
 from __future__ import annotations
@@ -29,8 +29,20 @@ HEADS, D_K = 2, 64  # two heads keep the explicit path at 8192 tokens under 2 GB
 
 
 def _peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MB (ru_maxrss is in KB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident memory so far, in MB.
+
+    Linux: VmHWM of this process image (``ru_maxrss`` would carry over the parent's peak from before exec);
+    elsewhere ``ru_maxrss`` (KB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
 def measure_attention(path: str, length: int, repeats: int = 5) -> dict:
