@@ -206,6 +206,8 @@ def test_models_reject_bad_input_with_a_clear_message() -> None:
         lm(ids[0])
     with pytest.raises(TypeError, match="torch.float32"):
         lm(ids.float())
+    with pytest.raises(TypeError, match=r"torch.uint8; convert with ids.long\(\)"):
+        lm(ids.to(torch.uint8))
     with pytest.raises(TypeError, match="list"):
         enc(ids.tolist())
     for kind in POSITIONAL_KINDS:  # every model, whatever its positions, has a maximum length

@@ -116,7 +116,7 @@ def test_decoder_learns_more_than_letter_frequencies(small_text, tmp_path):
 
 def test_encoder_learns_masked_tokens_beyond_letter_frequencies(small_text, tmp_path):
     result = train(tiny("encoder", d_model=64, d_ff=128, n_heads=4),
-                   TrainConfig(max_steps=300, batch_size=32, lr=1e-2, warmup_steps=10, eval_every=300, **QUIET),
+                   TrainConfig(max_steps=500, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=500, **QUIET),
                    data=small_text, out_dir=tmp_path / "run", print_fn=lambda _: None)
     assert result.val_loss < unigram_entropy(SMALL) - 0.1
 

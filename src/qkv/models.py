@@ -72,8 +72,9 @@ class _Model(nn.Module):
         if ids.dim() != 2:
             raise ValueError(f"{name} must have shape (batch, seq), got {tuple(ids.shape)}; "
                              "add a batch dimension with ids.unsqueeze(0)")
-        if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.dtype not in (torch.long, torch.int32):  # what nn.Embedding accepts
+            raise TypeError(f"{name} must hold token ids as torch.long (or int32), got dtype {ids.dtype}; "
+                            "convert with ids.long()")
         # The range check reads the values back: free on the CPU, a device sync every forward elsewhere (where
         # the embedding's own bounds check catches a bad id), and a graph break under torch.compile.
         if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
