@@ -33,13 +33,6 @@ def greedy_decode(model: Transformer, src: torch.Tensor, n_tokens: int) -> torch
     return out[:, 1:]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one thread beats two (no synchronisation), and leaves the other core to the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_transformer_learns_to_copy_held_out_sequences(one_thread) -> None:

@@ -26,14 +26,7 @@ from qkv.generate import (
 )
 from qkv.positions import POSITIONAL_KINDS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine the fork-join waits dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decoder(positional: str = "learned", seed: int = 0, **overrides) -> DecoderLM:

@@ -29,13 +29,9 @@ SMALL = read_corpus().text[:30_000]
 
 
 @pytest.fixture(autouse=True)
-def _cache_and_one_thread(tmp_path, monkeypatch):
+def _token_cache_in_tmp(tmp_path, monkeypatch, one_thread):
     """Token files in tmp_path; one torch thread, so tiny models do not fight other tests for the CPU."""
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

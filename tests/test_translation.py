@@ -34,13 +34,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 FRA = DATA / "tatoeba-fra-eng-2017-09-29.zip"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on one thread do not fight other tests for the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- synthetic tasks --------------------------------------------------------------------------------------------

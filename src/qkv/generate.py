@@ -50,6 +50,7 @@ __all__ = [
     "stream_text",
     "generate_seq2seq",
     "left_pad",
+    "right_pad",
     "next_token_probs",
     "filter_top_k",
     "filter_top_p",
@@ -216,12 +217,8 @@ def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> int:
     return min(found) if found else -1
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Token-id lists of different lengths → (ids, attention_mask), both (batch, longest), padded on the left.
-
-    Left padding puts every prompt's last token in the last column, so all rows predict their next token at
-    the same step. The mask is True at real tokens.
-    """
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
+    """Token-id lists of different lengths → (ids, attention_mask), both (batch, longest); mask True = real."""
     if not sequences:
         raise ValueError("no sequences to pad; give at least one prompt")
     longest = max(len(s) for s in sequences)
@@ -229,15 +226,21 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tenso
     mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, longest - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, longest - len(seq):] = True
+            cols = slice(longest - len(seq), longest) if left else slice(0, len(seq))
+            ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, cols] = True
     return ids, mask
 
 
-def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Like :func:`left_pad` but padding on the right (encoder inputs: every row starts at position 0)."""
-    ids, mask = left_pad([list(s)[::-1] for s in sequences], pad_id)
-    return ids.flip(1), mask.flip(1)
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Pad on the left: every prompt's last token lands in the last column, so all rows predict their next
+    token at the same step (decoder prompts)."""
+    return _pad(sequences, pad_id, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Pad on the right: every row starts at position 0 (encoder inputs, teacher-forced targets)."""
+    return _pad(sequences, pad_id, left=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -698,7 +701,7 @@ def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str |
     encoded = [tokenizer.encode(t) for t in texts]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_id or 0)
     seq2seq = isinstance(model, Transformer)
-    ids, mask = (_right_pad if seq2seq else left_pad)(encoded, pad)
+    ids, mask = (right_pad if seq2seq else left_pad)(encoded, pad)
     if cfg.bos_token_id is None and model.config.bos_token_id is None and tokenizer.bos_id is not None:
         cfg = cfg.replace(bos_token_id=tokenizer.bos_id)
     out = generate(model, ids, config=cfg, attention_mask=mask, tokenizer=tokenizer)
@@ -762,7 +765,7 @@ def generate_seq2seq(model: Transformer, src_ids: Tensor | Sequence[Sequence[int
         raise TypeError(f"generate_seq2seq needs a qkv Transformer (encoder-decoder), got {type(model).__name__};"
                         " use generate() for a DecoderLM")
     if not isinstance(src_ids, Tensor):
-        src_ids, src_attention_mask = _right_pad(src_ids, model.config.pad_token_id or 0)
+        src_ids, src_attention_mask = right_pad(src_ids, model.config.pad_token_id or 0)
     if max_new_tokens is None:
         max_new_tokens = min(src_ids.shape[1] + 50, model.config.max_seq_len)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id

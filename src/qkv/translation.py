@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .generate import generate_seq2seq, right_pad
 from .losses import IGNORE_INDEX, cross_entropy
 from .models import Transformer
 from .tasks import EOS, TASKS
@@ -234,23 +235,12 @@ class Seq2SeqBatch(NamedTuple):
         return Seq2SeqBatch(*(t.to(device, non_blocking=True) for t in self))
 
 
-def _right_pad(rows: Sequence[Sequence[int]], value: int) -> tuple[Tensor, Tensor]:
-    """Lists of ids → (batch, longest) tensor padded with ``value`` on the right, and its mask (True = real)."""
-    longest = max(len(r) for r in rows)
-    out = torch.full((len(rows), longest), value, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return out, mask
-
-
 def pad_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], *, pad_id: int = 0,
               bos_id: int = 1) -> Seq2SeqBatch:
     """Source rows and target rows (each ending in <eos>) → one padded :class:`Seq2SeqBatch`."""
-    src_ids, src_mask = _right_pad(src, pad_id)
-    tgt_in, tgt_mask = _right_pad([[bos_id, *t[:-1]] for t in tgt], pad_id)
-    tgt_out, _ = _right_pad(tgt, IGNORE_INDEX)
+    src_ids, src_mask = right_pad(src, pad_id)
+    tgt_in, tgt_mask = right_pad([[bos_id, *t[:-1]] for t in tgt], pad_id)
+    tgt_out, _ = right_pad(tgt, IGNORE_INDEX)
     return Seq2SeqBatch(src_ids, src_mask, tgt_in, tgt_mask, tgt_out)
 
 
@@ -378,7 +368,6 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
     Sentences are translated in batches of similar length; the output keeps the input order. A source longer
     than the model's context is an error (never silently cut).
     """
-    from .generate import generate_seq2seq
 
     if beam < 1:
         raise ValueError(f"beam={beam} must be >= 1 (1 = greedy)")
@@ -399,7 +388,7 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            src, mask = _right_pad([encoded[i] for i in chunk], tokenizer.pad_id)
+            src, mask = right_pad([encoded[i] for i in chunk], tokenizer.pad_id)
             targets = generate_seq2seq(model, src, mask, num_beams=beam, length_penalty=alpha,
                                        bos_token_id=tokenizer.bos_id, eos_token_id=eos,
                                        pad_token_id=tokenizer.pad_id)
