@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
+    adam_eps: float = 1e-8  # the paper uses 1e-9
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
     mlm_probability: float = 0.15
@@ -278,7 +279,8 @@ class Trainer:
         self.val_batches = val_data.fixed(config.eval_batches)
         self.bf16 = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.peak_lr,
-                                           betas=(config.beta1, config.beta2), **adamw_kernel(self.device))
+                                           betas=(config.beta1, config.beta2), eps=config.adam_eps,
+                                           **adamw_kernel(self.device))
         self.run_info = dict(run_info or {})
         self.print = print_fn or (lambda msg: print(msg, flush=True))
         self.step = 0  # optimizer steps taken

@@ -493,7 +493,7 @@ def translation_train_config(**overrides) -> TrainConfig:
     The paper warms up for 4000 steps of 25k-token batches over 100k steps; an hour on a CPU gives ~1500 steps of
     2k-token batches, so the recipe warms up for 400 steps with factor 0.5: a peak of 1.6e-3 at d_model 256.
     """
-    base = dict(schedule="noam", lr=0.5, warmup_steps=400, beta1=0.9, beta2=0.98, weight_decay=0.0,
+    base = dict(schedule="noam", lr=0.5, warmup_steps=400, beta1=0.9, beta2=0.98, adam_eps=1e-9, weight_decay=0.0,
                 label_smoothing=0.1, grad_clip=None, eval_every=100)
     return TrainConfig(**{**base, **overrides})
 
@@ -526,8 +526,6 @@ def train_translation(data: str | Path, model_config: ModelConfig, config: Train
                 "model_type": "seq2seq", "tokenizer": "bpe"}
     trainer = Trainer(model, tok, prepared.train, prepared.valid, config, out_dir,
                       objective=Seq2SeqObjective(tok, config), run_info=run_info, print_fn=say)
-    for group in trainer.optimizer.param_groups:
-        group["eps"] = 1e-9  # the paper's Adam epsilon
     say(f"training a {model.num_parameters():,}-parameter Transformer ({model_config.n_encoder_layers}+"
         f"{model_config.n_decoder_layers} layers, d_model {model_config.d_model}, {model_config.norm_position}-LN) "
         f"on {len(prepared.train):,} batches of <= {max_tokens} tokens per side, shared BPE vocabulary "
