@@ -22,7 +22,7 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(PY)
 	touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m qkv.demo  # idle OpenMP threads sleep, not spin, when the CPU is shared
+	$(PY) -m qkv.demo  # picks 1 or 2 threads by a quick timing at set-up (see README)
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -22,3 +22,17 @@ def test_demo_quick_mode_trains_samples_and_draws(tmp_path, monkeypatch, capsys)
         assert (tmp_path / "demo" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model, tokenizer = qkv.load(tmp_path / "demo")
     assert tokenizer.vocab_size == 65 and model.config == demo.DEMO_MODEL
+
+
+def test_fastest_thread_count_measures_every_candidate_and_keeps_the_fastest():
+    from qkv.train import fastest_thread_count
+
+    threads = torch.get_num_threads()
+    try:
+        for config in (demo.DEMO_MODEL.replace(n_decoder_layers=1, d_model=32, n_heads=2, d_ff=64),
+                       qkv.ModelConfig.preset("tiny-encoder"), qkv.ModelConfig.preset("tiny-seq2seq")):
+            fastest, rates = fastest_thread_count(config, 2, 16, candidates=(1, 2), seconds=0.05)
+            assert set(rates) == {1, 2} and all(rate > 0 for rate in rates.values())
+            assert rates[fastest] == max(rates.values()) and torch.get_num_threads() == fastest
+    finally:
+        torch.set_num_threads(threads)

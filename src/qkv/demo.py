@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import qkv
 from qkv.config import ModelConfig
 from qkv.data import read_corpus
 from qkv.generate import generate
-from qkv.train import TrainConfig, train
+from qkv.train import TrainConfig, fastest_thread_count, train
 from qkv.viz import attention_heatmap, save_figure
 
 SAMPLE_SENTENCE = "To be, or not to be, that is the question."
@@ -28,10 +27,10 @@ PROMPT = "ROMEO:\n"
 # The demo's model and recipe, tuned for quality per second on 2 CPU cores (see README: measured figures).
 DEMO_MODEL = ModelConfig(
     vocab_size=65, d_model=128, n_heads=4, d_ff=512, n_encoder_layers=0, n_decoder_layers=4, max_seq_len=64,
-    dropout=0.0, activation="gelu", norm_position="pre", positional="learned", tie_embeddings=True,
+    dropout=0.0, activation="gelu", norm_position="pre", positional="rope", tie_embeddings=True,
 )
 DEMO_TRAIN = dict(
-    batch_size=32, lr=4e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9,
+    batch_size=16, lr=4e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9,
     beta2=0.99, grad_clip=1.0, eval_every=10**9, eval_seconds=15.0, eval_batches=8, final_eval_batches=1000,
     save_every=0, log_every=10, seed=1337,
 )
@@ -63,19 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--time-budget", type=float, default=180.0, help="seconds of training (default 180)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--threads", default="auto",
+                        help="CPU threads, or 'auto' (default): time a few steps at 1 and at every core, keep "
+                             "the faster")
     parser.add_argument("--sample-length", type=int, default=500)
     parser.add_argument("--final-eval-batches", type=int, default=1000,
-                        help="batches of 32 windows for the final validation loss (default: the whole split)")
+                        help="batches of windows for the final validation loss (default: the whole split)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
-        print("tip: run with OMP_WAIT_POLICY=PASSIVE (as `make demo` does): when other programs share the CPU, "
-              "spinning OpenMP threads can make training 10x slower")
+    if args.threads == "auto":
+        threads, rates = fastest_thread_count(DEMO_MODEL, DEMO_TRAIN["batch_size"])
+        measured = ", ".join(f"{n}: {rate:,.0f}" for n, rate in rates.items())
+        print(f"threads: {threads} (set-up check, tokens/s by thread count: {measured})")
+    else:
+        threads = int(args.threads)
+        torch.set_num_threads(threads)
 
     out = Path(args.out)
     print(f"qkv demo: a character-level Transformer learns tiny Shakespeare in {args.time_budget:.0f} s "
-          f"(trainer's clock) on {args.threads} CPU thread(s)")
+          f"(trainer's clock) on {threads} CPU thread(s)")
     options = {**DEMO_TRAIN, "final_eval_batches": args.final_eval_batches}
     result = train(DEMO_MODEL, TrainConfig(time_budget=args.time_budget, device="cpu", **options),
                    out_dir=out, overwrite=True)

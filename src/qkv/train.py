@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import random
 import shutil
 import signal
@@ -42,7 +43,8 @@ from .tokenizers import Tokenizer
 
 __all__ = ["TrainConfig", "Objective", "NextToken", "MaskedLM", "OBJECTIVES", "BatchSource", "Trainer",
            "TrainResult", "TrainingDiverged", "TrainingInterrupted", "warmup_cosine", "noam_lr", "param_groups",
-           "train", "resume", "evaluate", "evaluate_checkpoint", "build_tokenizer", "MASK_TOKEN"]
+           "train", "fastest_thread_count", "resume", "evaluate", "evaluate_checkpoint", "build_tokenizer",
+           "MASK_TOKEN"]
 
 MASK_TOKEN = "<mask>"
 
@@ -635,6 +637,47 @@ def train(model_config: ModelConfig | None = None, config: TrainConfig | None = 
         f"({len(splits.train):,} train / {len(splits.val):,} validation tokens, {tok.kind} vocabulary "
         f"{tok.vocab_size}) on {trainer.device}")
     return trainer.fit()
+
+
+def fastest_thread_count(model_config: ModelConfig, batch_size: int, context: int | None = None, *,
+                         candidates: tuple[int, ...] | None = None, seconds: float = 0.6) -> tuple[int, dict]:
+    """Time training steps of this model shape at each thread count → (fastest, {threads: tokens/s}).
+
+    On a quiet machine every core helps; when another program holds a core, threads that wait for each other at
+    every matrix multiply can make two threads several times slower than one. This measures instead of guessing:
+    a throwaway copy of the model trains on a random batch for about ``seconds`` per candidate, in two
+    interleaved rounds. torch's thread count is left at the fastest.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    candidates = candidates or tuple(sorted({1, cores}))
+    context = context or model_config.max_seq_len
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(model_config.replace(dropout=0.0), model_class_for(model_config).model_type).train()
+    batch = torch.randint(0, model_config.vocab_size, (batch_size, context + 1), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_kernel(torch.device("cpu")))
+
+    def step() -> None:
+        inputs = batch[:, :-1]
+        out = model(inputs, inputs) if model.model_type == "seq2seq" else model(inputs)
+        logits = model.logits(out) if model.model_type == "encoder" else out
+        cross_entropy(logits, batch[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rates: dict[int, list[float]] = {n: [] for n in candidates}
+    for _ in range(2):
+        for n in candidates:
+            torch.set_num_threads(n)
+            step()  # warm-up at this thread count
+            steps, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds / 2 or steps < 2:
+                step()
+                steps += 1
+            rates[n].append(steps * batch_size * context / elapsed)
+    best = {n: max(r) for n, r in rates.items()}
+    fastest = max(best, key=best.get)
+    torch.set_num_threads(fastest)
+    return fastest, best
 
 
 def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
