@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qkv.bench.attention import growth_exponent
 from qkv.bench.training import BenchShape, build_hf_gpt2, build_qkv, build_x_transformers, model_flops_per_token
@@ -48,3 +49,24 @@ def test_growth_exponent_sees_through_a_constant(p):
     rows = [{"length": t, "mb": 7.0 + 0.001 * t**p} for t in (1024, 2048, 4096, 8192)]
     assert growth_exponent(rows, "mb") == pytest.approx(p)
     assert growth_exponent(rows[:2], "mb") is None
+
+
+def test_bf16_option_trains_every_contender_under_cpu_autocast():
+    """--bf16: the step's matrix multiplies run in bf16 (weights and optimizer stay fp32); the table says so."""
+    from qkv.bench.training import QUICK_SHAPE, make_optimizer, training_step
+
+    model, _ = build_qkv(QUICK_SHAPE)
+    seen = []
+    model.layers.layers[0].ffn.w1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    ids = torch.randint(0, 65, (QUICK_SHAPE.batch, QUICK_SHAPE.context + 1))
+    optimizer = make_optimizer(model)
+    for bf16 in (None, True):
+        training_step(model, optimizer, ids[:, :-1], ids[:, 1:], bf16)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-m", "qkv", "bench", "training", "--quick", "--bf16"],
+                          capture_output=True, text=True, env=env, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "bf16 autocast" in done.stdout and "bf16 torch.mm" in done.stdout

@@ -72,19 +72,25 @@ def _mm_seconds(a: Tensor, b: Tensor, out: Tensor, calls: int = 1) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _square(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # what training computes its matmuls in
+def _uses_bf16(device: torch.device, bf16: bool | None) -> bool:
+    """bf16 autocast: on an accelerator unless told otherwise; on the CPU only when asked."""
+    return device.type != "cpu" if bf16 is None else bf16
+
+
+def _square(n: int, device: torch.device, bf16: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = torch.bfloat16 if _uses_bf16(device, bf16) else torch.float32  # what training multiplies in
     return (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype),
             torch.empty(n, n, device=device, dtype=dtype))
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+def matmul_peak(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu",
+                bf16: bool | None = None) -> float:
     """The matrix-multiply peak in FLOP/s: 2·n³ / (median time of ``torch.mm`` on n x n matrices).
 
-    fp32 on the CPU (the precision qkv trains in there); bf16 on an accelerator (under bf16 autocast).
+    fp32 on the CPU (the precision qkv trains in there by default); bf16 on an accelerator or when ``bf16``.
     """
     device = torch.device(device)
-    a, b, out = _square(n, device)
+    a, b, out = _square(n, device, bf16)
     calls = 1 if device.type == "cpu" else 20
     _mm_seconds(a, b, out, calls)  # warm-up
     return 2 * n**3 / statistics.median(_mm_seconds(a, b, out, calls) for _ in range(repeats))
@@ -104,12 +110,13 @@ def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1
                              fused=True)
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor, targets: Tensor) -> Tensor:
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor, targets: Tensor,
+                  bf16: bool | None = None) -> Tensor:
     """One step: loss = CE(model(ids), targets); backward; clip the gradient norm to 1; AdamW.
 
-    On an accelerator the forward runs under bf16 autocast (the weights and the optimizer stay fp32).
+    On an accelerator (or with ``bf16``) the forward runs under bf16 autocast; weights and optimizer stay fp32.
     """
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type != "cpu"):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=_uses_bf16(ids.device, bf16)):
         logits = model(ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
@@ -184,14 +191,14 @@ class _Contender:
 
 
 def _contender(name: str, shape: BenchShape, build: Callable[[BenchShape], tuple[nn.Module, int]],
-               ids: Tensor, targets: Tensor, compile: bool = False) -> _Contender:
+               ids: Tensor, targets: Tensor, compile: bool = False, bf16: bool | None = None) -> _Contender:
     torch.manual_seed(0)
     model, n_params = build(shape)
     model.to(ids.device).train()
     optimizer = make_optimizer(model)
     if compile:
         model = torch.compile(model)
-    return _Contender(name, shape, lambda: training_step(model, optimizer, ids, targets), n_params, [])
+    return _Contender(name, shape, lambda: training_step(model, optimizer, ids, targets, bf16), n_params, [])
 
 
 def _timed_run(contender: _Contender, steps: int) -> float:
@@ -205,28 +212,29 @@ def _timed_run(contender: _Contender, steps: int) -> float:
 
 def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: int = 5,
                        libraries: tuple[str, ...] | None = None, seconds_per_run: float = 1.0,
-                       device: str | torch.device = "cpu") -> list[dict]:
+                       device: str | torch.device = "cpu", bf16: bool | None = None) -> list[dict]:
     """Rows of {config, library, tokens_per_s, mfu, vs}: the median of ``repeats`` interleaved runs each.
 
     Each round runs every library once and a 2048 x 2048 ``torch.mm``; the median of those gives the matmul
     peak, so the peak is measured under the same conditions as the training. ``compile=True`` adds a row
-    for qkv under ``torch.compile``. ``quick`` measures one tiny shape once.
+    for qkv under ``torch.compile``. ``quick`` measures one tiny shape once. ``bf16``: every contender trains
+    under bf16 autocast and the peak is a bf16 ``torch.mm`` (default: on accelerators only).
     """
     device = torch.device(device)
     shapes = (QUICK_SHAPE,) if quick else TRAINING_SHAPES
     repeats = 1 if quick else repeats
     names = libraries or tuple(BUILDERS)
     n, calls = (256 if quick else 2048), (1 if device.type == "cpu" else 20)
-    a, b, out = _square(n, device)
+    a, b, out = _square(n, device, bf16)
     _mm_seconds(a, b, out, calls)  # warm-up
     rows = []
     for shape in shapes:
         generator = torch.Generator().manual_seed(0)
         data = torch.randint(0, VOCAB_SIZE, (shape.batch, shape.context + 1), generator=generator).to(device)
         ids, targets = data[:, :-1], data[:, 1:]
-        contenders = [_contender(name, shape, BUILDERS[name], ids, targets) for name in names]
+        contenders = [_contender(name, shape, BUILDERS[name], ids, targets, bf16=bf16) for name in names]
         if compile:
-            contenders.append(_contender("qkv compiled", shape, build_qkv, ids, targets, compile=True))
+            contenders.append(_contender("qkv compiled", shape, build_qkv, ids, targets, compile=True, bf16=bf16))
         steps = {}
         for c in contenders:  # warm-up (and compilation); then size each run to about seconds_per_run
             _timed_run(c, 1)
@@ -243,6 +251,7 @@ def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: i
             row = {"config": shape.name, "library": c.name, "tokens_per_s": medians[c.name],
                    "mfu": medians[c.name] * flops / peak, "peak_gflops": peak / 1e9, "n_params": c.n_params,
                    "threads": torch.get_num_threads(), "device": device.type,
+                   "precision": "bf16 autocast" if _uses_bf16(device, bf16) else "fp32",
                    "shape": shape, "runs": repeats, "steps_per_run": steps[c.name], "peak_n": n}
             if c.name.startswith("qkv"):
                 row["vs"] = {o: medians[c.name] / medians[o] for o in medians if not o.startswith("qkv")}
@@ -255,10 +264,11 @@ def format_training_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     first = rows[0]
-    precision = "fp32" if first["device"] == "cpu" else "bf16 autocast"
+    precision = first["precision"]
     lines = [f"Training tokens/s: forward + cross-entropy + backward + clip + fused AdamW, {precision}, "
              f"{first['device']}, {first['threads']} threads; median of {first['runs']} interleaved runs",
-             f"MFU = (6·N + 12·L·d·T) · tokens/s / matmul peak (torch.mm {first['peak_n']}², median, same rounds)",
+             f"MFU = (6·N + 12·L·d·T) · tokens/s / matmul peak ({precision.split()[0]} torch.mm {first['peak_n']}², "
+             "median, same rounds)",
              f"  {'config':<7} {'L/H/d/T/batch':<16} {'library':<15} {'params N':>10} {'tokens/s':>9} "
              f"{'peak GF/s':>9} {'MFU':>6}  qkv / other"]
     for r in rows:

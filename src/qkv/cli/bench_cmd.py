@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch threads for every contender (default: every core this process may use)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per contender; the median is shown")
     p.add_argument("--device", default="cpu", help="where the training benchmark runs (cpu, cuda, ...)")
+    p.add_argument("--bf16", action="store_true",
+                   help="train every contender under bf16 autocast on the CPU too, against a bf16 matmul peak "
+                        "(pays on CPUs with AVX512_BF16 or AMX; on an accelerator bf16 is the default)")
     p.set_defaults(run=run)
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             from qkv.bench.training import format_training_table, training_benchmark
 
             rows = training_benchmark(quick=args.quick, compile=args.compile, repeats=args.repeats,
-                                      device=args.device)
+                                      device=args.device, bf16=True if args.bf16 else None)
             print(format_training_table(rows), flush=True)
         elif suite == "attention":
             from qkv.bench.attention import attention_benchmark, format_attention_table
