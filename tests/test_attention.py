@@ -183,6 +183,27 @@ def test_profiler_shows_fused_kernel_only_when_weights_are_not_requested(kwargs:
     assert "aten::softmax" in explicit_ops or "aten::_softmax" in explicit_ops
 
 
+@pytest.mark.parametrize("kwargs", [{"causal": True}, {"mask": torch.tensor([True, True, False, True])}])
+def test_cpu_bf16_short_sequences_take_the_explicit_formula(kwargs: dict) -> None:
+    """On the CPU in bf16 the fused kernel is the slower one up to CPU_BF16_EXPLICIT_MAX_KEYS keys (measured),
+    so the explicit formula runs there, and gives what fp32 gives up to bf16 rounding; longer sequences keep
+    the fused kernel and its linear memory."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(3, 2, 3, 4, 8, generator=gen).unbind(0)
+    reference, _ = scaled_dot_product_attention(q, k, v, need_weights=False, **kwargs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, w = scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), need_weights=False,
+                                              **kwargs)
+    assert w is None and out.dtype == torch.bfloat16
+    assert not _fused_kernel_ran({e.key for e in prof.key_averages()})
+    assert max_err(out.float(), reference) <= 0.05  # bf16 keeps 8 bits of mantissa
+    n = attention.CPU_BF16_EXPLICIT_MAX_KEYS + 1
+    long = torch.randn(1, 1, n, 8, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        scaled_dot_product_attention(long, long, long, causal=True, need_weights=False)
+    assert _fused_kernel_ran({e.key for e in prof.key_averages()})
+
+
 def test_causal_fused_path_builds_no_mask_and_uses_is_causal(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real_sdpa = F.scaled_dot_product_attention

@@ -145,21 +145,35 @@ def scaled_dot_product_attention(
     return _attention(q, k, v, mask, causal, scale, dropout_p, need_weights, bias)
 
 
+# On the CPU in bf16, PyTorch's fused kernel is slower than the explicit formula for short sequences: training
+# steps of the benchmark's shapes ran 1.4x (context 64) and 1.1x (context 256) faster explicitly (fp32: no
+# difference). Up to this many keys the (queries, keys) scores are small enough to materialise there.
+CPU_BF16_EXPLICIT_MAX_KEYS = 1024
+
+
+def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and n_keys <= CPU_BF16_EXPLICIT_MAX_KEYS
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
                dropout_p: float, need_weights: bool, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """:func:`scaled_dot_product_attention` without its input checks, for callers that built q, k, v
     themselves (``MultiHeadAttention``: the checks would cost a decoding step about 8%)."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    explicit = need_weights or _explicit_is_faster(q, n_keys)
+    # A query may end up with no key at all only through a caller's mask, or a causal mask with more queries
+    # than keys; only then do its weights need zeroing after the softmax.
+    rows_may_be_empty = mask is not None or (causal and n_queries > n_keys)
 
     if causal and n_queries == 1 and n_keys >= 1:
         causal = False  # the one (last) query may see every key
-    if causal and (mask is not None or bias is not None or need_weights or n_queries != n_keys):
+    if causal and (mask is not None or bias is not None or explicit or n_queries != n_keys):
         cm = causal_mask(n_queries, n_keys, device=q.device)
         mask = cm if mask is None else mask & cm
         causal = False
 
-    if not need_weights:
+    if not explicit:
         attn_mask = mask
         if bias is not None:
             attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
@@ -172,17 +186,18 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: boo
             out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
         return out, None
 
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., n_queries, n_keys)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (..., n_queries, n_keys); scaling q is cheaper
     if bias is not None:
         scores = scores + bias
-    if mask is not None:
+    hidden = None if mask is None else ~mask
+    if hidden is not None:
         # A finite minimum (not -inf) keeps a fully masked row finite; it is zeroed after the softmax.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        weights = weights.masked_fill(~mask, 0.0)
+    if hidden is not None and rows_may_be_empty:
+        weights = weights.masked_fill(hidden, 0.0)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    return torch.matmul(dropped, v), weights
+    return torch.matmul(dropped, v), weights if need_weights else None
 
 
 # --------------------------------------------------------------------------------------------------------------
