@@ -22,7 +22,7 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(PY)
 	touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
-	$(PY) -m qkv.demo  # picks 1 or 2 threads by a quick timing at set-up (see README)
+	$(PY) -m qkv.demo  # picks threads (1 or 2) and fp32/bf16 by a quick timing at set-up (see README)
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,5 +1,7 @@
 """The demo's quick mode (the full 180-second demo never runs inside the test suite)."""
 
+import re
+
 import torch
 
 import qkv
@@ -10,12 +12,16 @@ def test_demo_quick_mode_trains_samples_and_draws(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
     try:
-        assert demo.main(["--time-budget", "2", "--threads", "1", "--sample-length", "80", "--final-eval-batches", "2",
-                          "--out", str(tmp_path / "demo")]) == 0
+        assert demo.main(["--time-budget", "2", "--threads", "1", "--dtype", "bf16", "--sample-length", "80",
+                          "--final-eval-batches", "2", "--out", str(tmp_path / "demo")]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "validation loss" in out and "sample (temperature 0.8" in out
+    assert "1 CPU thread(s), bf16 autocast" in out
+    trained = float(re.search(r"at +[\d.]+ s +([\d.]+) +\(final", out).group(1))
+    in_fp32 = float(re.search(r"evaluated in fp32: ([\d.]+)", out).group(1))
+    assert abs(trained - in_fp32) < 0.05  # the same weights: bf16 autocast only rounds the products
     sample = out.split("-" * 60)[1].strip("\n")
     assert sample.startswith("ROMEO:") and len(sample) == len("ROMEO:\n") + 80
     for picture in ("loss.png", "attention.png"):
@@ -24,15 +30,16 @@ def test_demo_quick_mode_trains_samples_and_draws(tmp_path, monkeypatch, capsys)
     assert tokenizer.vocab_size == 65 and model.config == demo.DEMO_MODEL
 
 
-def test_fastest_thread_count_measures_every_candidate_and_keeps_the_fastest():
-    from qkv.train import fastest_thread_count
+def test_fastest_cpu_settings_measures_every_setting_and_keeps_the_fastest():
+    from qkv.train import fastest_cpu_settings
 
     threads = torch.get_num_threads()
     try:
         for config in (demo.DEMO_MODEL.replace(n_decoder_layers=1, d_model=32, n_heads=2, d_ff=64),
                        qkv.ModelConfig.preset("tiny-encoder"), qkv.ModelConfig.preset("tiny-seq2seq")):
-            fastest, rates = fastest_thread_count(config, 2, 16, candidates=(1, 2), seconds=0.05)
-            assert set(rates) == {1, 2} and all(rate > 0 for rate in rates.values())
-            assert rates[fastest] == max(rates.values()) and torch.get_num_threads() == fastest
+            fastest, rates = fastest_cpu_settings(config, 2, 16, threads=(1, 2), seconds=0.05)
+            assert set(rates) == {(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")}
+            assert all(rate > 0 for rate in rates.values())
+            assert rates[fastest] == max(rates.values()) and torch.get_num_threads() == fastest[0]
     finally:
         torch.set_num_threads(threads)

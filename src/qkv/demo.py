@@ -18,7 +18,7 @@ import qkv
 from qkv.config import ModelConfig
 from qkv.data import read_corpus
 from qkv.generate import generate
-from qkv.train import TrainConfig, fastest_thread_count, train
+from qkv.train import TrainConfig, evaluate_checkpoint, fastest_cpu_settings, train
 from qkv.viz import attention_heatmap, save_figure
 
 SAMPLE_SENTENCE = "To be, or not to be, that is the question."
@@ -63,25 +63,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--time-budget", type=float, default=180.0, help="seconds of training (default 180)")
     parser.add_argument("--threads", default="auto",
-                        help="CPU threads, or 'auto' (default): time a few steps at 1 and at every core, keep "
-                             "the faster")
+                        help="CPU threads, or 'auto' (default): chosen with --dtype by timing a few steps")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="fp32, bf16 (autocast), or 'auto' (default): whichever trains faster on this CPU")
     parser.add_argument("--sample-length", type=int, default=500)
     parser.add_argument("--final-eval-batches", type=int, default=1000,
                         help="batches of windows for the final validation loss (default: the whole split)")
     args = parser.parse_args(argv)
-    if args.threads == "auto":
-        threads, rates = fastest_thread_count(DEMO_MODEL, DEMO_TRAIN["batch_size"])
-        measured = ", ".join(f"{n}: {rate:,.0f}" for n, rate in rates.items())
-        print(f"threads: {threads} (set-up check, tokens/s by thread count: {measured})")
-    else:
-        threads = int(args.threads)
-        torch.set_num_threads(threads)
+    threads, dtype = args.threads, args.dtype
+    if "auto" in (threads, dtype):
+        (threads, dtype), rates = fastest_cpu_settings(
+            DEMO_MODEL, DEMO_TRAIN["batch_size"], threads=None if threads == "auto" else (int(threads),),
+            dtypes=("fp32", "bf16") if dtype == "auto" else (dtype,))
+        measured = " | ".join(f"{n} thread{'s' * (n > 1)} {d} {rate:,.0f}" for (n, d), rate in rates.items())
+        print(f"set-up check, training tokens/s: {measured}")
+    threads = int(threads)
+    torch.set_num_threads(threads)
+    precision = "bf16 autocast" if dtype == "bf16" else "fp32"
 
     out = Path(args.out)
     print(f"qkv demo: a character-level Transformer learns tiny Shakespeare in {args.time_budget:.0f} s "
-          f"(trainer's clock) on {threads} CPU thread(s)")
+          f"(trainer's clock) on {threads} CPU thread(s), {precision}")
     options = {**DEMO_TRAIN, "final_eval_batches": args.final_eval_batches}
-    result = train(DEMO_MODEL, TrainConfig(time_budget=args.time_budget, device="cpu", **options),
+    result = train(DEMO_MODEL, TrainConfig(time_budget=args.time_budget, device="cpu", dtype=dtype, **options),
                    out_dir=out, overwrite=True)
 
     baseline = unigram_entropy(read_corpus().text)
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  at {h['elapsed_s']:6.1f} s  {h['val_loss']:.3f}")
     print(f"  at {result.elapsed:6.1f} s  {result.val_loss:.3f}  (final; "
           f"{result.step} steps, {result.tokens_per_s:,.0f} tokens/s)")
+    if dtype == "bf16":  # the evaluations above ran under bf16 autocast, as the training did
+        fp32 = evaluate_checkpoint(out, batch_size=DEMO_TRAIN["batch_size"],
+                                   max_batches=args.final_eval_batches)["loss"]
+        print(f"  the final weights evaluated in fp32: {fp32:.3f}")
 
     model, tokenizer = qkv.load(out)
     text = write(model, tokenizer, PROMPT, args.sample_length)
