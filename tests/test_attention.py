@@ -183,24 +183,28 @@ def test_profiler_shows_fused_kernel_only_when_weights_are_not_requested(kwargs:
     assert "aten::softmax" in explicit_ops or "aten::_softmax" in explicit_ops
 
 
-@pytest.mark.parametrize("kwargs", [{"causal": True}, {"mask": torch.tensor([True, True, False, True])}])
-def test_cpu_bf16_short_sequences_take_the_explicit_formula(kwargs: dict) -> None:
+@pytest.mark.parametrize("mask", [None, torch.tensor([[True, True, False, True]])])
+def test_multi_head_attention_on_cpu_bf16_takes_the_explicit_formula_for_short_sequences(mask) -> None:
     """On the CPU in bf16 the fused kernel is the slower one up to CPU_BF16_EXPLICIT_MAX_KEYS keys (measured),
-    so the explicit formula runs there, and gives what fp32 gives up to bf16 rounding; longer sequences keep
-    the fused kernel and its linear memory."""
-    gen = torch.Generator().manual_seed(11)
-    q, k, v = torch.randn(3, 2, 3, 4, 8, generator=gen).unbind(0)
-    reference, _ = scaled_dot_product_attention(q, k, v, need_weights=False, **kwargs)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out, w = scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), need_weights=False,
-                                              **kwargs)
+    so MultiHeadAttention computes the formula there, and gives what fp32 gives up to bf16 rounding; longer
+    sequences, and the function scaled_dot_product_attention (its contract), keep the fused kernel."""
+    torch.manual_seed(11)
+    mha = MultiHeadAttention(16, 2)
+    x = torch.randn(1, 4, 16)
+    reference, _ = mha(x, mask=mask, causal=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        out, w = mha(x, mask=mask, causal=True)
     assert w is None and out.dtype == torch.bfloat16
     assert not _fused_kernel_ran({e.key for e in prof.key_averages()})
     assert max_err(out.float(), reference) <= 0.05  # bf16 keeps 8 bits of mantissa
-    n = attention.CPU_BF16_EXPLICIT_MAX_KEYS + 1
-    long = torch.randn(1, 1, n, 8, dtype=torch.bfloat16)
+
+    long = torch.randn(1, attention.CPU_BF16_EXPLICIT_MAX_KEYS + 1, 16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        mha(long, causal=True)
+    assert _fused_kernel_ran({e.key for e in prof.key_averages()})
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        scaled_dot_product_attention(long, long, long, causal=True, need_weights=False)
+        scaled_dot_product_attention(q, q, q, causal=True, need_weights=False)
     assert _fused_kernel_ran({e.key for e in prof.key_averages()})
 
 

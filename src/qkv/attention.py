@@ -148,6 +148,8 @@ def scaled_dot_product_attention(
 # On the CPU in bf16, PyTorch's fused kernel is slower than the explicit formula for short sequences: training
 # steps of the benchmark's shapes ran 1.4x (context 64) and 1.1x (context 256) faster explicitly (fp32: no
 # difference). Up to this many keys the (queries, keys) scores are small enough to materialise there.
+# ``MultiHeadAttention`` takes that choice; the function ``scaled_dot_product_attention`` keeps its contract
+# (``need_weights=False`` is the fused kernel).
 CPU_BF16_EXPLICIT_MAX_KEYS = 1024
 
 
@@ -156,12 +158,14 @@ def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
-               dropout_p: float, need_weights: bool, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+               dropout_p: float, need_weights: bool, bias: Tensor | None,
+               explicit: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`scaled_dot_product_attention` without its input checks, for callers that built q, k, v
-    themselves (``MultiHeadAttention``: the checks would cost a decoding step about 8%)."""
+    themselves (``MultiHeadAttention``: the checks would cost a decoding step about 8%). ``explicit``: compute
+    the formula step by step even when the weights are not wanted (default: only when they are)."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    explicit = need_weights or _explicit_is_faster(q, n_keys)
+    explicit = need_weights or bool(explicit)
     # A query may end up with no key at all only through a caller's mask, or a causal mask with more queries
     # than keys; only then do its weights need zeroing after the softmax.
     rows_may_be_empty = mask is not None or (causal and n_queries > n_keys)
@@ -372,7 +376,7 @@ class MultiHeadAttention(nn.Module):
         if mask is not None or bias is not None:  # q, k, v are built here; only what callers pass needs checks
             _check_inputs(q, k, v, mask, bias)
         out, weights = _attention(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
-                                  need_weights, bias)
+                                  need_weights, bias, explicit=_explicit_is_faster(q, k.shape[-2]))
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # Concat(head_1..head_h)
         return self.out(out), weights
