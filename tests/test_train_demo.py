@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 
 import qkv
@@ -43,3 +44,11 @@ def test_fastest_cpu_settings_measures_every_setting_and_keeps_the_fastest():
             assert rates[fastest] == max(rates.values()) and torch.get_num_threads() == fastest[0]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_demo_refuses_a_bad_thread_count(capsys):
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--threads", bad])
+        assert exit_info.value.code != 0
+        assert "is not a thread count" in capsys.readouterr().err

@@ -58,11 +58,20 @@ def write(model, tokenizer, prompt: str, n_chars: int, *, temperature: float = 0
     return tokenizer.decode(ids[0].tolist())
 
 
+def _threads(value: str) -> str | int:
+    """--threads: 'auto' or a positive whole number."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a thread count: pass a whole number >= 1, or auto")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--time-budget", type=float, default=180.0, help="seconds of training (default 180)")
-    parser.add_argument("--threads", default="auto",
+    parser.add_argument("--threads", default="auto", type=_threads,
                         help="CPU threads, or 'auto' (default): chosen with --dtype by timing a few steps")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="fp32, bf16 (autocast), or 'auto' (default): whichever trains faster on this CPU")
@@ -73,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     threads, dtype = args.threads, args.dtype
     if "auto" in (threads, dtype):
         (threads, dtype), rates = fastest_cpu_settings(
-            DEMO_MODEL, DEMO_TRAIN["batch_size"], threads=None if threads == "auto" else (int(threads),),
+            DEMO_MODEL, DEMO_TRAIN["batch_size"], threads=None if threads == "auto" else (threads,),
             dtypes=("fp32", "bf16") if dtype == "auto" else (dtype,))
         measured = " | ".join(f"{n} thread{'s' * (n > 1)} {d} {rate:,.0f}" for (n, d), rate in rates.items())
         print(f"set-up check, training tokens/s: {measured}")
-    threads = int(threads)
     torch.set_num_threads(threads)
     precision = "bf16 autocast" if dtype == "bf16" else "fp32"
 
