@@ -43,8 +43,8 @@ from .tokenizers import Tokenizer
 
 __all__ = ["TrainConfig", "Objective", "NextToken", "MaskedLM", "OBJECTIVES", "BatchSource", "Trainer",
            "TrainResult", "TrainingDiverged", "TrainingInterrupted", "warmup_cosine", "noam_lr", "param_groups",
-           "train", "fastest_cpu_settings", "resume", "evaluate", "evaluate_checkpoint", "build_tokenizer",
-           "MASK_TOKEN"]
+           "train", "usable_cores", "fastest_cpu_settings", "resume", "evaluate", "evaluate_checkpoint",
+           "build_tokenizer", "MASK_TOKEN"]
 
 MASK_TOKEN = "<mask>"
 
@@ -639,6 +639,14 @@ def train(model_config: ModelConfig | None = None, config: TrainConfig | None = 
     return trainer.fit()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask on Linux; all of them elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def fastest_cpu_settings(model_config: ModelConfig, batch_size: int, context: int | None = None, *,
                          threads: tuple[int, ...] | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
                          seconds: float = 0.5) -> tuple[tuple[int, str], dict[tuple[int, str], float]]:
@@ -651,8 +659,7 @@ def fastest_cpu_settings(model_config: ModelConfig, batch_size: int, context: in
     A throwaway copy of the model trains on a random batch for about ``seconds`` per setting, in two interleaved
     rounds; torch's thread count is left at the fastest setting's.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = threads or tuple(sorted({1, cores}))
+    threads = threads or tuple(sorted({1, usable_cores()}))
     context = context or model_config.max_seq_len
     generator = torch.Generator().manual_seed(0)
     model = build_model(model_config.replace(dropout=0.0), model_class_for(model_config).model_type).train()

@@ -30,21 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from qkv.train import usable_cores
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
-    torch.set_num_threads(args.threads or _cores())  # set here, for the benchmark only, never on import
+    torch.set_num_threads(args.threads or usable_cores())  # set here, for the benchmark only, never on import
     suites = ("training", "attention", "generate") if args.suite == "all" else (args.suite,)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"qkv bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}", flush=True)
