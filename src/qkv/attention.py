@@ -159,13 +159,13 @@ def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
                dropout_p: float, need_weights: bool, bias: Tensor | None,
-               explicit: bool | None = None) -> tuple[Tensor, Tensor | None]:
+               explicit: bool = False) -> tuple[Tensor, Tensor | None]:
     """:func:`scaled_dot_product_attention` without its input checks, for callers that built q, k, v
     themselves (``MultiHeadAttention``: the checks would cost a decoding step about 8%). ``explicit``: compute
     the formula step by step even when the weights are not wanted (default: only when they are)."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    explicit = need_weights or bool(explicit)
+    explicit = explicit or need_weights
     # A query may end up with no key at all only through a caller's mask, or a causal mask with more queries
     # than keys; only then do its weights need zeroing after the softmax.
     rows_may_be_empty = mask is not None or (causal and n_queries > n_keys)
