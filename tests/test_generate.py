@@ -29,29 +29,28 @@ from qkv.positions import POSITIONAL_KINDS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def decoder(positional: str = "learned", seed: int = 0, **overrides) -> DecoderLM:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_decoder_layers=2, max_seq_len=64,
-                         positional=positional, **overrides)
-    model = DecoderLM(config).eval()
-    # A larger init than training's 0.02 gives peaked, well-separated logits: greedy choices are far from ties.
+def _peaked(model):
+    """Redraw the matrices with std 0.3 (training's init is 0.02): peaked, well-separated logits keep greedy
+    choices far from ties."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.3)
     return model
+
+
+def decoder(positional: str = "learned", seed: int = 0, **overrides) -> DecoderLM:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_decoder_layers=2, max_seq_len=64,
+                         positional=positional, **overrides)
+    return _peaked(DecoderLM(config).eval())
 
 
 def seq2seq(positional: str = "sinusoidal", seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=30, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
                          max_seq_len=48, positional=positional, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    return model
+    return _peaked(Transformer(config).eval())
 
 
 # -- the KV cache ------------------------------------------------------------------------------------------------
