@@ -32,7 +32,7 @@ from .models import build_model
 from .tokenizers import Tokenizer
 
 __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PICKLE_SUFFIXES", "save_checkpoint",
-           "save_run_checkpoint", "resolve_checkpoint", "check_checkpoint_dir", "load_checkpoint",
+           "save_run_checkpoint", "write_atomic", "resolve_checkpoint", "check_checkpoint_dir", "load_checkpoint",
            "load_trainer_state", "flatten_state", "unflatten_state", "is_qkv_checkpoint"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -74,6 +74,14 @@ def unflatten_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -111,10 +119,7 @@ def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, 
     """Save ``run_dir/step-NNNNNN``, point ``run_dir/latest`` at it, keep only the newest ``keep`` checkpoints."""
     run_dir = Path(run_dir)
     path = save_checkpoint(run_dir / f"step-{step:06d}", model, tokenizer, trainer_state=trainer_state)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".latest.")
-    with os.fdopen(fd, "w") as f:
-        f.write(path.name + "\n")
-    os.replace(tmp, run_dir / LATEST)
+    write_atomic(run_dir / LATEST, (path.name + "\n").encode())
     steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in steps[: max(0, len(steps) - keep)]:
         if old != path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint import write_atomic
 from .tokenizers import Tokenizer
 
 __all__ = ["BUNDLED", "Corpus", "read_corpus", "token_dtype", "encode_to_file", "TokenSplits", "load_tokens",
@@ -100,10 +100,7 @@ def encode_to_file(corpus: Corpus, tokenizer: Tokenizer, directory: str | Path |
         lines = corpus.text.splitlines(keepends=True)  # encode in pieces: parallel in Rust, bounded memory
         chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
         ids = np.fromiter((i for piece in tokenizer.encode_batch(chunks) for i in piece), dtype=np.int64)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(ids.astype(dtype).tobytes())
-        os.replace(tmp, path)  # atomic: a half-written file never carries the final name
+        write_atomic(path, ids.astype(dtype).tobytes())  # a half-written cache never carries the final name
     return np.memmap(path, dtype=dtype, mode="r")
 
 
