@@ -70,3 +70,12 @@ def test_bf16_option_trains_every_contender_under_cpu_autocast():
                           capture_output=True, text=True, env=env, timeout=110, check=False)
     assert done.returncode == 0, done.stderr
     assert "bf16 autocast" in done.stdout and "bf16 torch.mm" in done.stdout
+
+
+def test_paired_ratio_range_compares_within_each_round():
+    """The range is over the ratios round by round (rates[i] / other[i]), whatever each side's overall spread."""
+    from qkv.bench.training import paired_ratio_range
+
+    assert paired_ratio_range([20.0, 10.0, 30.0], [16.0, 8.0, 20.0]) == pytest.approx((1.25, 1.5))
+    with pytest.raises(ValueError):
+        paired_ratio_range([1.0, 2.0], [1.0])

@@ -29,6 +29,7 @@ __all__ = [
     "build_hf_gpt2",
     "build_x_transformers",
     "training_benchmark",
+    "paired_ratio_range",
     "format_training_table",
 ]
 
@@ -201,6 +202,13 @@ def _contender(name: str, shape: BenchShape, build: Callable[[BenchShape], tuple
     return _Contender(name, shape, lambda: training_step(model, optimizer, ids, targets, bf16), n_params, [])
 
 
+def paired_ratio_range(rates: list[float], other_rates: list[float]) -> tuple[float, float]:
+    """(lowest, highest) of rates[i] / other_rates[i]: the ratio within each round, where both libraries ran
+    back to back under the same load. Its spread shows how much one run's ratio can be trusted."""
+    paired = [a / b for a, b in zip(rates, other_rates, strict=True)]
+    return min(paired), max(paired)
+
+
 def _timed_run(contender: _Contender, steps: int) -> float:
     """Tokens per second over ``steps`` consecutive training steps (waiting for the device at the end)."""
     start = time.perf_counter()
@@ -213,7 +221,8 @@ def _timed_run(contender: _Contender, steps: int) -> float:
 def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: int = 5,
                        libraries: tuple[str, ...] | None = None, seconds_per_run: float = 1.0,
                        device: str | torch.device = "cpu", bf16: bool | None = None) -> list[dict]:
-    """Rows of {config, library, tokens_per_s, mfu, vs}: the median of ``repeats`` interleaved runs each.
+    """Rows of {config, library, tokens_per_s, mfu, vs, vs_range}: the median of ``repeats`` interleaved runs each;
+    ``vs`` is qkv's median over each other library's, ``vs_range`` the lowest and highest ratio within a round.
 
     Each round runs every library once and a 2048 x 2048 ``torch.mm``; the median of those gives the matmul
     peak, so the peak is measured under the same conditions as the training. ``compile=True`` adds a row
@@ -254,7 +263,9 @@ def training_benchmark(*, quick: bool = False, compile: bool = False, repeats: i
                    "precision": "bf16 autocast" if _uses_bf16(device, bf16) else "fp32",
                    "shape": shape, "runs": repeats, "steps_per_run": steps[c.name], "peak_n": n}
             if c.name.startswith("qkv"):
-                row["vs"] = {o: medians[c.name] / medians[o] for o in medians if not o.startswith("qkv")}
+                others = [o for o in contenders if not o.name.startswith("qkv")]
+                row["vs"] = {o.name: medians[c.name] / medians[o.name] for o in others}
+                row["vs_range"] = {o.name: paired_ratio_range(c.rates, o.rates) for o in others}
             rows.append(row)
     return rows
 
@@ -269,12 +280,16 @@ def format_training_table(rows: list[dict]) -> str:
              f"{first['device']}, {first['threads']} threads; median of {first['runs']} interleaved runs",
              f"MFU = (6·N + 12·L·d·T) · tokens/s / matmul peak ({precision.split()[0]} torch.mm {first['peak_n']}², "
              "median, same rounds)",
+             "qkv / other: ratio of the medians (in brackets: the lowest and highest ratio within one round)",
              f"  {'config':<7} {'L/H/d/T/batch':<16} {'library':<15} {'params N':>10} {'tokens/s':>9} "
              f"{'peak GF/s':>9} {'MFU':>6}  qkv / other"]
     for r in rows:
         s = r["shape"]
         dims = f"{s.layers}/{s.heads}/{s.d_model}/{s.context}/{s.batch}"
-        ratios = "  ".join(f"/{other} {ratio:.2f}" for other, ratio in r.get("vs", {}).items())
+        spread = r.get("vs_range", {})
+        ratios = "  ".join(f"/{other} {ratio:.2f}" + (f" ({spread[other][0]:.2f}-{spread[other][1]:.2f})"
+                                                       if r["runs"] > 1 and other in spread else "")
+                           for other, ratio in r.get("vs", {}).items())
         lines.append(f"  {r['config']:<7} {dims:<16} {r['library']:<15} {r['n_params']:>10,} "
                      f"{r['tokens_per_s']:>9,.0f} {r['peak_gflops']:>9.0f} {r['mfu']:>6.1%}  {ratios}")
     return "\n".join(lines)
