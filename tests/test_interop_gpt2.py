@@ -214,10 +214,10 @@ def test_missing_files_are_named(small_dir, tmp_path):
 
 
 def test_an_unsupported_architecture_is_named_by_its_field(small_dir, tmp_path):
-    other = copy_dir(small_dir, tmp_path / "llama")
+    other = copy_dir(small_dir, tmp_path / "mamba")
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type='llama'"):
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="model_type='mamba'"):
         load(other)
 
 

@@ -20,10 +20,16 @@ from torch import Tensor, nn
 from .attention import KVCache, padding_mask
 from .blocks import DecoderBlock, EncoderBlock, Stack, make_norm
 from .config import ModelConfig
-from .positions import build_positional
+from .positions import PositionalEncoding, build_positional
 
-__all__ = ["Embeddings", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES", "model_class_for", "build_model",
-           "parameter_counts"]
+__all__ = ["Embeddings", "positional_encoding", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES",
+           "model_class_for", "build_model", "parameter_counts"]
+
+
+def positional_encoding(config: ModelConfig) -> PositionalEncoding:
+    """The positional encoding the config names, for its max_seq_len, d_model and heads."""
+    return build_positional(config.positional, max_positions=config.max_seq_len, d_model=config.d_model,
+                            n_heads=config.n_heads, rope_base=config.rope_base)
 
 
 class Embeddings(nn.Module):
@@ -32,9 +38,7 @@ class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.token = nn.Embedding(config.vocab_size, config.d_model)
-        self.positional = build_positional(config.positional, max_positions=config.max_seq_len,
-                                           d_model=config.d_model, n_heads=config.n_heads,
-                                           rope_base=config.rope_base)
+        self.positional = positional_encoding(config)
         self.token_type = nn.Embedding(config.n_token_types, config.d_model) if config.n_token_types else None
         self.norm = make_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

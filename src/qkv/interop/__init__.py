@@ -1,4 +1,4 @@
-"""Weights and tokenizers in and out of other formats (Hugging Face GPT-2 and BERT).
+"""Weights and tokenizers in and out of other formats (Hugging Face GPT-2, BERT and LLaMA-style models).
 
 ``qkv.load(DIR)`` reaches this package for any directory whose ``config.json`` names a Hugging Face
 ``model_type``; nothing here needs ``transformers``.
@@ -17,11 +17,12 @@ from .bert import embed_texts, load_bert, mean_pool
 from .gpt2 import load_gpt2, save_gpt2
 from .hf import model_type_of, read_config
 from .hf_tokenizers import bert_tokenizer, gpt2_tokenizer
+from .llama import load_llama, save_llama
 
-__all__ = ["is_hf_directory", "load_hf", "load_gpt2", "save_gpt2", "load_bert", "gpt2_tokenizer",
-           "bert_tokenizer", "embed_texts", "mean_pool", "HF_LOADERS"]
+__all__ = ["is_hf_directory", "load_hf", "load_gpt2", "save_gpt2", "load_bert", "load_llama", "save_llama",
+           "gpt2_tokenizer", "bert_tokenizer", "embed_texts", "mean_pool", "HF_LOADERS"]
 
-HF_LOADERS = {"gpt2": load_gpt2, "bert": load_bert}
+HF_LOADERS = {"gpt2": load_gpt2, "bert": load_bert, "llama": load_llama}
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -38,7 +39,7 @@ def is_hf_directory(path: str | Path) -> bool:
 
 def load_hf(path: str | Path, *, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = torch.float32) -> tuple[nn.Module, Tokenizer | None]:
-    """A Hugging Face GPT-2 or BERT directory → (qkv model in eval mode, tokenizer)."""
+    """A Hugging Face GPT-2, BERT or LLaMA-style directory → (qkv model in eval mode, tokenizer)."""
     path = Path(path)
     kind = model_type_of(read_config(path), path, HF_LOADERS)
     model, tokenizer = HF_LOADERS[kind](path, dtype=dtype)

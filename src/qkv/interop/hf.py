@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models import Embeddings, positional_encoding
+
 __all__ = [
     "Rule",
     "read_config",
@@ -46,11 +48,18 @@ class Rule:
 
     ``transpose``: GPT-2's ``Conv1D`` stores W as (in, out) and computes x W + b, where ``nn.Linear`` stores W^T
     as (out, in) and computes x W^T + b; its tensors are transposed on the way in and out.
+    ``rows``: how many rows each Hugging Face tensor gives, when they differ (grouped-query attention's W_Q is
+    larger than its W_K and W_V); by default the rows are shared equally.
     """
 
     qkv: str
     hf: tuple[str, ...]
     transpose: bool = False
+    rows: tuple[int, ...] | None = None
+
+    def split(self, n_rows: int) -> list[int]:
+        """The rows each Hugging Face tensor gives to a qkv tensor of ``n_rows`` rows."""
+        return list(self.rows) if self.rows is not None else [n_rows // len(self.hf)] * len(self.hf)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -138,10 +147,10 @@ def to_qkv_state_dict(weights: Mapping[str, Tensor], rules: list[Rule], expected
     used: set[str] = set()
     for rule in rules:
         target = expected[rule.qkv]
-        piece = (target[0] // len(rule.hf), *target[1:])
-        piece = tuple(reversed(piece)) if rule.transpose else piece
         parts = []
-        for name in rule.hf:
+        for name, rows in zip(rule.hf, rule.split(target[0]), strict=True):
+            piece = (rows, *target[1:])
+            piece = tuple(reversed(piece)) if rule.transpose else piece
             if name not in weights:
                 raise ValueError(f"{source}: tensor {name!r} is missing; the file does not hold a complete "
                                  "model of the architecture config.json describes")
@@ -165,7 +174,8 @@ def from_qkv_state_dict(state: Mapping[str, Tensor], rules: list[Rule]) -> dict[
     """A qkv state dict → Hugging Face tensors, undoing ``to_qkv_state_dict``."""
     out: dict[str, Tensor] = {}
     for rule in rules:
-        for name, part in zip(rule.hf, state[rule.qkv].chunk(len(rule.hf), dim=0), strict=True):
+        tensor = state[rule.qkv]
+        for name, part in zip(rule.hf, tensor.split(rule.split(tensor.shape[0]), dim=0), strict=True):
             out[name] = (part.T if rule.transpose else part).contiguous()
     return out
 
@@ -179,8 +189,11 @@ def build_with_weights(model_class: Callable[[Any], nn.Module], config: Any,
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = to_qkv_state_dict(weights, rules, expected, ignore=ignore, source=source, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():  # position tables (RoPE's cos/sin, ...) are computed, not stored: compute them
+        if isinstance(module, Embeddings) and any(b.is_meta for b in module.positional.buffers()):
+            module.positional = positional_encoding(config)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # a buffer the model computes at build time would be lost this way; none of GPT-2/BERT has one
+    if left:
         raise RuntimeError(f"tensors left unfilled after loading: {', '.join(left)}")
     return model.eval()
 

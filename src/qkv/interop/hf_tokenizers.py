@@ -22,8 +22,8 @@ from tokenizers import Tokenizer as Backend
 
 from ..tokenizers import Tokenizer
 
-__all__ = ["check_fits", "byte_level_bpe", "read_merges", "gpt2_tokenizer", "original_gpt2_files", "wordpiece",
-           "bert_tokenizer"]
+__all__ = ["load_tokenizer_json", "check_fits", "byte_level_bpe", "read_merges", "gpt2_tokenizer",
+           "original_gpt2_files", "wordpiece", "bert_tokenizer"]
 
 GPT2_SPECIAL = "<|endoftext|>"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -36,6 +36,12 @@ def _load_json(path: Path) -> Tokenizer:
     tokenizer.backend.no_padding()
     tokenizer.backend.no_truncation()
     return tokenizer
+
+
+def load_tokenizer_json(directory: str | Path) -> Tokenizer | None:
+    """The directory's ``tokenizer.json`` as a qkv ``Tokenizer``, or None when it has none."""
+    path = Path(directory) / "tokenizer.json"
+    return _load_json(path) if path.is_file() else None
 
 
 def check_fits(tokenizer: Tokenizer, vocab_size: int, directory: Path) -> Tokenizer:
@@ -99,8 +105,9 @@ def gpt2_tokenizer(directory: str | Path | None = None) -> Tokenizer:
     ``encoder.json`` + ``vocab.bpe``; with none of these (or no directory), GPT-2's original files."""
     if directory is not None:
         directory = Path(directory)
-        if (directory / "tokenizer.json").is_file():
-            return _load_json(directory / "tokenizer.json")
+        found = load_tokenizer_json(directory)
+        if found is not None:
+            return found
         for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             vocab, merges = directory / vocab_name, directory / merges_name
             if vocab.is_file() != merges.is_file():
@@ -136,8 +143,9 @@ def wordpiece(vocab: dict[str, int], *, lowercase: bool = True, strip_accents: b
 def bert_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer of a BERT directory: ``tokenizer.json``, else ``vocab.txt`` (+ ``tokenizer_config.json``)."""
     directory = Path(directory)
-    if (directory / "tokenizer.json").is_file():
-        return _load_json(directory / "tokenizer.json")
+    found = load_tokenizer_json(directory)
+    if found is not None:
+        return found
     vocab_path = directory / "vocab.txt"
     if not vocab_path.is_file():
         raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.txt; copy the model's "
