@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "printing the text as it is produced. Prompts: the argument, or stdin lines.")
     p.add_argument("prompt", nargs="?", help="the text to continue (default: read prompts from stdin, one a line)")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a qkv checkpoint or a Hugging Face GPT-2 directory")
+                   help="a qkv checkpoint, a Hugging Face GPT-2 or LLaMA directory, or a LLaMA .gguf file")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (200)")
     p.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="never stop before N new tokens")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; 1 = the model's distribution (0.8)")

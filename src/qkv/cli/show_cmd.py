@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "gives three pictures: encoder self-attention, decoder masked "
                                     "self-attention and cross-attention.")
     a.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a qkv checkpoint or a pretrained (Hugging Face GPT-2 / BERT) directory")
+                   help="a qkv checkpoint, a Hugging Face GPT-2 / BERT / LLaMA directory, or a LLaMA .gguf file")
     a.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
     a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the model's own translation)")
     a.add_argument("--layer", type=int, help="draw only this layer (negative counts from the end)")
