@@ -96,3 +96,91 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ValueError, match="is not a readable GGUF file"):
         qkv.load(bad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small GGUF files written here (gguf's GGUFWriter, fp32 tensors, llama.cpp's row order): fast checks of what the
+# reader accepts and refuses.
+# --------------------------------------------------------------------------------------------------------------
+
+TINY = dict(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, rope_theta=5000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=False)
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    return model.eval()
+
+
+def write_gguf(path, model: transformers.LlamaForCausalLM, arch: str = "llama", tokenizer_model: str = "gpt2",
+               pre: str = "smollm", extra_tensor: bool = False) -> None:
+    """The model as llama.cpp's converter would write it: GGUF names, W_Q/W_K rows in llama.cpp's order."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(5000.0)
+    bytes_ = sorted(pre_tokenizers.ByteLevel.alphabet())
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([*bytes_, "Ġt", "he", "<|end|>"])
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_types([1] * 258 + [3])
+    writer.add_eos_token_id(258)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        if name not in names:
+            i, part = name.removeprefix("model.layers.").split(".", 1)
+            part = part.removesuffix(".weight")
+            heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}
+            if part in heads:
+                tensor = llama_cpp_rows(tensor, heads[part])
+            names[name] = f"blk.{i}.{parts[part]}.weight"
+        writer.add_tensor(names[name], tensor.float().numpy())
+    if extra_tensor:
+        writer.add_tensor("blk.0.attn_q.bias", torch.zeros(c.hidden_size).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_written_gguf_gives_the_models_logits_and_its_tokenizer(tmp_path):
+    reference = tiny_llama()
+    write_gguf(tmp_path / "tiny.gguf", reference)
+    model, tokenizer = qkv.load(tmp_path / "tiny.gguf")
+    assert model.config.n_kv_heads == 2 and not model.config.tie_embeddings and model.config.eos_token_id == 258
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
+    assert tokenizer.pieces(" the 42<|end|>") == [" t", "he", " ", "4", "2", "<|end|>"]
+    assert tokenizer.decode(tokenizer.encode(" the 42<|end|>"), skip_special_tokens=False) == " the 42<|end|>"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"arch": "gpt2"}, "general.architecture='gpt2' is not supported"),
+    ({"tokenizer_model": "llama"}, "tokenizer.ggml.model='llama' is not supported"),
+    ({"pre": "qwen2"}, "tokenizer.ggml.pre='qwen2' is a text split qkv does not know"),
+    ({"extra_tensor": True}, "tensor 'blk.0.attn_q.bias' is not part of a plain LLaMA model"),
+])
+def test_what_the_reader_cannot_compute_is_named(tmp_path, options, message):
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(), **options)
+    with pytest.raises(ValueError, match=message):
+        qkv.load(tmp_path / "tiny.gguf")

@@ -113,6 +113,9 @@ def _hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dic
 
 def _hf_name(name: str, source: str) -> str:
     stem, _, kind = name.rpartition(".")
+    if kind != "weight":
+        raise ValueError(f"{source}: tensor {name!r} is not part of a plain LLaMA model (which has weights only, "
+                         "no biases); qkv does not read this architecture")
     if stem in _TOP_NAMES:
         return f"{_TOP_NAMES[stem]}.{kind}"
     block, _, part = stem.partition(".")
