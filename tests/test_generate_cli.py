@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
 
@@ -12,6 +13,7 @@ from qkv import DecoderLM, ModelConfig
 from qkv.checkpoint import save_checkpoint
 from qkv.cli import main
 from qkv.generate import generate, generate_text, stream_text
+from qkv.loading import load
 from qkv.tokenizers import Tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. "
@@ -73,6 +75,20 @@ def test_cli_streams_the_prompt_and_its_continuation(trained, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "25",
                  "the q"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_generates_with_bf16_weights(trained, tmp_path, capsys):
+    """--dtype bf16: the CLI loads the model in bf16 and prints what it generates."""
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    loaded, _ = load(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    expected = "the q" + generate_text(copy.deepcopy(model).to(torch.bfloat16), tokenizer, "the q", 25, temperature=0)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "25",
+                 "--dtype", "bf16", "the q"]) == 0
+    out = capsys.readouterr().out
+    assert out == expected + "\n"
+    assert out.startswith("the q") and len(out) > len("the q") + 20
 
 
 def test_cli_reads_prompts_from_stdin_and_seeds_sampling(trained, tmp_path, capsys, monkeypatch):

@@ -52,15 +52,16 @@ LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | torch.dev
 ]
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu") -> Loaded:
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load a qkv checkpoint (a ``step-*`` directory or a training run directory), a Hugging Face directory or a
-    GGUF file → ``Loaded(model, tokenizer)``."""
+    GGUF file → ``Loaded(model, tokenizer)``. ``dtype`` (e.g. ``torch.bfloat16``) casts the model after loading."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (e.g. one `qkv train` wrote)")
     for _, recognises, loader in LOADERS:
         if recognises(path):
-            return loader(path, device)
+            loaded = loader(path, device)
+            return loaded if dtype is None else Loaded(loaded.model.to(dtype), loaded.tokenizer)
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json and the weights "
                                  "(or a .gguf file)")

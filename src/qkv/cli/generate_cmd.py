@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (prints at the end)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0.6)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the weights' precision while generating: bf16 reads half the bytes per token (SmolLM2 on "
+                        "2 cores: 24 instead of 15 tokens/s on a CPU with bf16 instructions); fp32 (default)")
     p.set_defaults(run=run)
 
 
@@ -45,6 +48,8 @@ def _prompts(args: argparse.Namespace) -> Iterable[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from qkv.generate import GenerationConfig, generate_text, stream_text
     from qkv.loading import load
     from qkv.models import Transformer
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         stop_token_ids=None if args.stop_id is None else tuple(args.stop_id), seed=args.seed,
         num_beams=args.num_beams, length_penalty=args.length_penalty, use_cache=not args.no_cache,
     )
-    model, tokenizer = load(args.checkpoint)
+    model, tokenizer = load(args.checkpoint, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     echo = not isinstance(model, Transformer)
     out = sys.stdout
     for prompt in _prompts(args):
