@@ -193,7 +193,7 @@ class MaskedLM(Objective):
         inputs, targets = self.corrupt(batch, generator)
         device = NextToken.device(model)
         hidden = model(inputs.to(device))  # (batch, T, d_model)
-        logits = model.logits(hidden)
+        logits = getattr(model, "module", model).logits(hidden)  # the model itself under DistributedDataParallel
         targets = targets.to(device)
         return (cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing),
                 int((targets != IGNORE_INDEX).sum()))
@@ -273,9 +273,15 @@ class Trainer:
                  config: TrainConfig, out_dir: str | Path, *, objective: Objective | None = None,
                  run_info: dict | None = None, print_fn: Callable[[str], None] | None = None):
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
+        self.rank, self.world = process_rank()
         self.device = torch.device(config.device if config.device != "auto" else
                                    "cuda" if torch.cuda.is_available() else "cpu")
+        if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         self.model = model.to(self.device).train()
+        # What a training step calls: the model itself, or under torchrun its DistributedDataParallel wrapper,
+        # which all-reduces (averages) the gradients across processes during the backward pass.
+        self.replica: nn.Module = self.model if self.world == 1 else _replicate(self.model, self.device)
         self.objective = objective or OBJECTIVES[model.model_type](tokenizer, config)
         self.train_data, self.val_data = train_data, val_data
         self.val_batches = val_data.fixed(config.eval_batches)
@@ -284,7 +290,7 @@ class Trainer:
                                            betas=(config.beta1, config.beta2), eps=config.adam_eps,
                                            **adamw_kernel(self.device))
         self.run_info = dict(run_info or {})
-        self.print = print_fn or (lambda msg: print(msg, flush=True))
+        self.print = print_fn or say_once  # one process speaks, writes metrics and saves checkpoints
         self.step = 0  # optimizer steps taken
         self.elapsed = 0.0  # the trainer's clock: seconds spent in training steps and evaluations
         self.train_time = 0.0  # seconds in training steps only (for tokens/s)
@@ -331,13 +337,20 @@ class Trainer:
             group["lr"] = lr
         total, n_tokens = 0.0, 0
         for micro in range(c.grad_accum):
-            index = self.step * c.grad_accum + micro  # the data position
+            # The data position: under torchrun each process takes every world-th batch, so N processes see
+            # exactly the batches that one process would with grad_accum x N.
+            index = (self.step * c.grad_accum + micro) * self.world + self.rank
             batch = self.train_data.batch(index)
-            with self._autocast():
-                loss, _ = self.objective.loss(self.model, batch, self._generator(index))
-            (loss / c.grad_accum).backward()
+            last = micro == c.grad_accum - 1  # gradients are averaged across processes once, after the last
+            with contextlib.nullcontext() if last or self.world == 1 else self.replica.no_sync():
+                with self._autocast():
+                    loss, _ = self.objective.loss(self.replica, batch, self._generator(index))
+                (loss / c.grad_accum).backward()
             total += float(loss.detach()) / c.grad_accum
             n_tokens += self.objective.tokens_in(batch)
+        if self.world > 1:  # every process reports the mean loss over all of them, and all the tokens
+            total, n_tokens = _all_reduce([total / self.world, float(n_tokens)], "sum")
+            n_tokens = int(n_tokens)
         if c.grad_clip:
             norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
         else:
@@ -370,7 +383,7 @@ class Trainer:
         save_every = c.eval_every if c.save_every is None else c.save_every
         val_loss = float("nan")
         window_loss, window_steps = 0.0, 0
-        with self._signals(), self._progress_bar(), _MetricsLog(self.out_dir) as metrics:
+        with self._signals(), self._progress_bar(), _MetricsLog(self.out_dir, self.rank == 0) as metrics:
             while not self._done():
                 clock_before_step = self.elapsed
                 start = time.perf_counter()
@@ -378,6 +391,7 @@ class Trainer:
                 spent = time.perf_counter() - start
                 self.elapsed += spent
                 self.train_time += spent
+                self._agree()
                 self.step += 1
                 self.tokens += n_tokens
                 if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -397,6 +411,7 @@ class Trainer:
                         val_loss = self.evaluate(final=done)
                         if not done:  # evaluations during training count on the clock; the final one does not
                             self.elapsed += time.perf_counter() - start
+                            self._agree()
                         row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
                         self.history.append({"step": self.step, "elapsed_s": at, "val_loss": val_loss})
                         self._say(f"step {self.step:>6} | {self.elapsed:7.1f} s | train {row['train_loss']:.4f} | "
@@ -419,6 +434,14 @@ class Trainer:
         self._plot()
         return TrainResult(self.step, self.elapsed, val_loss, self.tokens_per_s, checkpoint, self.history)
 
+    def _agree(self) -> None:
+        """Under torchrun, every process takes the slowest clock and any stop signal, so all of them stop,
+        evaluate and save at the same step."""
+        if self.world > 1:
+            stop = -1.0 if self._stop_signal is None else float(self._stop_signal)
+            self.elapsed, stop = _all_reduce([self.elapsed, stop], "max")
+            self._stop_signal = None if stop < 0 else int(stop)
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_time if self.train_time else 0.0
@@ -438,13 +461,26 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": list(random.getstate())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.world > 1:  # each process draws its own dropout masks: keep every process's generators
+            import torch.distributed as dist
+
+            every: list = [None] * self.world
+            dist.all_gather_object(every, rng)
+            rng = {**rng, "processes": every}
         return {"step": self.step, "elapsed": self.elapsed, "train_time": self.train_time, "tokens": self.tokens,
-                "data_position": self.step * self.config.grad_accum, "optimizer": self.optimizer.state_dict(),
+                "data_position": self.step * self.config.grad_accum * self.world, "world_size": self.world,
+                "optimizer": self.optimizer.state_dict(),
                 "schedule": {"name": self.config.schedule, "lr": self.config.peak_lr,
                              "warmup_steps": self.config.warmup_steps, "progress": self.progress()},
                 "rng": rng, "train_config": asdict(self.config), "run": self.run_info, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world:
+            how = f"torchrun --nproc_per_node={saved_world} -m qkv train --resume ..." if saved_world > 1 else \
+                "qkv train --resume ... (without torchrun)"
+            raise ValueError(f"this run trained as {saved_world} process(es) and is resuming as {self.world}; which "
+                             f"batches come next depends on it, so resume it as it ran: {how}")
         self.step, self.elapsed, self.tokens = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
         self.train_time = float(state.get("train_time", self.elapsed))
         self._resumed_at = self.step
@@ -455,6 +491,7 @@ class Trainer:
             group["fused"], group["foreach"] = kernel["fused"], kernel["foreach"]
             group["betas"] = tuple(group["betas"])
         rng = state["rng"]
+        rng = rng["processes"][self.rank] if "processes" in rng else rng
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -463,9 +500,16 @@ class Trainer:
         random.setstate((version, tuple(internal), gauss))
 
     def save(self) -> Path:
-        self.last_checkpoint = save_run_checkpoint(self.out_dir, self.step, self.model, self.tokenizer,
-                                                   trainer_state=self.state_dict(),
-                                                   keep=self.config.keep_checkpoints)
+        state = self.state_dict()  # under torchrun every process takes part (its random state is gathered)
+        if self.rank == 0:
+            self.last_checkpoint = save_run_checkpoint(self.out_dir, self.step, self.model, self.tokenizer,
+                                                       trainer_state=state, keep=self.config.keep_checkpoints)
+        if self.world > 1:  # the others learn where it went once it is complete
+            import torch.distributed as dist
+
+            shared = [self.last_checkpoint]
+            dist.broadcast_object_list(shared, src=0)
+            self.last_checkpoint = shared[0]
         return self.last_checkpoint
 
     # -- interruption, progress, pictures -------------------------------------------------------------------------
@@ -491,7 +535,7 @@ class Trainer:
     @contextlib.contextmanager
     def _progress_bar(self):
         bar = None
-        if self.config.progress:
+        if self.config.progress and self.rank == 0:
             try:
                 from tqdm.auto import tqdm
 
@@ -525,10 +569,49 @@ class Trainer:
             self.print(message)
 
     def _plot(self) -> Path | None:
+        if self.rank != 0:
+            return None
         try:
             return plot_loss_curve(self.out_dir / "metrics.csv", self.out_dir / "loss.png")
         except ImportError:
             return None
+
+
+# -- several processes (torchrun) -------------------------------------------------------------------------------
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them (RANK, WORLD_SIZE); (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def say_once(message: str) -> None:
+    """Print, from the first process only when torchrun runs several."""
+    if process_rank()[0] == 0:
+        print(message, flush=True)
+
+
+def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """Join torchrun's process group (NCCL between GPUs, Gloo between CPU processes) and wrap the model in
+    DistributedDataParallel: the same weights in every process, gradients averaged during backward."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
+    """The element-wise sum or max of ``values`` over every process."""
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _numpy_state(saved: list | None = None):
@@ -543,11 +626,14 @@ def _numpy_state(saved: list | None = None):
 class _MetricsLog:
     """metrics.csv (appended to on resume) and TensorBoard event files when ``tensorboard`` is installed."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, active: bool = True):
         self.path = out_dir / "metrics.csv"
         self.out_dir = out_dir
+        self.active = active  # under torchrun only the first process writes
 
     def __enter__(self):
+        if not self.active:
+            return self
         new = not self.path.exists()
         self.file = self.path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
@@ -562,6 +648,8 @@ class _MetricsLog:
         return self
 
     def write(self, row: dict) -> None:
+        if not self.active:
+            return
         self.writer.writerow(row)
         self.file.flush()
         if self.tb is not None:
@@ -570,6 +658,8 @@ class _MetricsLog:
                     self.tb.add_scalar(key, row[key], row["step"])
 
     def __exit__(self, *exc):
+        if not self.active:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -616,7 +706,7 @@ def train(model_config: ModelConfig | None = None, config: TrainConfig | None = 
     ``model_config.vocab_size`` is the BPE vocabulary size to train; a character tokenizer sets its own. An
     ``out_dir`` that already holds a run is refused unless ``overwrite`` (its checkpoints and metrics are deleted).
     """
-    say = print_fn or (lambda msg: print(msg, flush=True))
+    say = print_fn or say_once
     config = config or TrainConfig()
     model_config = model_config or ModelConfig.preset("tiny-decoder")
     model_type = model_type or model_class_for(model_config).model_type
@@ -694,13 +784,16 @@ def fastest_cpu_settings(model_config: ModelConfig, batch_size: int, context: in
 
 
 def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a directory that holds another run, unless told to replace it."""
+    """Refuse to train into a directory that holds another run, unless told to replace it (under torchrun the
+    first process deletes it; the others wait for it when they join the process group)."""
     previous = [p for p in (out_dir / "latest", *out_dir.glob("step-*")) if p.exists()] if out_dir.is_dir() else []
     if not previous:
         return
     if not overwrite:
         raise ValueError(f"{out_dir} already holds a training run; continue it with --resume {out_dir}, "
                          "or pick another --out")
+    if process_rank()[0] != 0:
+        return
     for path in (*previous, out_dir / "metrics.csv", out_dir / "loss.png"):
         if path.is_dir():
             shutil.rmtree(path)
@@ -732,7 +825,7 @@ RESUMABLE_OPTIONS = ("max_steps", "time_budget", "eval_every", "eval_seconds", "
 def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path | None = None,
            out_dir: str | Path | None = None, print_fn: Callable[[str], None] | None = None) -> TrainResult:
     """Continue the run saved at ``path`` (a checkpoint or a run directory) exactly where it stopped."""
-    say = print_fn or (lambda msg: print(msg, flush=True))
+    say = print_fn or say_once
     overrides = dict(overrides or {})
     fixed = sorted(set(overrides) - set(RESUMABLE_OPTIONS))
     if fixed:

@@ -35,7 +35,7 @@ from .losses import IGNORE_INDEX, cross_entropy
 from .models import Transformer
 from .tasks import EOS, TASKS
 from .tokenizers import Tokenizer
-from .train import OBJECTIVES, Objective, TrainConfig, Trainer, TrainResult, _claim_out_dir
+from .train import OBJECTIVES, Objective, TrainConfig, Trainer, TrainResult, _claim_out_dir, say_once
 
 __all__ = ["PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN", "ParallelCorpus", "read_parallel", "Splits", "split_by_source",
            "references_by_source", "train_shared_bpe", "encode_pairs", "Seq2SeqBatch", "pad_batch",
@@ -505,7 +505,7 @@ def train_translation(data: str | Path, model_config: ModelConfig, config: Train
     """Train an encoder-decoder ``Transformer`` on a parallel file; ``model_config.vocab_size`` is the size of the
     shared BPE vocabulary to learn. Checkpoints (with the split's settings, for ``qkv eval --bleu``) go to
     ``out_dir``."""
-    say = print_fn or (lambda msg: print(msg, flush=True))
+    say = print_fn or say_once
     config = config or translation_train_config()
     out_dir = Path(out_dir)
     _claim_out_dir(out_dir, overwrite)
@@ -578,7 +578,7 @@ def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha:
     ``average`` scores the average of the run directory's newest ``average`` checkpoints instead."""
     from .loading import load
 
-    say = print_fn or (lambda msg: print(msg, flush=True))
+    say = print_fn or say_once
     if average:
         model, tokenizer, steps = average_checkpoints(checkpoint, average)
         say(f"averaging {len(steps)} checkpoints: {', '.join(p.name for p in steps)}")
@@ -612,7 +612,7 @@ def resume_translation(model: Transformer, tokenizer: Tokenizer, state: dict, di
                        *, data: str | Path | None = None, out_dir: str | Path | None = None,
                        print_fn=None) -> TrainResult:
     """Continue a translation run (``qkv.train.resume`` hands it over): the same split, vocabulary and batches."""
-    say = print_fn or (lambda msg: print(msg, flush=True))
+    say = print_fn or say_once
     run = state["run"]
     prepared = prepare(data if data is not None else run["data"], max_seq_len=model.config.max_seq_len,
                        max_tokens=run["max_tokens"], n_test=run["n_test"], n_valid=run["n_valid"],

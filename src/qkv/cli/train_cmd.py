@@ -143,7 +143,7 @@ def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], tra
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from qkv.train import TrainingDiverged, TrainingInterrupted, resume, train
+    from qkv.train import TrainingDiverged, TrainingInterrupted, resume, say_once, train
 
     options = collect(args)
     run_opts, model_opts, train_opts = options["run"], options["model"], options["train"]
@@ -178,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qkv train: interrupted: {err}", file=sys.stderr)
         return 130
     out = result.checkpoint.parent
-    print(f"done: step {result.step}, validation loss {result.val_loss:.4f} "
-          f"(perplexity {torch.tensor(result.val_loss).exp():.2f}) after {result.elapsed:.1f} s, "
-          f"{result.tokens_per_s:,.0f} tokens/s")
-    print(f"checkpoint {result.checkpoint}; metrics {out / 'metrics.csv'}; loss curve {out / 'loss.png'}")
+    say_once(f"done: step {result.step}, validation loss {result.val_loss:.4f} "
+             f"(perplexity {torch.tensor(result.val_loss).exp():.2f}) after {result.elapsed:.1f} s, "
+             f"{result.tokens_per_s:,.0f} tokens/s")
+    say_once(f"checkpoint {result.checkpoint}; metrics {out / 'metrics.csv'}; loss curve {out / 'loss.png'}")
     return 0

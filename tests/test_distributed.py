@@ -1,0 +1,63 @@
+"""Training under torchrun: two CPU processes (Gloo) train exactly as one process with twice the gradient
+accumulation, and a two-process run resumes exactly (each process's dropout generator included)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qkv.train import resume
+
+ARGS = ["tiny-decoder", "--batch-size", "4", "--context", "32", "--d-model", "32", "--n-heads", "2", "--d-ff", "64",
+        "--n-decoder-layers", "2", "--max-seq-len", "32", "--eval-every", "3", "--eval-batches", "2", "--seed", "1",
+        "--lr", "3e-3", "--warmup-steps", "2", "--max-steps", "6", "--no-progress"]
+
+
+def qkv_train(*args: str, processes: int = 1) -> str:
+    """``qkv train ARGS`` in a fresh process, or in ``processes`` of them under torchrun → its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    done = subprocess.run([sys.executable, *launcher, "-m", "qkv", "train", *args], capture_output=True, text=True,
+                          env=env, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "latest").read_text().strip()
+    return load_file(run_dir / latest / "model.safetensors")
+
+
+def test_two_processes_train_as_one_process_accumulating_two_batches(tmp_path):
+    two = qkv_train(*ARGS, "--dropout", "0", "--out", str(tmp_path / "two"), processes=2)
+    one = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "2", "--out", str(tmp_path / "one"))
+    assert two.count("done: step 6") == 1  # only the first process speaks
+    expected, got = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert val_losses(two) == val_losses(one) and len(val_losses(one)) == 2  # at steps 3 and 6, every digit
+
+
+def val_losses(stdout: str) -> list[str]:
+    return [line.split("| val ")[1].split()[0] for line in stdout.splitlines() if "| val " in line]
+
+
+def test_a_two_process_run_resumes_exactly_and_only_as_two_processes(tmp_path):
+    run = tmp_path / "run"
+    qkv_train(*ARGS, "--dropout", "0.1", "--keep-checkpoints", "3", "--out", str(run), processes=2)
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copytree(run / "step-000003", again / "step-000003")
+    qkv_train("--resume", str(again / "step-000003"), processes=2)
+    expected, got = weights(run), weights(again)
+    for name in expected:  # dropout masks drawn again from each process's saved generator: bit for bit
+        assert torch.equal(got[name], expected[name]), name
+    with pytest.raises(ValueError, match="trained as 2 process.* resuming as 1.*--nproc_per_node=2"):
+        resume(run / "step-000003", out_dir=tmp_path / "single")
