@@ -601,9 +601,7 @@ def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # No module here changes a buffer while training (position tables are constants), so none is re-sent per step.
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def _all_reduce(values: list[float], op: str) -> list[float]:
