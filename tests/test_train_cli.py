@@ -143,3 +143,16 @@ def test_eval_refuses_a_pickle_and_a_checkpoint_missing_files(tmp_path, capsys):
     (bad / "pytorch_model.bin").unlink()
     code, _, err = run_cli(capsys, "eval", "--checkpoint", bad)
     assert code == 2 and "missing model.safetensors, tokenizer.json" in err
+
+
+def test_tiny_seq2seq_translates_a_parallel_file_without_naming_a_vocabulary_size(tmp_path, capsys):
+    """The preset's 32 symbols suit the synthetic tasks; on a parallel file its shared BPE gets the default size."""
+    pairs = [f"the cat number {i} sleeps\tle chat numéro {i} dort" for i in range(120)]
+    data = tmp_path / "pairs.tsv"
+    data.write_text("\n".join(pairs) + "\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "train", "tiny-seq2seq", "--data", data, "--out", tmp_path / "run",
+                             "--max-steps", "2", "--test-size", "10", "--valid-size", "10", "--batch-tokens", "256",
+                             "--eval-batches", "1", "--no-progress", "--threads", "1")
+    assert code == 0, err
+    model, tokenizer = qkv.load(tmp_path / "run")
+    assert model.config.vocab_size == tokenizer.vocab_size > 256  # every byte, then merges learned from the pairs

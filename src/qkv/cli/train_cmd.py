@@ -133,6 +133,10 @@ def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], tra
     if run_opts.get("tokenizer", "bpe") != "bpe":
         raise ValueError("translation uses a shared BPE vocabulary (its size: --vocab-size); drop --tokenizer")
     model_config = ModelConfig.preset(preset, **model_opts)
+    if "vocab_size" not in model_opts and model_config.vocab_size < 1024:
+        # a preset sized for the synthetic tasks (tiny-seq2seq: 32) is too small for byte-level BPE, which needs
+        # its 256 bytes first: the shared vocabulary takes the BPE default instead, as the decoder path does
+        model_config = model_config.replace(vocab_size=1024)
     options = {"batch_tokens": "max_tokens", "test_size": "n_test", "valid_size": "n_valid",
                "split_seed": "split_seed"}
     return train_translation(run_opts["data"], model_config, translation_train_config(**train_opts),
