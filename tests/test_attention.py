@@ -208,6 +208,28 @@ def test_multi_head_attention_on_cpu_bf16_takes_the_explicit_formula_for_short_s
     assert _fused_kernel_ran({e.key for e in prof.key_averages()})
 
 
+@pytest.mark.parametrize("case", ["causal", "padding+causal", "bias"])
+def test_grouped_query_attention_shares_key_value_heads_without_copying_them(case: str) -> None:
+    """n_kv_heads < n_heads: the fused kernel shares each key/value head among its group of query heads
+    (enable_gqa, no copy of k and v, and none in the profile); it equals the explicit formula, which repeats them."""
+    torch.manual_seed(5)
+    mha = MultiHeadAttention(32, 4, n_kv_heads=2)
+    x = torch.randn(3, 6, 32)
+    kwargs: dict = {"causal": case != "bias"}
+    if case == "padding+causal":
+        kwargs["mask"] = padding_mask(torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]))
+    if case == "bias":
+        kwargs["bias"] = torch.randn(1, 4, 6, 6)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fused, _ = mha(x, **kwargs)
+    explicit, weights = mha(x, need_weights=True, **kwargs)
+    assert weights.shape == (3, 4, 6, 6)
+    assert max_err(fused, explicit) <= 1e-5
+    ops = {e.key for e in prof.key_averages()}
+    if attention.SDPA_GROUPS:
+        assert "aten::repeat_interleave" not in ops, sorted(ops)
+
+
 def test_causal_fused_path_builds_no_mask_and_uses_is_causal(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real_sdpa = F.scaled_dot_product_attention

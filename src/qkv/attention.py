@@ -152,6 +152,12 @@ def scaled_dot_product_attention(
 # (``need_weights=False`` is the fused kernel).
 CPU_BF16_EXPLICIT_MAX_KEYS = 1024
 
+# PyTorch >= 2.5 lets the fused kernel share each key/value head among a group of query heads (enable_gqa), so
+# grouped-query attention need not copy the keys and values once per query head: a decoding step of SmolLM2's
+# attention (9 query heads, 3 key/value heads) against 1,024 cached keys took 139 µs instead of 260, against
+# 4,096 keys 428 µs instead of 2,170.
+SDPA_GROUPS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and n_keys <= CPU_BF16_EXPLICIT_MAX_KEYS
@@ -159,10 +165,11 @@ def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
                dropout_p: float, need_weights: bool, bias: Tensor | None,
-               explicit: bool = False) -> tuple[Tensor, Tensor | None]:
+               explicit: bool = False, grouped: bool = False) -> tuple[Tensor, Tensor | None]:
     """:func:`scaled_dot_product_attention` without its input checks, for callers that built q, k, v
     themselves (``MultiHeadAttention``: the checks would cost a decoding step about 8%). ``explicit``: compute
-    the formula step by step even when the weights are not wanted (default: only when they are)."""
+    the formula step by step even when the weights are not wanted (default: only when they are). ``grouped``: k
+    and v hold fewer heads than q, each serving a group of query heads (the fused kernel only)."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     explicit = explicit or need_weights
@@ -184,7 +191,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: boo
         if attn_mask is not None and attn_mask.dim() < 2:  # the kernel wants (queries, keys) at least
             attn_mask = attn_mask.expand(n_queries, n_keys)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale,
+            **({"enable_gqa": True} if grouped else {}),
         )
         if mask is not None:
             out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
@@ -373,13 +381,17 @@ class MultiHeadAttention(nn.Module):
                     cache.set_static(k, v)
                 else:
                     k, v = cache.append(k, v)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each key/value head serves a group
+        explicit = _explicit_is_faster(q, k.shape[-2])
+        grouped = self.n_kv_heads != self.n_heads  # grouped-query attention: each key/value head serves a group
+        if grouped and (explicit or need_weights or not SDPA_GROUPS):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            grouped = False
         if mask is not None or bias is not None:  # q, k, v are built here; only what callers pass needs checks
-            _check_inputs(q, k, v, mask, bias)
+            every_head = k[:, :1].expand(-1, self.n_heads, -1, -1) if grouped else k  # a view, for the shapes
+            _check_inputs(q, every_head, every_head, mask, bias)
         out, weights = _attention(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
-                                  need_weights, bias, explicit=_explicit_is_faster(q, k.shape[-2]))
+                                  need_weights, bias, explicit=explicit, grouped=grouped)
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # Concat(head_1..head_h)
         return self.out(out), weights
