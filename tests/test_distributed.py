@@ -1,5 +1,6 @@
 """Training under torchrun: two CPU processes (Gloo) train exactly as one process with twice the gradient
-accumulation, and a two-process run resumes exactly (each process's dropout generator included)."""
+accumulation (the sync-after-accumulation order included), and a two-process run resumes exactly (each
+process's dropout generator included)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / latest / "model.safetensors")
 
 
-def test_two_processes_train_as_one_process_accumulating_two_batches(tmp_path):
-    two = qkv_train(*ARGS, "--dropout", "0", "--out", str(tmp_path / "two"), processes=2)
-    one = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "2", "--out", str(tmp_path / "one"))
+def test_two_processes_accumulating_two_batches_train_as_one_process_accumulating_four(tmp_path):
+    """Each process skips the gradient all-reduce on its first micro-batch (no_sync) and averages once after
+    the second; the four batches of a step are those one process would take, so the weights must agree."""
+    two = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "2", "--out", str(tmp_path / "two"), processes=2)
+    one = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "4", "--out", str(tmp_path / "one"))
     assert two.count("done: step 6") == 1  # only the first process speaks
     expected, got = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert expected.keys() == got.keys()
