@@ -1,6 +1,6 @@
-"""Training under torchrun: two CPU processes (Gloo) train exactly as one process with twice the gradient
-accumulation (the sync-after-accumulation order included), and a two-process run resumes exactly (each
-process's dropout generator included)."""
+"""Training under torchrun, data-parallel (DDP) and sharded (FSDP): two CPU processes (Gloo) train exactly as one
+process with twice the gradient accumulation (the sync-after-accumulation order included), and a two-process run
+resumes exactly (each process's dropout generator included)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,13 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / latest / "model.safetensors")
 
 
-def test_two_processes_accumulating_two_batches_train_as_one_process_accumulating_four(tmp_path):
-    """Each process skips the gradient all-reduce on its first micro-batch (no_sync) and averages once after
-    the second; the four batches of a step are those one process would take, so the weights must agree."""
-    two = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "2", "--out", str(tmp_path / "two"), processes=2)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_accumulating_two_batches_train_as_one_process_accumulating_four(tmp_path, parallel):
+    """Each process keeps its first micro-batch's gradients local (DDP's no_sync, FSDP's gradient sync off) and
+    averages once after the second; the four batches of a step are those one process would take, so the weights
+    must agree, whether every process holds the model (DDP) or a shard of it (FSDP)."""
+    two = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "2", "--parallel", parallel, "--out",
+                    str(tmp_path / "two"), processes=2)
     one = qkv_train(*ARGS, "--dropout", "0", "--grad-accum", "4", "--out", str(tmp_path / "one"))
     assert two.count("done: step 6") == 1  # only the first process speaks
     expected, got = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -52,9 +55,12 @@ def val_losses(stdout: str) -> list[str]:
     return [line.split("| val ")[1].split()[0] for line in stdout.splitlines() if "| val " in line]
 
 
-def test_a_two_process_run_resumes_exactly_and_only_as_two_processes(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_two_process_run_resumes_exactly_and_only_as_two_processes(tmp_path, parallel):
+    """FSDP's checkpoint holds the whole model and optimizer state, gathered from the shards."""
     run = tmp_path / "run"
-    qkv_train(*ARGS, "--dropout", "0.1", "--keep-checkpoints", "3", "--out", str(run), processes=2)
+    qkv_train(*ARGS, "--dropout", "0.1", "--keep-checkpoints", "3", "--parallel", parallel, "--out", str(run),
+              processes=2)
     again = tmp_path / "again"
     again.mkdir()
     shutil.copytree(run / "step-000003", again / "step-000003")

@@ -87,14 +87,17 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, *,
-                    trainer_state: dict | None = None) -> Path:
-    """Write a checkpoint directory atomically: into a temporary sibling, then renamed to ``directory``."""
+                    trainer_state: dict | None = None, weights: dict[str, Tensor] | None = None) -> Path:
+    """Write a checkpoint directory atomically: into a temporary sibling, then renamed to ``directory``.
+
+    ``weights``: the tensors to write when ``model.state_dict()`` does not hold them whole (a sharded model)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         model.config.save(tmp / CONFIG, model_type=model.model_type)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        weights = model.state_dict() if weights is None else weights
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
         tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
             meta, tensors = flatten_state(trainer_state)
@@ -115,10 +118,12 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: To
 
 
 def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer, *,
-                        trainer_state: dict | None = None, keep: int = 2) -> Path:
+                        trainer_state: dict | None = None, keep: int = 2,
+                        weights: dict[str, Tensor] | None = None) -> Path:
     """Save ``run_dir/step-NNNNNN``, point ``run_dir/latest`` at it, keep only the newest ``keep`` checkpoints."""
     run_dir = Path(run_dir)
-    path = save_checkpoint(run_dir / f"step-{step:06d}", model, tokenizer, trainer_state=trainer_state)
+    path = save_checkpoint(run_dir / f"step-{step:06d}", model, tokenizer, trainer_state=trainer_state,
+                           weights=weights)
     write_atomic(run_dir / LATEST, (path.name + "\n").encode())
     steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in steps[: max(0, len(steps) - keep)]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .blocks import RMSNorm
+from .blocks import DecoderBlock, EncoderBlock, RMSNorm
 from .checkpoint import load_checkpoint, load_trainer_state, save_run_checkpoint
 from .config import ModelConfig
 from .data import Corpus, TokenSplits, WindowBatches, load_tokens, read_corpus
@@ -72,6 +72,7 @@ class TrainConfig:
     mlm_probability: float = 0.15
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32", "bf16"
     device: str = "auto"
+    parallel: str = "ddp"  # under torchrun: "ddp" (each process holds the model) or "fsdp" (sharded across them)
     eval_every: int = 200  # steps between evaluations of the validation loss
     eval_seconds: float | None = None  # also evaluate each time the clock passes a multiple of this
     eval_batches: int = 20
@@ -86,6 +87,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "noam", "constant"):
             raise ValueError(f"schedule={self.schedule!r} is not one of cosine, noam, constant")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r} is not one of ddp, fsdp")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of auto, fp32, bf16 (fp16 is not offered: "
                              "it overflows without loss scaling; bf16 does not)")
@@ -280,8 +283,12 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         self.model = model.to(self.device).train()
         # What a training step calls: the model itself, or under torchrun its DistributedDataParallel wrapper,
-        # which all-reduces (averages) the gradients across processes during the backward pass.
-        self.replica: nn.Module = self.model if self.world == 1 else _replicate(self.model, self.device)
+        # which all-reduces (averages) the gradients across processes during the backward pass, or the model
+        # with its parameters sharded across the processes (FSDP: gathered per block for forward and backward,
+        # gradients reduce-scattered, each process updating its shard).
+        self.sharded = self.world > 1 and config.parallel == "fsdp"
+        self.replica: nn.Module = self.model if self.world == 1 else _replicate(self.model, self.device,
+                                                                                  config.parallel)
         self.objective = objective or OBJECTIVES[model.model_type](tokenizer, config)
         self.train_data, self.val_data = train_data, val_data
         self.val_batches = val_data.fixed(config.eval_batches)
@@ -342,7 +349,7 @@ class Trainer:
             index = (self.step * c.grad_accum + micro) * self.world + self.rank
             batch = self.train_data.batch(index)
             last = micro == c.grad_accum - 1  # gradients are averaged across processes once, after the last
-            with contextlib.nullcontext() if last or self.world == 1 else self.replica.no_sync():
+            with self._gradient_sync(last):
                 with self._autocast():
                     loss, _ = self.objective.loss(self.replica, batch, self._generator(index))
                 (loss / c.grad_accum).backward()
@@ -351,15 +358,18 @@ class Trainer:
         if self.world > 1:  # every process reports the mean loss over all of them, and all the tokens
             total, n_tokens = _all_reduce([total / self.world, float(n_tokens)], "sum")
             n_tokens = int(n_tokens)
-        if c.grad_clip:
-            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
+        # ||g|| over every parameter (sharded ones included); with no clipping, the bound is infinite
+        norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or math.inf))
         if math.isfinite(total) and math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm, n_tokens
+
+    def _gradient_sync(self, now: bool):
+        """Average the gradients across processes on this backward pass, or (accumulating) not yet."""
+        if self.world == 1 or now:
+            return contextlib.nullcontext()
+        return _fsdp_accumulating(self.model) if self.sharded else self.replica.no_sync()
 
     def evaluate(self, final: bool = False) -> float:
         """Mean validation loss per predicted token over the fixed evaluation batches."""
@@ -367,7 +377,10 @@ class Trainer:
         batches = self.val_batches
         if final and c.final_eval_batches not in (None, c.eval_batches):
             batches = self.val_data.fixed(c.final_eval_batches)
-        return evaluate(self.model, self.objective, batches, seed=c.seed, bf16=self.bf16)
+        loss = evaluate(self.model, self.objective, batches, seed=c.seed, bf16=self.bf16)
+        if self.sharded:  # a forward without backward leaves the root's parameters gathered: shard them again
+            self.model.reshard()
+        return loss
 
     def _evaluation_due(self, clock_before_step: float) -> bool:
         c = self.config
@@ -469,7 +482,8 @@ class Trainer:
             rng = {**rng, "processes": every}
         return {"step": self.step, "elapsed": self.elapsed, "train_time": self.train_time, "tokens": self.tokens,
                 "data_position": self.step * self.config.grad_accum * self.world, "world_size": self.world,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": _full_optimizer_state(self.model, self.optimizer) if self.sharded
+                else self.optimizer.state_dict(),
                 "schedule": {"name": self.config.schedule, "lr": self.config.peak_lr,
                              "warmup_steps": self.config.warmup_steps, "progress": self.progress()},
                 "rng": rng, "train_config": asdict(self.config), "run": self.run_info, "history": self.history}
@@ -485,7 +499,13 @@ class Trainer:
         self.train_time = float(state.get("train_time", self.elapsed))
         self._resumed_at = self.step
         self.history = list(state.get("history", []))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # every process reads the whole optimizer state and keeps its own shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         kernel = adamw_kernel(self.device)
         for group in self.optimizer.param_groups:  # the saved flags belong to the device that saved them
             group["fused"], group["foreach"] = kernel["fused"], kernel["foreach"]
@@ -501,9 +521,11 @@ class Trainer:
 
     def save(self) -> Path:
         state = self.state_dict()  # under torchrun every process takes part (its random state is gathered)
+        weights = _full_model_state(self.model) if self.sharded else None  # the shards, gathered on process 0
         if self.rank == 0:
             self.last_checkpoint = save_run_checkpoint(self.out_dir, self.step, self.model, self.tokenizer,
-                                                       trainer_state=state, keep=self.config.keep_checkpoints)
+                                                       trainer_state=state, keep=self.config.keep_checkpoints,
+                                                       weights=weights)
         if self.world > 1:  # the others learn where it went once it is complete
             import torch.distributed as dist
 
@@ -591,9 +613,10 @@ def say_once(message: str) -> None:
         print(message, flush=True)
 
 
-def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
-    """Join torchrun's process group (NCCL between GPUs, Gloo between CPU processes) and wrap the model in
-    DistributedDataParallel: the same weights in every process, gradients averaged during backward."""
+def _replicate(model: nn.Module, device: torch.device, parallel: str = "ddp") -> nn.Module:
+    """Join torchrun's process group (NCCL between GPUs, Gloo between CPU processes), then either wrap the model in
+    DistributedDataParallel (the same weights in every process, gradients averaged during backward) or shard it
+    with FSDP, one unit per block plus the rest (embeddings, final norm, output projection)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -601,7 +624,42 @@ def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if parallel == "ddp":
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ImportError(f"parallel='fsdp' needs torch >= 2.6 (fully_shard); this is torch {torch.__version__}: "
+                          "upgrade torch, or train with parallel='ddp'") from None
+    for block in [m for m in model.modules() if isinstance(m, (EncoderBlock, DecoderBlock))]:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+@contextlib.contextmanager
+def _fsdp_accumulating(model: nn.Module):
+    """FSDP's counterpart of DDP's no_sync: keep this backward pass's gradients local and unreduced."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _full_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """A sharded model's whole state dict, gathered onto process 0's CPU (the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A sharded model's whole AdamW state (keyed by parameter name), gathered onto process 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _all_reduce(values: list[float], op: str) -> list[float]:
