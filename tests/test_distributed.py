@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qkv.loading import load
 from qkv.train import resume
 
 ARGS = ["tiny-decoder", "--batch-size", "4", "--context", "32", "--d-model", "32", "--n-heads", "2", "--d-ff", "64",
@@ -70,3 +72,26 @@ def test_a_two_process_run_resumes_exactly_and_only_as_two_processes(tmp_path, p
         assert torch.equal(got[name], expected[name]), name
     with pytest.raises(ValueError, match="trained as 2 process.* resuming as 1.*--nproc_per_node=2"):
         resume(run / "step-000003", out_dir=tmp_path / "single")
+
+
+def test_sigterm_to_torchrun_stops_every_process_at_one_step_with_one_checkpoint(tmp_path):
+    """torchrun passes SIGTERM on to its workers; they agree on the step, save once, and say how to resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = tmp_path / "run"
+    endless = list(ARGS)
+    endless[endless.index("--max-steps") + 1] = "1000000"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "qkv",
+               "train", *endless, "--save-every", "0", "--out", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:  # wait until both processes are training
+        if line.startswith("step 1:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    saved = sorted(p.name for p in run.glob("step-*"))
+    assert len(saved) == 1 and (run / "latest").read_text().strip() == saved[0], (saved, err[-2000:])
+    step = int(saved[0].split("-")[1])
+    assert f"SIGTERM at step {step}: saved checkpoint" in err
+    assert "continue with `torchrun --nproc_per_node=2 -m qkv train --resume" in err
+    model, _ = load(run)  # a complete checkpoint
+    assert model.num_parameters() > 0

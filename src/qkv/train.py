@@ -304,7 +304,8 @@ class Trainer:
         self.tokens = 0
         self.last_checkpoint: Path | None = None
         self.history: list[dict] = []
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # set by the signal handler, at any moment
+        self._agreed_stop: int | None = None  # under torchrun: the stop signal every process has agreed on
         self._resumed_at = 0  # the step a resumed run started from (its first step is printed)
         self._bar = None
 
@@ -432,12 +433,14 @@ class Trainer:
                                   f"{self.tokens_per_s:,.0f} tok/s")
                     metrics.write(row)
                     self._update_bar(row["train_loss"])
-                if self._stop_signal is not None:
+                stop = self._stop_signal if self.world == 1 else self._agreed_stop
+                if stop is not None:
                     path = self.save()
-                    name = signal.Signals(self._stop_signal).name
+                    name = signal.Signals(stop).name
+                    launcher = f"torchrun --nproc_per_node={self.world} -m qkv train" if self.world > 1 else "qkv train"
                     raise TrainingInterrupted(
                         f"{name} at step {self.step}: saved checkpoint {path}; continue with "
-                        f"`qkv train --resume {path.parent}`", path)
+                        f"`{launcher} --resume {path.parent}`", path)
                 if save_every and self.step % save_every == 0 and not done:
                     self.save()
             if not self.history or self.history[-1]["step"] != self.step:
@@ -450,10 +453,10 @@ class Trainer:
     def _agree(self) -> None:
         """Under torchrun, every process takes the slowest clock and any stop signal, so all of them stop,
         evaluate and save at the same step."""
-        if self.world > 1:
+        if self.world > 1:  # a signal arriving after this call waits for the next one (then all see it)
             stop = -1.0 if self._stop_signal is None else float(self._stop_signal)
             self.elapsed, stop = _all_reduce([self.elapsed, stop], "max")
-            self._stop_signal = None if stop < 0 else int(stop)
+            self._agreed_stop = None if stop < 0 else int(stop)
 
     @property
     def tokens_per_s(self) -> float:
