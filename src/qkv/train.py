@@ -203,18 +203,25 @@ class MaskedLM(Objective):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective: Objective, batches: list, *, seed: int = 0, bf16: bool = False) -> float:
-    """Mean loss per predicted token over ``batches`` (model in eval mode; its mode is restored after)."""
+def evaluate(model: nn.Module, objective: Objective, batches: list, *, seed: int = 0, bf16: bool = False,
+             share: tuple[int, int] = (0, 1)) -> float:
+    """Mean loss per predicted token over ``batches`` (model in eval mode; its mode is restored after).
+
+    ``share=(r, N)``: under torchrun, process r of N evaluates batches r, r + N, ... and the sums are added up
+    across the processes, so the mean is the one a single process computes."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device_type = NextToken.device(model).type
-    for i, batch in enumerate(batches):
+    rank, world = share
+    for i in range(rank, len(batches), world):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = objective.loss(model, batch, torch.Generator().manual_seed(seed + i))
+            loss, n = objective.loss(model, batches[i], torch.Generator().manual_seed(seed + i))
         total += float(loss) * n
         count += n
     model.train(was_training)
+    if world > 1:
+        total, count = _all_reduce([total, float(count)], "sum")
     return total / max(count, 1)
 
 
@@ -378,9 +385,12 @@ class Trainer:
         batches = self.val_batches
         if final and c.final_eval_batches not in (None, c.eval_batches):
             batches = self.val_data.fixed(c.final_eval_batches)
+        if not self.sharded:  # each process evaluates its share of the batches
+            return evaluate(self.model, self.objective, batches, seed=c.seed, bf16=self.bf16,
+                            share=(self.rank, self.world))
+        # Under FSDP every forward is a collective, so every process evaluates every batch.
         loss = evaluate(self.model, self.objective, batches, seed=c.seed, bf16=self.bf16)
-        if self.sharded:  # a forward without backward leaves the root's parameters gathered: shard them again
-            self.model.reshard()
+        self.model.reshard()  # a forward without backward leaves the root's parameters gathered: shard them again
         return loss
 
     def _evaluation_due(self, clock_before_step: float) -> bool:
