@@ -15,7 +15,6 @@ onto qkv's like this (``Conv1D`` weights are stored (in, out), the transpose of 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,15 @@ from ..tokenizers import Tokenizer
 from .hf import (
     Rule,
     build_with_weights,
+    check_exportable,
     from_qkv_state_dict,
     layer_rules,
     load_weights,
     matches,
     model_type_of,
     read_config,
-    save_weights,
     strip_prefix,
+    write_hf_directory,
 )
 from .hf_tokenizers import check_fits, gpt2_tokenizer
 
@@ -87,13 +87,7 @@ def config_to_gpt2(config: ModelConfig) -> dict[str, Any]:
     """A qkv ``ModelConfig`` → a GPT-2 ``config.json``; an option GPT-2 cannot express is an error naming it."""
     needed = {"positional": "learned", "norm": "layernorm", "norm_position": "pre", "bias": True,
               "scale_embeddings": False, "embedding_norm": False, "n_token_types": 0, "n_encoder_layers": 0}
-    for field, value in needed.items():
-        if getattr(config, field) != value:
-            raise ValueError(f"cannot save as GPT-2: {field}={getattr(config, field)!r}, but GPT-2 has "
-                             f"{field}={value!r}; build the model with {field}={value!r} to export it")
-    if not config.use_final_norm:
-        raise ValueError("cannot save as GPT-2: final_norm=False, but GPT-2 ends with a LayerNorm (ln_f); build "
-                         "the model with final_norm=True (or None with norm_position='pre') to export it")
+    check_exportable(config, "GPT-2", needed, "a LayerNorm (ln_f)")
     if config.n_kv_heads not in (None, config.n_heads):
         raise ValueError(f"cannot save as GPT-2: n_kv_heads={config.n_kv_heads} (grouped-query attention); GPT-2 "
                          "gives every head its own keys and values: use n_kv_heads=None")
@@ -170,12 +164,6 @@ def save_gpt2(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | No
         raise TypeError(f"cannot save a {type(model).__name__} as GPT-2: GPT-2 is a decoder-only language model "
                         "(qkv.DecoderLM)")
     hf_config = config_to_gpt2(model.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = from_qkv_state_dict(model.state_dict(), gpt2_rules(model.config))
     tensors = {("lm_head.weight" if k == "lm_head.weight" else "transformer." + k): v for k, v in tensors.items()}
-    save_weights(tensors, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer.json")
-    return directory
+    return write_hf_directory(directory, hf_config, tensors, tokenizer)

@@ -36,6 +36,8 @@ __all__ = [
     "layer_rules",
     "matches",
     "model_type_of",
+    "check_exportable",
+    "write_hf_directory",
     "WEIGHT_FILES",
 ]
 
@@ -217,3 +219,28 @@ def model_type_of(config: Mapping[str, Any], directory: Path, supported: Iterabl
         raise ValueError(f"{directory / 'config.json'}: model_type={kind!r} is an architecture qkv does not "
                          f"support; qkv reads Hugging Face model_type {' or '.join(map(repr, supported))}")
     return kind
+
+
+def check_exportable(config: Any, architecture: str, needed: Mapping[str, Any], ending: str) -> None:
+    """Refuse, naming the field, a config with an option ``architecture`` cannot express: each of ``needed`` must
+    hold, and the model must end with a final norm (``ending`` says which one the architecture has)."""
+    for field, value in needed.items():
+        if getattr(config, field) != value:
+            raise ValueError(f"cannot save as {architecture}: {field}={getattr(config, field)!r}, but {architecture} "
+                             f"has {field}={value!r}; build the model with {field}={value!r} to export it")
+    if not config.use_final_norm:
+        raise ValueError(f"cannot save as {architecture}: final_norm=False, but {architecture} ends with {ending}; "
+                         "build the model with final_norm=True (or None with norm_position='pre') to export it")
+
+
+def write_hf_directory(directory: str | Path, hf_config: Mapping[str, Any], tensors: Mapping[str, Tensor],
+                       tokenizer: Any = None) -> Path:
+    """What ``from_pretrained(DIR)`` reads: ``config.json``, ``model.safetensors`` and, given a tokenizer, its
+    ``tokenizer.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+    return directory

@@ -21,7 +21,6 @@ naming the field, never silently different numbers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,14 @@ from ..tokenizers import Tokenizer
 from .hf import (
     Rule,
     build_with_weights,
+    check_exportable,
     from_qkv_state_dict,
     layer_rules,
     load_weights,
     matches,
     model_type_of,
     read_config,
-    save_weights,
+    write_hf_directory,
 )
 from .hf_tokenizers import check_fits, load_tokenizer_json
 
@@ -102,13 +102,7 @@ def config_to_llama(config: ModelConfig) -> dict[str, Any]:
     needed = {"positional": "rope", "norm": "rmsnorm", "norm_position": "pre", "activation": "swiglu",
               "bias": False, "scale_embeddings": False, "embedding_norm": False, "n_token_types": 0,
               "n_encoder_layers": 0}
-    for field, value in needed.items():
-        if getattr(config, field) != value:
-            raise ValueError(f"cannot save as LLaMA: {field}={getattr(config, field)!r}, but LLaMA has "
-                             f"{field}={value!r}; build the model with {field}={value!r} to export it")
-    if not config.use_final_norm:
-        raise ValueError("cannot save as LLaMA: final_norm=False, but LLaMA ends with an RMSNorm (model.norm); "
-                         "build the model with final_norm=True to export it")
+    check_exportable(config, "LLaMA", needed, "an RMSNorm (model.norm)")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
@@ -175,11 +169,6 @@ def save_llama(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | N
     if not isinstance(model, DecoderLM):
         raise TypeError(f"cannot save a {type(model).__name__} as LLaMA: LLaMA is a decoder-only language model "
                         "(qkv.DecoderLM)")
-    hf_config = config_to_llama(model.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_weights(from_qkv_state_dict(model.state_dict(), llama_rules(model.config)), directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer.json")
-    return directory
+    hf_config = config_to_llama(model.config)  # refuses what LLaMA cannot express before anything is written
+    tensors = from_qkv_state_dict(model.state_dict(), llama_rules(model.config))
+    return write_hf_directory(directory, hf_config, tensors, tokenizer)
