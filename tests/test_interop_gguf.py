@@ -12,7 +12,6 @@ import torch
 import transformers
 
 import qkv
-from qkv.generate import generate, generate_text
 from qkv.interop.gguf import rotate_half_rows, smollm2_gguf
 
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -65,13 +64,19 @@ def test_smollm2_logits_equal_transformers_reading_the_same_file(smollm2, refere
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def test_smollm2_answers_greedily_with_transformers_tokens(smollm2, reference):
+def test_smollm2_greedy_answer_is_paris_as_in_transformers(smollm2, reference):
+    """Greedy decoding answers "The capital of France is Paris." and stops: each answer token (and the end token)
+    is the most likely one after the tokens before it, for qkv and for transformers alike. Checked in one forward
+    pass over prompt + answer (no 135M-parameter generation inside `make test`, CONVENTIONS; decoding with the
+    cache equals this forward pass: tests/test_interop_llama.py, tests/test_generate.py)."""
     model, tokenizer = smollm2
     hf_model, _ = reference
-    assert generate_text(model, tokenizer, CHAT, 20, temperature=0) == "The capital of France is Paris."
-    ids = torch.tensor([tokenizer.encode(CHAT)])
-    expected = hf_model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)
-    assert generate(model, ids, 12, temperature=0, stop_token_ids=()).tolist() == expected.tolist()
+    prompt = tokenizer.encode(CHAT)
+    answer = tokenizer.encode("The capital of France is Paris.") + [model.config.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        ours, theirs = model(ids)[0, len(prompt) - 1 : -1], hf_model(ids).logits[0, len(prompt) - 1 : -1]
+    assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist() == answer
 
 
 def llama_cpp_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
