@@ -17,6 +17,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "causal_mask",
     "padding_mask",
+    "check_mask",
     "to_torch_mha_mask",
     "MultiHeadAttention",
     "KVCache",
@@ -40,15 +41,43 @@ def causal_mask(n_queries: int, n_keys: int | None = None, *, device: torch.devi
     return k <= q + (n_keys - n_queries)
 
 
+def check_mask(mask: Tensor, name: str = "mask") -> Tensor:
+    """A mask as qkv reads it: boolean, True = may attend (a real token). → the boolean mask.
+
+    Accepted: a bool tensor, or an integer tensor of 1/0 (Hugging Face's ``attention_mask``), converted here.
+    Refused: every float mask. Float masks follow two opposite conventions (PyTorch's and Hugging Face's
+    *additive* masks hold 0 = keep and -inf or -10000 = masked; others hold 1.0 = keep), so reading one as
+    ``mask != 0`` silently inverts the first kind; the caller must say which it holds.
+
+    Raises TypeError (not a tensor, or a float or complex dtype) and ValueError (an integer mask holding values
+    other than 0 and 1).
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool, True = may attend), got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(
+            f"{name} has dtype {mask.dtype}; qkv masks are bool, True = may attend (a real token), or integer "
+            "1/0: float masks are not accepted, convert an additive one (0 = keep, -inf = masked) with "
+            "`mask == 0` and a 1.0/0.0 one with `mask.bool()`"
+        )
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} holds integers other than 0 and 1; pass 1 (or True) at real tokens and 0 "
+                         "(or False) at padding")
+    return mask != 0  # Hugging Face's 1/0 integers
+
+
 def padding_mask(attention_mask: Tensor) -> Tensor:
-    """(batch, keys) with True at real tokens → (batch, 1, 1, keys), broadcastable over heads and queries."""
+    """(batch, keys) with True at real tokens → (batch, 1, 1, keys), broadcastable over heads and queries.
+
+    Integer 1/0 masks convert; float masks are refused (see :func:`check_mask`)."""
+    attention_mask = check_mask(attention_mask, "attention_mask")
     if attention_mask.dim() != 2:
         raise ValueError(
             f"attention_mask must have shape (batch, seq), got {tuple(attention_mask.shape)}; "
             "pass True at real tokens and False at padding"
         )
-    if attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask != 0  # Hugging Face style 1/0 masks convert here
     return attention_mask[:, None, None, :]
 
 
@@ -75,7 +104,8 @@ def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """Raise on inputs the formula cannot take; → the mask as a bool tensor (or None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -97,11 +127,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Te
                          "(batch, heads) dimensions")
     scores_shape = (*batch, q.shape[-2], k.shape[-2])
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
-                "for additive float scores pass bias=..."
-            )
+        mask = check_mask(mask)
         if _broadcast(mask.shape, scores_shape) is None:
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
@@ -111,6 +137,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Te
         raise ValueError(
             f"bias of shape {tuple(bias.shape)} does not broadcast to the attention scores {scores_shape}"
         )
+    return mask
 
 
 def scaled_dot_product_attention(
@@ -141,7 +168,7 @@ def scaled_dot_product_attention(
     does the work and the weights are not returned; otherwise the formula is computed explicitly and the weights
     (before dropout) come back too. A query that may attend to no key at all gets an output of zeros.
     """
-    _check_inputs(q, k, v, mask, bias)
+    mask = _check_inputs(q, k, v, mask, bias)
     return _attention(q, k, v, mask, causal, scale, dropout_p, need_weights, bias)
 
 
@@ -389,7 +416,7 @@ class MultiHeadAttention(nn.Module):
             grouped = False
         if mask is not None or bias is not None:  # q, k, v are built here; only what callers pass needs checks
             every_head = k[:, :1].expand(-1, self.n_heads, -1, -1) if grouped else k  # a view, for the shapes
-            _check_inputs(q, every_head, every_head, mask, bias)
+            mask = _check_inputs(q, every_head, every_head, mask, bias)
         out, weights = _attention(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
                                   need_weights, bias, explicit=explicit, grouped=grouped)
         b, _, t, _ = out.shape

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import FORMAT_VERSION, ModelConfig
-from .models import build_model
+from .models import build_model, check_finite_weights
 from .tokenizers import Tokenizer
 
 __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PICKLE_SUFFIXES", "save_checkpoint",
@@ -189,13 +189,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{directory} was written by a newer qkv (format_version {data['format_version']} > "
                          f"{FORMAT_VERSION}); upgrade qkv to load it")
-    config = ModelConfig.from_dict(data)
+    config = ModelConfig.from_dict(data, source=directory / CONFIG)
     model = build_model(config, data.get("model_type")).to(device)
     try:
         weights = load_file(str(directory / WEIGHTS), device=str(device))
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{directory / WEIGHTS} is not a readable safetensors file ({err}); "
                          "the checkpoint is damaged: use an earlier one") from None
+    check_finite_weights(weights, directory / WEIGHTS)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:

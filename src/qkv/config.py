@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -55,16 +59,19 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # first the types, so that the checks below compare numbers with numbers
+            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+
         def positive(name: str) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
 
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_seq_len"):
             positive(name)
         for name in ("n_encoder_layers", "n_decoder_layers", "n_token_types"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise ValueError(f"{name}={value!r} must be a non-negative integer")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
@@ -89,8 +96,12 @@ class ModelConfig:
             raise ValueError(f"positional='sinusoidal' pairs sin/cos dimensions: d_model={self.d_model} must be even")
         if self.positional == "rope" and self.d_k % 2:
             raise ValueError(f"positional='rope' rotates pairs of dimensions: d_k={self.d_k} must be even")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be positive")
+        if not 0 < self.layer_norm_eps < math.inf:
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be a positive finite number (e.g. 1e-5)")
+        if not 0 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base={self.rope_base} must be a positive finite number (e.g. 10000.0)")
+        if not 0 <= self.init_std < math.inf:
+            raise ValueError(f"init_std={self.init_std} must be a finite number >= 0 (e.g. 0.02)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -125,16 +136,26 @@ class ModelConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from a mapping; an unknown key is an error that names the closest field."""
+    def from_dict(cls, values: dict[str, Any], *, source: str | Path | None = None) -> ModelConfig:
+        """Build from a mapping; an unknown key is an error that names the closest field.
+
+        ``source`` (the file the values were read from) is named in every error: a value of the wrong type
+        (TypeError) or out of range (ValueError).
+        """
         values = {k: v for k, v in values.items() if k not in ("format", "format_version", "model_type")}
         known = cls.field_names()
+        where = "" if source is None else f"{source}: "
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
-                raise ValueError(f"unknown ModelConfig field {key!r}{hint}")
-        return cls(**values)
+                raise ValueError(f"{where}unknown ModelConfig field {key!r}{hint}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            if source is None:
+                raise
+            raise type(err)(f"{where}{err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,7 +171,38 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config.json that ``save`` wrote; errors name the file and the field."""
+        return cls.from_dict(json.loads(Path(path).read_text()), source=path)
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each field's annotation, resolved (``int | None`` → a union of int and NoneType)."""
+    return typing.get_type_hints(ModelConfig)
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Raise TypeError unless ``value`` is of the field's annotated type.
+
+    Strict where Python is lax: a bool must be a real bool (the string "false" is truthy and would read as True),
+    an int a real int (not True, not "2"); a float field takes ints (JSON writes 10000.0 as 10000) but not bools
+    or strings.
+    """
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if kind is str and isinstance(value, str):
+            return
+    expected = " or ".join({type(None): "null", bool: "a bool (true/false)", int: "an integer",
+                            float: "a number", str: "a string"}[k] for k in allowed)
+    raise TypeError(f"ModelConfig field {name}={value!r} must be {expected}, got {type(value).__name__}")
 
 
 _VASWANI = dict(

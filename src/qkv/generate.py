@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .attention import padding_mask
+from .attention import check_mask, padding_mask
 from .models import DecoderLM, Transformer
 
 __all__ = [
@@ -375,7 +375,7 @@ def _prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig
             shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"attention_mask must have the shape of ids {tuple(ids.shape)}, got {shape} "
                              "(True at real tokens)")
-        mask = mask.to(device=ids.device, dtype=torch.bool)
+        mask = check_mask(mask, "attention_mask").to(ids.device)  # bool or 1/0; float masks refused
         if bool(mask.all()):
             mask = None  # nothing is padding: the fast path needs no mask at all
     empty = ids.shape[1] == 0 or (mask is not None and not bool(mask.any(-1).all()))

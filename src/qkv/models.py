@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, padding_mask
+from .attention import KVCache, check_mask, padding_mask
 from .blocks import DecoderBlock, EncoderBlock, Stack, make_norm
 from .config import ModelConfig
 from .positions import PositionalEncoding, build_positional
 
 __all__ = ["Embeddings", "positional_encoding", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES",
-           "model_class_for", "build_model", "parameter_counts"]
+           "model_class_for", "build_model", "parameter_counts", "check_finite_weights"]
 
 
 def positional_encoding(config: ModelConfig) -> PositionalEncoding:
@@ -107,6 +109,7 @@ class _Model(nn.Module):
     def _key_mask(attention_mask: Tensor | None, batch: int, n_keys: int, name: str) -> Tensor | None:
         if attention_mask is None:
             return None
+        attention_mask = check_mask(attention_mask, name)  # bool or 1/0 integers; float masks are refused
         if attention_mask.shape != (batch, n_keys):
             raise ValueError(f"{name} must have shape (batch, keys) = {(batch, n_keys)}, got "
                              f"{tuple(attention_mask.shape)} (True at real tokens, False at padding)")
@@ -330,3 +333,17 @@ def parameter_counts(model: nn.Module) -> OrderedDict[str, int]:
             group = parts[0]
         counts[group] = counts.get(group, 0) + p.numel()
     return counts
+
+
+def check_finite_weights(weights: Mapping[str, Tensor], source: str | Path) -> None:
+    """Refuse weights that hold NaN or ±inf: such a model generates nothing useful and its loss is nan.
+
+    Every loader passes the tensors it read through here (``qkv.checkpoint.load_checkpoint`` and the Hugging
+    Face / GGUF path, ``qkv.interop.hf.build_with_weights``). Raises ValueError naming the tensors and ``source``.
+    """
+    bad = [name for name, t in weights.items()
+           if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{source} holds non-finite weights (NaN or inf) in {shown}; the model is broken "
+                         "(a diverged run?): load an earlier checkpoint")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import Embeddings, positional_encoding
+from ..models import Embeddings, check_finite_weights, positional_encoding
 
 __all__ = [
     "Rule",
@@ -190,6 +190,7 @@ def build_with_weights(model_class: Callable[[Any], nn.Module], config: Any,
         model = model_class(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = to_qkv_state_dict(weights, rules, expected, ignore=ignore, source=source, dtype=dtype)
+    check_finite_weights(state, source)
     model.load_state_dict(state, strict=True, assign=True)
     for module in model.modules():  # position tables (RoPE's cos/sin, ...) are computed, not stored: compute them
         if isinstance(module, Embeddings) and any(b.is_meta for b in module.positional.buffers()):
