@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ import torch
 from qkv import ModelConfig
 from qkv.generate import generate_text
 from qkv.models import build_model
+from qkv.serve import Explorer, make_server
 from qkv.tokenizers import Tokenizer
 from qkv.viz import attention_maps
-from qkv.viz.server import Explorer, make_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -70,13 +71,10 @@ class PacedExplorer(Explorer):
 
 
 @pytest.fixture(scope="module")
-def page_url(model_and_tokenizer):
-    server = make_server(PacedExplorer(*model_and_tokenizer, max_new_tokens=40))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}/"
-    server.shutdown()
-    server.server_close()
+def served(model_and_tokenizer):
+    """The explorer on a loopback port, with a random token; ``server.url`` is the page with the token."""
+    with make_server(PacedExplorer(*model_and_tokenizer, max_new_tokens=40)) as server:
+        yield server
 
 
 def expected_lines(maps: torch.Tensor, layer: int, heads: set[int]) -> set[tuple[int, int, int]]:
@@ -91,9 +89,10 @@ def drawn_lines(page) -> set[tuple[int, int, int]]:
     return {tuple(x) for x in found}
 
 
-def test_explorer_in_a_real_browser(page_url, model_and_tokenizer):
+def test_explorer_in_a_real_browser(served, model_and_tokenizer):
     sync_playwright = _browser_or_skip()
     model, tokenizer = model_and_tokenizer
+    page_url = served.url.split("?")[0]
     # the numbers the page receives: the model's maps rounded for JSON, so a weight at the threshold is decided alike
     maps = torch.tensor(attention_maps(model, tokenizer, SENTENCE).to_dict()["maps"]["decoder_self"])
     n_layers, n_heads = maps.shape[:2]
@@ -108,7 +107,13 @@ def test_explorer_in_a_real_browser(page_url, model_and_tokenizer):
             external: list[str] = []
             page.on("request", lambda req: None if req.url.startswith(page_url) or req.url.startswith("data:")
                     else external.append(req.url))
-            page.goto(page_url)
+            # without its token the page only asks for it; typed in, it is the page's URL, as qkv serve prints it
+            assert page.goto(page_url).status == 401
+            assert page.locator("#show").count() == 0 and "no model" not in page.content()
+            page.fill("#token", served.api_key)
+            page.click("#token-form button")
+            page.wait_for_selector("#show")
+            assert page.url == served.url and parse_qs(urlparse(page.url).query)["token"] == [served.api_key]
 
             # type a sentence: one line per (query, key, visible head) above the threshold
             page.fill("#text", SENTENCE)

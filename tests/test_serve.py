@@ -1,30 +1,38 @@
-"""The explorer's HTTP API: the numbers it sends are the model's, bad requests get a 4xx and a message, generated
-text streams one event per token, and the page it serves fetches nothing from elsewhere."""
+"""The explorer's HTTP API over plain HTTP against a real server on a loopback port: the numbers it sends are the
+model's, bad requests get a 4xx and a message, generated text streams one event per token, the page it serves fetches
+nothing from elsewhere; and it trusts no web page (a token on every API call, a Host allow-list against DNS
+rebinding, no cross-site Origin, JSON-only POSTs, no directory listing, malformed requests answered 400)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
-import threading
+import socket
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from importlib import resources
 from urllib.parse import urlencode
 
 import numpy as np
 import pytest
 import torch
+from fastapi import APIRouter, Depends
 
 from qkv import ModelConfig
 from qkv.checkpoint import save_checkpoint
 from qkv.explain import explain_head
 from qkv.generate import generate_text
 from qkv.models import build_model
+from qkv.serve import STATIC_FILES, Explorer, make_server, require_token
 from qkv.tokenizers import Tokenizer
 from qkv.viz import attention_maps
-from qkv.viz.server import STATIC_FILES, Explorer, make_server
 
 TEXT = "the cat sat on the mat"
+KEY = "test-key-0123456789"
 
 
 def tiny(preset: str = "tiny-decoder"):
@@ -33,33 +41,47 @@ def tiny(preset: str = "tiny-decoder"):
     return build_model(ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size)).eval(), tokenizer
 
 
+@contextmanager
+def running(explorer: Explorer, **kwargs):
+    """The explorer served by uvicorn from a thread on a free loopback port, with the token KEY."""
+    with make_server(explorer, api_key=KEY, **kwargs) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def served():
     model, tokenizer = tiny()
-    explorer = Explorer(model, tokenizer, max_new_tokens=30, max_text_chars=100)
-    server = make_server(explorer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, model, tokenizer
-    server.shutdown()
-    server.server_close()
+    with running(Explorer(model, tokenizer, max_new_tokens=30, max_text_chars=100)) as server:
+        yield server, model, tokenizer
 
 
-def request(server, method: str, path: str, body=None, raw: bytes | None = None):
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
+def call(server, method: str, path: str, body=None, raw: bytes | None = None, *, token: str | None = KEY,
+         headers: dict[str, str] | None = None):
+    """(status, JSON or bytes, headers): one request on its own connection. A body goes as application/json and
+    the token as Authorization: Bearer unless ``headers`` say otherwise."""
+    conn = http.client.HTTPConnection(*server.server_address, timeout=30)
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    head = {"Content-Type": "application/json"} if data is not None else {}
+    if token is not None:
+        head["Authorization"] = f"Bearer {token}"
+    head.update(headers or {})
+    conn.request(method, path, body=data, headers=head)
     response = conn.getresponse()
     payload = response.read()
     conn.close()
     kind = response.getheader("Content-Type", "")
-    return response.status, json.loads(payload) if kind.startswith("application/json") else payload
+    return response.status, json.loads(payload) if kind.startswith("application/json") else payload, response.msg
+
+
+def request(server, method: str, path: str, body=None, raw: bytes | None = None, **kwargs):
+    """(status, JSON or bytes)."""
+    return call(server, method, path, body, raw, **kwargs)[:2]
 
 
 def test_binds_loopback_by_default(served):
     server, *_ = served
     assert server.server_address[0] == "127.0.0.1"
+    assert server.url == f"http://127.0.0.1:{server.server_address[1]}/?token={KEY}"
 
 
 def test_attention_answer_is_the_models_maps(served):
@@ -106,26 +128,18 @@ def test_bad_requests_get_4xx_and_a_message(served, path, body, status, message)
 
 def test_text_longer_than_the_context_is_refused():
     model, tokenizer = tiny()
-    server = make_server(Explorer(model, tokenizer, max_text_chars=10_000))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(Explorer(model, tokenizer, max_text_chars=10_000)) as server:
         status, data = request(server, "POST", "/api/attention", {"text": "the cat " * 20})
         assert status == 400 and "160 tokens but the model's context holds 128" in data["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_explorer_caps_the_tokens_it_draws():
     model, tokenizer = tiny()
-    server = make_server(Explorer(model, tokenizer, max_tokens=10))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(Explorer(model, tokenizer, max_drawn_tokens=10)) as server:
+        status, info = request(server, "GET", "/api/info")
+        assert info["max_drawn_tokens"] == 10 and "max_tokens" not in info  # not OpenAI's max_tokens
         status, data = request(server, "POST", "/api/attention", {"text": "the cat sat"})
         assert status == 413 and "11 tokens; the explorer draws at most 10" in data["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_malformed_json_is_a_400(served):
@@ -136,10 +150,9 @@ def test_malformed_json_is_a_400(served):
 
 def read_events(server, query: dict) -> tuple[int, list[tuple[str, dict, float]]]:
     """(status, [(event name, data, seconds since the request)]) read from the raw stream as it arrives."""
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn = http.client.HTTPConnection(*server.server_address, timeout=30)
     start = time.perf_counter()
-    conn.request("GET", "/api/generate?" + urlencode(query))
+    conn.request("GET", "/api/generate?" + urlencode(query), headers={"Authorization": f"Bearer {KEY}"})
     response = conn.getresponse()
     if response.status != 200:
         return response.status, [("error", json.loads(response.read()), 0.0)]
@@ -185,22 +198,15 @@ def test_bad_generation_requests_get_4xx_before_the_stream(served, query, status
 
 def test_prompt_plus_new_tokens_must_fit_the_context():
     model, tokenizer = tiny()
-    server = make_server(Explorer(model, tokenizer, max_new_tokens=200, max_text_chars=1000))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(Explorer(model, tokenizer, max_new_tokens=200, max_text_chars=1000)) as server:
         got, events = read_events(server, {"text": "the cat " * 15, "max_new_tokens": 20})
         assert got == 400 and "at most 8 new tokens fit" in events[0][1]["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_loading_a_checkpoint_switches_the_model(tmp_path):
     model, tokenizer = tiny("tiny-encoder")
     save_checkpoint(tmp_path / "enc", model, tokenizer)
-    server = make_server(Explorer(search_root=tmp_path))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(Explorer(search_root=tmp_path)) as server:
         status, info = request(server, "GET", "/api/info")
         assert status == 200 and not info["loaded"] and info["checkpoints"] == [str(tmp_path / "enc")]
         status, data = request(server, "POST", "/api/attention", {"text": TEXT})
@@ -211,14 +217,11 @@ def test_loading_a_checkpoint_switches_the_model(tmp_path):
         assert status == 200 and data["kinds"] == ["encoder"]
         got, events = read_events(server, {"text": "the cat", "max_new_tokens": 3})
         assert got == 409 and "does not continue text" in events[0][1]["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_page_is_served_by_qkv_and_fetches_nothing_from_elsewhere(served):
     server, *_ = served
-    status, page = request(server, "GET", "/")
+    status, page = request(server, "GET", f"/?token={KEY}")
     assert status == 200 and b"/static/app.js" in page and b"/static/style.css" in page
     for name in STATIC_FILES:
         status, body = request(server, "GET", f"/static/{name}")
@@ -231,35 +234,236 @@ def test_page_is_served_by_qkv_and_fetches_nothing_from_elsewhere(served):
     assert status == 404
 
 
-def test_qkv_serve_command_binds_loopback_and_serves_the_checkpoint(tmp_path):
-    import subprocess
-    import sys
+# ---------------------------------------------------------------------------------------------------------------
+# The server trusts no web page
+# ---------------------------------------------------------------------------------------------------------------
 
+API_CALLS = [
+    ("GET", "/api/info", None),
+    ("POST", "/api/attention", {"text": TEXT}),
+    ("POST", "/api/explain", {"text": TEXT, "layer": 0, "head": 0, "token": 0}),
+    ("POST", "/api/load", {"checkpoint": "/"}),
+    ("GET", "/api/generate?text=the+cat&max_new_tokens=3", None),
+    ("POST", "/api/nothing", {}),
+]
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Token {KEY}", f"Basic {KEY}", "Bearer "])
+def test_every_api_call_needs_the_token(served, authorization):
+    server, *_ = served
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for method, path, body in API_CALLS:
+        status, data, head = call(server, method, path, body, token=None, headers=headers)
+        assert status == 401 and "token" in data["error"] and head["WWW-Authenticate"] == "Bearer", path
+    status, info = request(server, "GET", "/api/info")
+    assert status == 200 and info["source"] == "in-process model"  # /api/load was never run
+
+
+def test_the_page_needs_the_token_in_its_url_and_its_files_do_not(served):
+    server, *_ = served
+    for path in ("/", "/index.html", "/?token=wrong", f"/?token={KEY}x"):
+        status, page = request(server, "GET", path, token=None)
+        assert status == 401 and b'name="token"' in page and b"app.js" not in page  # a form asking for it
+    status, page = request(server, "GET", f"/?token={KEY}", token=None)
+    assert status == 200 and b"/static/app.js" in page
+    status, script = request(server, "GET", "/static/app.js", token=None)
+    assert status == 200 and b"Authorization: `Bearer ${TOKEN}`" in script
+
+
+def test_a_random_token_by_default_in_the_printed_url():
+    model, tokenizer = tiny()
+    servers = [make_server(Explorer(model, tokenizer)) for _ in range(2)]
+    try:
+        tokens = [s.api_key for s in servers]
+        assert all(re.fullmatch(r"[0-9a-f]{48}", t) for t in tokens) and tokens[0] != tokens[1]
+        assert servers[0].url.endswith(f"/?token={tokens[0]}")
+    finally:
+        for s in servers:
+            s.server_close()
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example:{port}",
+                                  "localhost.evil.example", "[::2]:{port}", "", "local host"])
+def test_a_host_not_on_the_allow_list_is_refused(served, host):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    server, *_ = served
+    host = host.format(port=server.server_address[1])
+    for path in ("/api/info", f"/?token={KEY}", "/static/app.js"):
+        status, data = request(server, "GET", path, headers={"Host": host})
+        assert status == 403 and "--allowed-hosts" in data["error"], (host, path)
+
+
+@pytest.mark.parametrize("host", ["localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "LOCALHOST", "127.0.0.1"])
+def test_loopback_hosts_are_allowed(served, host):
+    server, *_ = served
+    status, info = request(server, "GET", "/api/info", headers={"Host": host.format(port=server.server_address[1])})
+    assert status == 200 and info["loaded"]
+
+
+def test_allowed_hosts_extend_the_list():
+    model, tokenizer = tiny()
+    with running(Explorer(model, tokenizer), allowed_hosts=["Box.lan", "192.168.1.20"]) as server:
+        port = server.server_address[1]
+        for host in (f"box.lan:{port}", f"192.168.1.20:{port}", f"localhost:{port}"):
+            assert request(server, "GET", "/api/info", headers={"Host": host})[0] == 200
+        assert request(server, "GET", "/api/info", headers={"Host": f"other.lan:{port}"})[0] == 403
+    for bad in ("*", "", "http://box.lan/"):
+        with pytest.raises(ValueError, match="is not a host name"):
+            make_server(Explorer(model, tokenizer), allowed_hosts=[bad])
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost:{port}",
+                                    "http://127.0.0.1:1", "file://", "http://127.0.0.1:{port}.evil.example"])
+def test_a_cross_site_origin_is_refused(served, origin):
+    server, *_ = served
+    origin = origin.format(port=server.server_address[1])
+    for method, path, body in API_CALLS:
+        status, data = request(server, method, path, body, headers={"Origin": origin})
+        assert status == 403 and "may not call this explorer" in data["error"], (origin, path)
+    status, info = request(server, "GET", "/api/info")
+    assert info["source"] == "in-process model"
+
+
+def test_same_origin_and_no_origin_requests_with_the_token_pass(served):
+    server, model, tokenizer = served
+    port = server.server_address[1]
+    for headers in ({"Origin": f"http://127.0.0.1:{port}"}, {}, {"Origin": f"http://localhost:{port}",
+                                                                 "Host": f"localhost:{port}"}):
+        status, data = request(server, "POST", "/api/attention", {"text": TEXT}, headers=headers)
+        assert status == 200 and data["labels"]["decoder_self"]["queries"] == tokenizer.pieces(TEXT)
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+                                  "", "application/jsonx", "text/json"])
+def test_posts_must_be_sent_as_json(served, kind):
+    """A page may send a "simple" cross-site POST (text/plain, form) without a CORS preflight: refused."""
+    server, *_ = served
+    status, data = request(server, "POST", "/api/attention", {"text": TEXT}, headers={"Content-Type": kind})
+    assert status == 415 and "Content-Type: application/json" in data["error"]
+    status, _ = request(server, "POST", "/api/attention", {"text": TEXT},
+                        headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert status == 200
+
+
+def test_the_cross_site_load_request_is_refused(served):
+    """``curl -X POST -H 'Content-Type: text/plain' --data '{"checkpoint": "/"}' http://127.0.0.1:PORT/api/load``,
+    the request any page could send, is refused: without the token (401), from another site's page (403), and as
+    text/plain even with the token (415). The model stays the one loaded."""
+    server, *_ = served
+    plain = {"Content-Type": "text/plain"}
+    raw = b'{"checkpoint": "/"}'
+    assert request(server, "POST", "/api/load", raw=raw, token=None, headers=plain)[0] == 401
+    assert request(server, "POST", "/api/load", raw=raw, token=None,
+                   headers={**plain, "Origin": "http://evil.example"})[0] == 403
+    assert request(server, "POST", "/api/load", raw=raw, headers=plain)[0] == 415
+    status, info = request(server, "GET", "/api/info")
+    assert info["source"] == "in-process model"
+
+
+def test_loading_a_directory_that_is_no_checkpoint_names_none_of_its_files(served, tmp_path):
+    server, *_ = served
+    names = ["private-notes.txt", "pytorch_model.bin", "id_ed25519", "config.yaml"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "photos").mkdir()
+    for path in (tmp_path, tmp_path / "private-notes.txt"):
+        status, data = request(server, "POST", "/api/load", {"checkpoint": str(path)})
+        assert status == 400 and "is not a checkpoint qkv can load" in data["error"]
+        assert not any(name in data["error"].replace(str(path), "") for name in [*names, "photos"]), data["error"]
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3", "12, 13", "0x10"])
+def test_a_malformed_content_length_is_a_400_and_does_not_desync(served, length):
+    """The bytes after a bad Content-Length must not be read as a second request on the same connection, and the
+    server must go on answering."""
+    server, *_ = served
+    host, port = server.server_address
+    smuggled = f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+    head = (f"POST /api/load HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall((head + smuggled).encode())
+        answer = read_until_closed(sock)  # the server closes the connection: no hang, no second answer
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    status, info = request(server, "GET", "/api/info")
+    assert status == 200 and info["source"] == "in-process model"
+
+
+def test_a_v1_router_takes_the_same_locks():
+    """OpenAI-compatible routes are to live under /v1 with the same token: one router, one dependency."""
+    model, tokenizer = tiny()
+    server = make_server(Explorer(model, tokenizer), api_key=KEY)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    v1.add_api_route("/models", lambda: {"object": "list", "data": []})
+    server.app.include_router(v1)
+    with server:
+        assert request(server, "GET", "/v1/models", token=None)[0] == 401
+        assert request(server, "GET", "/v1/models", headers={"Origin": "http://evil.example"})[0] == 403
+        assert request(server, "GET", "/v1/models", headers={"Host": "evil.example"})[0] == 403
+        assert request(server, "GET", "/v1/models") == (200, {"object": "list", "data": []})
+
+
+def test_qkv_serve_command_prints_its_token_url_and_survives_a_client_that_leaves(tmp_path):
     model, tokenizer = tiny()
     save_checkpoint(tmp_path / "dec", model, tokenizer)
+    env = {**os.environ, "QKV_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "qkv", "serve", "--checkpoint", str(tmp_path / "dec"),
                              "--port", "0", "--root", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # the server prints its address once it listens
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        match = re.search(rf"http://127\.0\.0\.1:(\d+)/\?token={KEY}\s", line)
         assert match, line + proc.stderr.read()
-        conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=30)
-        conn.request("GET", "/api/info")
-        info = json.loads(conn.getresponse().read())
-        conn.close()
+        port = int(match.group(1))
+
+        def get(path: str, token: str | None = KEY) -> tuple[int, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+            response = conn.getresponse()
+            answer = response.status, json.loads(response.read())
+            conn.close()
+            return answer
+
+        assert get("/api/info", token=None)[0] == 401
+        status, info = get("/api/info")
         assert info["loaded"] and info["source"] == str(tmp_path / "dec") and info["can_generate"]
         assert info["checkpoints"] == [str(tmp_path / "dec")]
+        # clients that leave early: after the first generated token, halfway through a body, within the headers
+        head = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"GET /api/generate?text=the+cat&max_new_tokens=120 HTTP/1.1\r\n{head}\r\n".encode())
+            assert b"data: " in sock.recv(65536) or b"data: " in sock.recv(65536)
+        for partial in (f"POST /api/load HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
+                        'Content-Length: 100\r\n\r\n{"checkpoint": ', f"GET /api/info HTTP/1.1\r\n{head}"):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(partial.encode())
+                time.sleep(0.2)  # the server has read what was sent
+        assert get("/api/info")[0] == 200  # still answering
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        err = proc.stderr.read()
         proc.stdout.close()
         proc.stderr.close()
+    assert "Traceback" not in err and "Exception" not in err, err
 
 
-def test_qkv_serve_with_a_missing_checkpoint_says_so_and_exits_2(tmp_path, capsys):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--checkpoint", "{tmp}/nope"], "does not exist"),
+    (["--api-key", " "], "the API key is empty"),
+    (["--allowed-hosts", "box.lan,*"], "'*' is not a host name"),
+    (["--max-drawn-tokens", "0"], "--max-drawn-tokens=0 must be at least 1"),
+])
+def test_qkv_serve_with_bad_input_says_so_in_one_line_and_exits_2(tmp_path, capsys, args, message):
     from qkv.cli import main
 
-    assert main(["serve", "--checkpoint", str(tmp_path / "nope"), "--port", "0"]) == 2
+    assert main(["serve", "--port", "0", *[a.format(tmp=tmp_path) for a in args]]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1

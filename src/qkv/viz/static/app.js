@@ -20,9 +20,14 @@ window.qkvState = state;
 // API and errors
 // ---------------------------------------------------------------------------------------------------------------
 
+// The page's URL holds the server's token (/?token=…, as `qkv serve` prints it); every API call sends it as
+// `Authorization: Bearer`, the header OpenAI clients send too.
+const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
+const AUTH = { Authorization: `Bearer ${TOKEN}` };
+
 async function api(path, body) {
-  const options = body === undefined ? {} :
-    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  const options = body === undefined ? { headers: AUTH } :
+    { method: "POST", headers: { ...AUTH, "Content-Type": "application/json" }, body: JSON.stringify(body) };
   let response;
   try {
     response = await fetch(path, options);
@@ -105,6 +110,7 @@ function fillSelect(select, values, chosen, text = (v) => String(v)) {
 
 function showInfo(info) {
   state.info = info;
+  $("text").title = `the explorer draws the attention of at most ${info.max_drawn_tokens} tokens`;
   const list = $("checkpoint-list");
   clear(list);
   for (const c of info.checkpoints || []) html("option", { value: c }, list);
@@ -325,7 +331,7 @@ async function generate() {
   const out = $("generated-new");
   $("generate").disabled = true;
   try {
-    const response = await fetch(`/api/generate?${params}`);
+    const response = await fetch(`/api/generate?${params}`, { headers: AUTH });
     if (!response.ok) {
       const answer = await response.json().catch(() => ({}));
       throw new Error(answer.error || `the server answered ${response.status}`);

@@ -1,0 +1,167 @@
+"""The explorer as a FastAPI app, served by uvicorn: ``create_app(explorer, api_key=...)``.
+
+Routes (the JSON API answers ``{"error": message}`` with a 4xx status for a bad request, never a stack trace):
+
+- ``GET  /?token=TOKEN``                   the page (without the token: a page that asks for it, status 401);
+- ``GET  /static/{name}``                  the page's script and style (no token: they hold none, as Jupyter's);
+- ``GET  /api/info``                       the loaded model, its limits, and checkpoints to pick from;
+- ``POST /api/load      {checkpoint}``     load a qkv checkpoint or a pretrained (Hugging Face) directory;
+- ``POST /api/attention {text, target?}``  every attention map of the text, with token labels;
+- ``POST /api/explain   {text, layer, head, token, kind?, target?}``  one head's anatomy (``qkv.explain``);
+- ``GET  /api/generate?text=…&max_new_tokens=…&temperature=…``  a continuation streamed as Server-Sent Events,
+  one event per piece of text as each token is chosen, then ``event: done``.
+
+Every ``/api`` call needs ``Authorization: Bearer TOKEN`` and every POST a JSON body; Host and Origin are checked for
+every request (``qkv.serve.security``). More routes take the same locks by the same two lines, e.g. OpenAI-compatible
+ones: ``v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])``, then ``app.include_router(v1)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..viz.server import STATIC_FILES, Explorer, RequestError
+from .security import GuardMiddleware, Security, json_body, require_token
+
+__all__ = ["create_app", "api", "pages"]
+
+def current_explorer(request: Request) -> Explorer:
+    return request.app.state.explorer
+
+
+ExplorerDep = Annotated[Explorer, Depends(current_explorer)]
+Payload = Annotated[dict[str, Any], Depends(json_body)]
+
+
+def answer(data: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """JSON as the explorer sends it: compact, and no NaN (ValueError, a 400, rather than invalid JSON)."""
+    body = json.dumps(data, allow_nan=False, separators=(",", ":"))
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+# -- the page -------------------------------------------------------------------------------------------------------
+pages = APIRouter()
+
+
+def static_file(name: str, status: int = 200) -> Response:
+    if name not in STATIC_FILES:
+        raise RequestError(f"no file {name!r}", 404)
+    body = resources.files("qkv.viz").joinpath("static", name).read_bytes()
+    return Response(body, status, media_type=f"{STATIC_FILES[name]}; charset=utf-8")
+
+
+@pages.get("/")
+@pages.get("/index.html")
+def index(request: Request, token: str | None = None) -> Response:
+    """The page needs the token in its URL, as Jupyter's; without it, a form that asks for it (401)."""
+    if request.app.state.security.token_matches(token):
+        return static_file("index.html")
+    return static_file("token.html", 401)
+
+
+@pages.get("/static/{name}")
+def static(name: str) -> Response:
+    return static_file(name)
+
+
+# -- the JSON API -------------------------------------------------------------------------------------------------
+api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+
+
+@api.get("/info")
+def info(explorer: ExplorerDep) -> Response:
+    return answer(explorer.info())
+
+
+@api.post("/load")
+def load(explorer: ExplorerDep, payload: Payload) -> Response:
+    return answer(explorer.load(payload.get("checkpoint")))
+
+
+@api.post("/attention")
+def attention(explorer: ExplorerDep, payload: Payload) -> Response:
+    return answer(explorer.attention(payload))
+
+
+@api.post("/explain")
+def explain(explorer: ExplorerDep, payload: Payload) -> Response:
+    return answer(explorer.explain(payload))
+
+
+@api.get("/generate")
+def generate(request: Request, explorer: ExplorerDep) -> Response:
+    """Server-Sent Events: ``data: {"text"}`` per token, then ``event: done`` (or ``event: error``); a bad request
+    is a 4xx before the stream starts."""
+    text, config = explorer.check_generation(dict(request.query_params))
+    # no-cache, not no-store: Chromium reports a streamed no-store fetch as aborted even when it completed
+    # (microsoft/playwright#42742); an event stream is never cached either way
+    return StreamingResponse(events(explorer, text, config), media_type="text/event-stream; charset=utf-8",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def events(explorer: Explorer, text: str, config) -> Iterator[str]:
+    def event(data: dict, name: str | None = None) -> str:
+        return (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
+
+    count = 0
+    try:
+        for piece in explorer.generate(text, config):
+            yield event(piece)
+            count += 1
+    except Exception as err:  # the status went out with the first event: the error is an event too
+        yield event({"error": str(err).splitlines()[0] if str(err) else type(err).__name__}, "error")
+        return
+    yield event({"tokens": count}, "done")
+
+
+@api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+def no_api(path: str) -> Response:
+    """After the token check, so that an unknown API name says nothing to a caller without the token."""
+    raise RequestError(f"no API at /api/{path}", 404)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+def _message(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _error_handlers(app: FastAPI) -> None:
+    def client_error(status: int):
+        async def handler(request: Request, err: Exception) -> Response:
+            return answer({"error": _message(err)}, getattr(err, "status", status))
+        return handler
+
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        message = err.detail if err.status_code != 404 else f"no page at {request.url.path}"
+        return answer({"error": str(message)}, err.status_code, err.headers)
+
+    async def server_error(request: Request, err: Exception) -> Response:  # uvicorn logs the traceback
+        return answer({"error": f"the server could not answer ({type(err).__name__}); see its terminal"}, 500)
+
+    app.add_exception_handler(RequestError, client_error(400))
+    app.add_exception_handler(FileNotFoundError, client_error(404))
+    for kind in (ValueError, TypeError, NotADirectoryError):
+        app.add_exception_handler(kind, client_error(400))
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+def create_app(explorer: Explorer, *, api_key: str, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    """The explorer's web app: the page, its static files and the ``/api`` routes behind ``api_key``; requests
+    must name an allowed Host (loopback names plus ``allowed_hosts``) and come from no other site's page.
+    Raises ValueError for an empty key or an entry of ``allowed_hosts`` that is not a host name."""
+    security = Security.create(api_key, allowed_hosts)
+    app = FastAPI(title="qkv explorer", docs_url=None, redoc_url=None, openapi_url=None)  # no CDN pages
+    app.state.explorer, app.state.security = explorer, security
+    app.add_middleware(GuardMiddleware, security=security)
+    _error_handlers(app)
+    app.include_router(pages)
+    app.include_router(api)
+    return app

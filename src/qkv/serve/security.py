@@ -1,0 +1,190 @@
+"""The locks on ``qkv serve``, as Jupyter puts them on its own server: a local web server is reachable by every page
+open in the user's browser, so it trusts none of them.
+
+- **A token** (``--api-key``, ``QKV_API_KEY``, or a random one printed in the URL at start): every API call sends
+  ``Authorization: Bearer TOKEN``, the header OpenAI clients send (``require_token``, a FastAPI dependency that any
+  router can take, ``/api`` today and ``/v1`` later). The page reads it from its own URL (``/?token=…``).
+- **A Host allow-list** (localhost, 127.0.0.1, [::1], the address bound, plus ``--allowed-hosts``): a page that
+  rebinds its own DNS name to 127.0.0.1 (DNS rebinding) sends its own name as Host, and is refused.
+- **No cross-site Origin**: a browser names the page that sent a request in ``Origin``; only the explorer's own page
+  may call it. Requests without an Origin (curl, Python, OpenAI clients) pass to the token check.
+- **JSON bodies only** (``json_body``): ``Content-Type: application/json`` cannot be sent cross-site without a CORS
+  preflight, which the Origin check refuses; the "simple" text/plain or form POST a page can send is answered 415.
+
+Host and Origin are checked for every request (``GuardMiddleware``), page and static files included; the token and
+the content type by the routes that need them. Refusals are ``{"error": message}`` with the status: 400, 401, 403,
+413 or 415.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["LOOPBACK_HOSTS", "MAX_BODY_BYTES", "HEADERS", "Security", "GuardMiddleware", "host_name", "new_token",
+           "require_token", "json_body"]
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+MAX_BODY_BYTES = 64 * 1024
+# on every answer: never cached, never sniffed as another type, never framed by another page (clickjacking), never
+# a Referer (the page's URL holds the token); the page talks to no other server and sends its forms nowhere else
+HEADERS = {
+    "cache-control": "no-store", "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+    "content-security-policy": "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                               "object-src 'none'",
+}
+TOKEN_HINT = "open the URL `qkv serve` printed (it ends in ?token=…), or send the header Authorization: Bearer TOKEN"
+
+
+def new_token() -> str:
+    """A random token of 48 hex digits (192 bits), as Jupyter's."""
+    return secrets.token_hex(24)
+
+
+def host_name(host: str) -> str | None:
+    """The name in a Host header or an ``--allowed-hosts`` entry, lower case, without port or IPv6 brackets:
+    ``"LocalHost:8008"`` → ``"localhost"``, ``"[::1]:8008"`` → ``"::1"``; None when it is not a host name."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6] or [v6]:port
+        end = host.find("]")
+        if end < 0 or (host[end + 1:] and not host[end + 1:].startswith(":")):
+            return None
+        name = host[1:end]
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+        return name
+    if host.count(":") > 1:  # a bare IPv6 address (an --allowed-hosts entry)
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return None
+    name, _, port = host.partition(":")
+    if port and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    if not name or any(not (c.isalnum() or c in "-._") for c in name):
+        return None
+    return name
+
+
+@dataclass(frozen=True)
+class Security:
+    """The explorer's token and the Host names it answers to."""
+
+    api_key: str
+    allowed_hosts: frozenset[str]
+
+    @classmethod
+    def create(cls, api_key: str, allowed_hosts: Iterable[str] = ()) -> Security:
+        """Check the token and the extra host names (``--allowed-hosts``); loopback names are always allowed.
+        Raises ValueError for an empty token or a name that is not a host name."""
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise ValueError("the API key is empty; pass --api-key KEY (or set QKV_API_KEY), or leave both unset "
+                             "for a random one")
+        names = set(LOOPBACK_HOSTS)
+        for entry in allowed_hosts:
+            name = host_name(entry)
+            if name is None:
+                raise ValueError(f"--allowed-hosts entry {entry!r} is not a host name; list names or addresses "
+                                 "such as mybox.lan,192.168.1.20")
+            names.add(name)
+        return cls(api_key.strip(), frozenset(names))
+
+    def token_matches(self, candidate: str | None) -> bool:
+        """Constant-time comparison with the token."""
+        return isinstance(candidate, str) and hmac.compare_digest(candidate.encode(), self.api_key.encode())
+
+    def host_allowed(self, host: str | None) -> bool:
+        name = host_name(host) if host else None
+        return name is not None and name in self.allowed_hosts
+
+    @staticmethod
+    def same_origin(origin: str, host: str) -> bool:
+        """Whether a browser's ``Origin`` is the page served from ``host`` (scheme://Host, the port included)."""
+        scheme, _, rest = origin.strip().lower().partition("://")
+        return scheme in ("http", "https") and rest == host.strip().lower()
+
+
+class GuardMiddleware:
+    """Refuse, before any route runs, a request whose Host is not allowed (403: DNS rebinding) or whose Origin is
+    another site (403); add ``HEADERS`` to every answer (a header the route set, e.g. Cache-Control, stays)."""
+
+    def __init__(self, app: ASGIApp, security: Security):
+        self.app, self.security = app, security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host", ""), headers.get("origin")
+        message = None
+        if not self.security.host_allowed(host):
+            message = (f"Host {host!r} is not one this explorer answers to; browse to http://127.0.0.1 or "
+                       "localhost, or start qkv serve with --allowed-hosts NAME")
+        elif origin is not None and not self.security.same_origin(origin, host):
+            message = (f"a page from {origin} may not call this explorer; only its own page (http://{host}) "
+                       "may: open the URL `qkv serve` printed")
+        if message is None:
+            return await self.app(scope, receive, lambda event: send(_with_headers(event)))
+        await JSONResponse({"error": message}, 403)(scope, receive, lambda event: send(_with_headers(event)))
+
+
+def _with_headers(event: dict) -> dict:
+    if event["type"] == "http.response.start":
+        present = {k.lower() for k, _ in event["headers"]}
+        event["headers"] = [*event["headers"], *((k.encode(), v.encode()) for k, v in HEADERS.items()
+                                                 if k.encode() not in present)]
+    return event
+
+
+def security_of(request: Request) -> Security:
+    return request.app.state.security
+
+
+def require_token(request: Request) -> None:
+    """FastAPI dependency: the request carries ``Authorization: Bearer TOKEN`` with the explorer's token, or is
+    answered 401. Put it on a router (``APIRouter(dependencies=[Depends(require_token)])``) to lock all its routes."""
+    scheme, _, candidate = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not security_of(request).token_matches(candidate.strip()):
+        problem = "a wrong token" if scheme.lower() == "bearer" else "no token"
+        raise HTTPException(401, f"this API needs the explorer's token and got {problem}: {TOKEN_HINT}",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """FastAPI dependency: the request's body as a JSON object. 415 unless ``Content-Type: application/json``;
+    413 beyond MAX_BODY_BYTES; 400 for a body that is not a JSON object. An empty body is ``{}``."""
+    kind = request.headers.get("content-type", "")
+    if kind.split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, f"the request body must be JSON sent with Content-Type: application/json "
+                                 f"(got {kind.split(';')[0].strip() or 'no Content-Type'})")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"request body of {declared} bytes is larger than {MAX_BODY_BYTES}")
+    raw = b""
+    try:
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
+                raise HTTPException(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    except ClientDisconnect:  # nobody reads the answer; the terminal shows no traceback
+        raise HTTPException(400, "the client left before its request body arrived") from None
+    try:
+        payload = json.loads(raw or b"{}")
+    except ValueError:
+        raise HTTPException(400, "the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise HTTPException(400, "the request body must be a JSON object")
+    return payload
