@@ -21,10 +21,26 @@ def test_bpe_round_trips_arbitrary_unicode(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
 
+SPECIAL_STRINGS = ["<mask>", "<|endoftext|>", "<|im_end|>"]
+_CHAT = Tokenizer.bpe(CORPUS[:5000], vocab_size=300, special_tokens=SPECIAL_STRINGS)
+
+
+@given(pieces=st.lists(st.text(max_size=20) | st.sampled_from(SPECIAL_STRINGS), max_size=8))
+def test_typed_special_token_strings_are_text_and_round_trip(pieces):
+    """User text never produces a special id: a typed "<|im_end|>" is its characters, and any text round-trips
+    through the default decode (which drops special ids, so a forged one would vanish)."""
+    text = "".join(pieces)
+    ids = _CHAT.encode(text)
+    assert not set(ids) & set(_CHAT.special_ids)
+    assert _CHAT.decode(ids) == text
+    assert [e for e in _CHAT.encode_batch([text])] == [ids]
+
+
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=60))
-def test_bpe_with_special_tokens_round_trips_and_keeps_them_whole(text):
+def test_markup_keeps_special_tokens_whole_and_round_trips(text):
+    """The model's own markup (``markup=True``, e.g. a chat template's output) does become the special ids."""
     tok = _MASKED
-    ids = tok.encode(text + "<mask>")
+    ids = tok.encode(text + "<mask>", markup=True)
     assert ids[-1] == tok.mask_id
     assert tok.decode(ids, skip_special_tokens=False) == text + "<mask>"
 
@@ -51,3 +67,6 @@ def test_char_tokenizer_keeps_its_api_and_gains_a_mask_token():
     tok = Tokenizer.char("hello", special_tokens=["<mask>"])
     assert tok.mask_id == 4 and tok.special_ids == [4]
     assert tok.decode(tok.encode("hello")) == "hello"
+    typed = Tokenizer.char("<maskhello>", special_tokens=["<mask>"])
+    assert typed.decode(typed.encode("he<mask>llo")) == "he<mask>llo"  # typed, it is six characters
+    assert typed.mask_id not in typed.encode("he<mask>llo") and typed.encode("<mask>", markup=True) == [typed.mask_id]

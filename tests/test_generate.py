@@ -16,12 +16,14 @@ from qkv.generate import (
     _Stepper,
     apply_repetition_penalty,
     beam_search,
+    filter_top_k,
     filter_top_p,
     generate,
     generate_seq2seq,
     gnmt_length_penalty,
     left_pad,
     next_token_probs,
+    right_pad,
     stream,
 )
 from qkv.positions import POSITIONAL_KINDS
@@ -130,6 +132,25 @@ def test_batched_greedy_equals_one_by_one(positional):
         assert batched[row, -15:].tolist() == alone[0, -15:].tolist(), f"row {row} differs"
 
 
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_right_padded_prompts_continue_each_row_from_its_last_real_token(positional):
+    """right_pad's output (and a mask with a hole) given to every entry: each row's new tokens are the ones it
+    gets alone, and the returned prompt part is the left-padded one (each row reads prompt + continuation)."""
+    model = decoder(positional, seed=1)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    ids, mask = right_pad(prompts, pad_id=0)
+    alone = [generate(model, torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist() for p in prompts]
+    out = generate(model, ids, 12, temperature=0, attention_mask=mask)
+    assert out[:, -12:].tolist() == alone
+    assert torch.equal(out[:, :7], left_pad(prompts, pad_id=0)[0])
+    assert torch.stack(list(stream(model, ids, 12, temperature=0, attention_mask=mask)), 1).tolist() == alone
+    beams = [beam_search(model, torch.tensor([p]), 6, num_beams=3)[0, len(p):].tolist() for p in prompts]
+    assert beam_search(model, ids, 6, num_beams=3, attention_mask=mask)[:, -6:].tolist() == beams
+    holes = torch.tensor([[5, 0, 6, 7, 8, 9, 10, 0, 11]])  # padding in the middle: the real tokens, in order
+    hole_mask = holes != 0
+    assert generate(model, holes, 12, temperature=0, attention_mask=hole_mask)[0, -12:].tolist() == alone[0]
+
+
 def test_batched_greedy_seq2seq_equals_one_by_one():
     model = seq2seq("learned")
     sources = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
@@ -172,6 +193,18 @@ def test_top_k_distribution_has_exactly_the_k_most_likely_tokens():
         assert set(probs[row].nonzero().flatten().tolist()) == set(top[row].tolist())
         expected = torch.softmax(logits[row, top[row]] / 0.7, -1)
         torch.testing.assert_close(probs[row, top[row]], expected)
+
+
+def test_top_k_breaks_ties_by_the_lower_index():
+    """The documented rule, on the distribution: among logits tied at the k-th value the lowest indices stay
+    (argmax's rule); everything strictly above the k-th value always stays."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0] * 5, [5.0, 1.0, 4.0, 1.0, 1.0]])
+    probs = next_token_probs(logits, top_k=2)
+    assert [row.nonzero().flatten().tolist() for row in probs] == [[1, 2], [0, 1], [0, 2]]
+    three = filter_top_k(logits, 3)
+    assert [torch.isfinite(row).nonzero().flatten().tolist() for row in three] == [[1, 2, 3], [0, 1, 2], [0, 1, 2]]
+    flat = next_token_probs(torch.zeros(2, 100), temperature=0.5, top_k=3)  # a uniform row: the first three
+    assert flat.nonzero()[:, 1].tolist() == [0, 1, 2] * 2 and torch.allclose(flat[:, :3], torch.tensor(1 / 3))
 
 
 @given(st.lists(st.floats(-5, 5), min_size=2, max_size=30), st.floats(0.01, 1.0))
@@ -365,6 +398,20 @@ def test_bad_prompts_raise_clear_errors():
     with_bos = decoder(bos_token_id=1)
     assert generate(with_bos, torch.zeros(1, 0, dtype=torch.long), 3, temperature=0)[0, 0] == 1
     assert GenerationConfig(stop_token_ids=[3]).stop_token_ids == (3,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_one_clear_error_in_every_mode(bad):
+    """A weight that is NaN or infinite makes the logits so: sampling, greedy and beam search each refuse with one
+    message naming the cause, never a multinomial traceback or a silent arbitrary token."""
+    model = decoder("rope", tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight[7, 3] = bad
+    ids = torch.tensor([[3, 4, 5]])
+    for options in ({"temperature": 1.0, "seed": 0}, {"temperature": 0.8, "top_k": 5, "top_p": 0.9},
+                    {"temperature": 0}, {"num_beams": 2}):
+        with pytest.raises(ValueError, match="logits hold NaN or infinity.*not finite"):
+            generate(model, ids, 5, **options)
 
 
 def test_an_empty_prompt_starts_from_bos_alone_and_in_a_batch():

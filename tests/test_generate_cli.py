@@ -103,6 +103,18 @@ def test_cli_reads_prompts_from_stdin_and_seeds_sampling(trained, tmp_path, caps
     assert lines == expected
 
 
+@pytest.mark.parametrize("extra", [[], ["--num-beams", "2"]])
+def test_cli_too_many_new_tokens_fails_in_one_line_before_any_output(trained, tmp_path, capsys, extra):
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "200", *extra,
+                 "the q"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the prompt is not echoed before the refusal
+    assert "max_new_tokens=200" in captured.err and "max_seq_len=96" in captured.err
+    assert captured.err.count("\n") == 1
+
+
 @pytest.mark.parametrize("option, value, words", [("--top-p", "1.5", "top_p=1.5 must lie in (0, 1]"),
                                                   ("--temperature", "-1", "temperature=-1.0 must be >= 0"),
                                                   ("--top-k", "0", "top_k=0 must be an integer >= 1")])

@@ -48,7 +48,7 @@ def test_smollm2_tokenizer_encodes_as_transformers_does(smollm2, reference):
     _, tokenizer = smollm2
     _, hf_tokenizer = reference
     for text in (CHAT, "I have 123 apples and 4.5 pears.", "Grüße, naïve café — ça va? 東京", "  two  spaces\n\ttab"):
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, markup=True)  # CHAT is the model's own template markup
         assert ids == hf_tokenizer(text, add_special_tokens=False).input_ids, text
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
     assert tokenizer.encode("123") == [33, 34, 35]  # SmolLM's split: every digit on its own
@@ -57,7 +57,7 @@ def test_smollm2_tokenizer_encodes_as_transformers_does(smollm2, reference):
 def test_smollm2_logits_equal_transformers_reading_the_same_file(smollm2, reference):
     model, tokenizer = smollm2
     hf_model, _ = reference
-    ids = torch.tensor([tokenizer.encode(CHAT)])
+    ids = torch.tensor([tokenizer.encode(CHAT, markup=True)])
     with torch.no_grad():
         ours, theirs = model(ids), hf_model(ids).logits
     assert (ours - theirs).abs().max().item() <= 5e-4  # 30 layers in fp32, logits from -31 to 38: measured 8e-5
@@ -71,7 +71,7 @@ def test_smollm2_greedy_answer_is_paris_as_in_transformers(smollm2, reference):
     cache equals this forward pass: tests/test_interop_llama.py, tests/test_generate.py)."""
     model, tokenizer = smollm2
     hf_model, _ = reference
-    prompt = tokenizer.encode(CHAT)
+    prompt = tokenizer.encode(CHAT, markup=True)
     answer = tokenizer.encode("The capital of France is Paris.") + [model.config.eos_token_id]
     ids = torch.tensor([prompt + answer])
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_a_written_gguf_gives_the_models_logits_and_its_tokenizer(tmp_path):
     ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
-    assert tokenizer.pieces(" the 42<|end|>") == [" t", "he", " ", "4", "2", "<|end|>"]
+    assert tokenizer.pieces(" the 42<|end|>", markup=True) == [" t", "he", " ", "4", "2", "<|end|>"]
     assert tokenizer.decode(tokenizer.encode(" the 42<|end|>"), skip_special_tokens=False) == " the 42<|end|>"
 
 

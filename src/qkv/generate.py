@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -57,6 +58,7 @@ __all__ = [
     "apply_repetition_penalty",
     "gnmt_length_penalty",
     "find_stop",
+    "decode_continuation",
 ]
 
 
@@ -172,11 +174,19 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 
 
 def filter_top_k(logits: Tensor, k: int) -> Tensor:
-    """Keep exactly the k largest logits of each row (ties broken by index); the rest become -inf."""
+    """Keep exactly the k largest logits of each row; the rest become -inf.
+
+    Ties at the k-th value are broken by index, the lower index kept (as ``argmax`` picks the first maximum):
+    every logit above the k-th largest value stays, then the lowest-indexed logits equal to it fill the k.
+    """
     if k >= logits.shape[-1]:
         return logits
-    values, indices = logits.topk(k, dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (batch, 1): the k-th largest value
+    above = logits > kth
+    tied = logits == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied logits fit
+    keep = above | (tied & (tied.cumsum(-1) <= room))
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def filter_top_p(logits: Tensor, p: float) -> Tensor:
@@ -215,6 +225,24 @@ def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> int:
     """The index in ``text`` where the earliest stop string begins (searching from ``start``), or -1."""
     found = [i for i in (text.find(s, start) for s in stop_strings) if i >= 0]
     return min(found) if found else -1
+
+
+SEAM_CONTEXT = 8  # context tokens decoded before a continuation: enough for any decoder's seam rule
+
+
+def decode_continuation(tokenizer: Any, context: Sequence[int], new: Sequence[int]) -> str:
+    """The text ``new`` adds after ``context``: decode(context + new) minus decode(context).
+
+    SentencePiece-style decoders (Metaspace, as LLaMA-2, TinyLlama and Mistral ship) drop the space that begins a
+    text, so a continuation decoded on its own loses the space at the seam ("The capital is" + "Paris"); decoded
+    after its context it keeps it. Only the last ``SEAM_CONTEXT`` context tokens are decoded: the seam is local.
+    """
+    context = list(context)[-SEAM_CONTEXT:]
+    head = tokenizer.decode(context) if context else ""
+    whole = tokenizer.decode(context + list(new))
+    if not whole.startswith(head):  # the seam changed the context's own text (a character completed across it)
+        head = head[: len(os.path.commonprefix([head, whole]))]
+    return whole[len(head):]
 
 
 def _pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
@@ -292,17 +320,17 @@ class _Stepper:
             return self.step(ids)
         n = self.tokens.shape[1]
         if not self.use_cache:
-            return self._full()
+            return _finite(self._full())
         self.length = n
-        return self._run(self.tokens, n)
+        return _finite(self._run(self.tokens, n))
 
     def step(self, ids: Tensor) -> Tensor:
         """ids (batch, 1): the tokens just chosen → logits (batch, vocab) for the token after them."""
         if not self.use_cache:
             self.tokens = torch.cat([self.tokens, ids], dim=1)
-            return self._full()
+            return _finite(self._full())
         self.length += ids.shape[1]
-        return self._run(ids, self.length)
+        return _finite(self._run(ids, self.length))
 
     def _run(self, ids: Tensor, n: int) -> Tensor:
         model, t = self.model, ids.shape[1]
@@ -335,6 +363,17 @@ class _Stepper:
                 cache.reorder(index)
         else:
             self.tokens = self.tokens.index_select(0, index)
+
+
+def _finite(logits: Tensor) -> Tensor:
+    """The model's next-token logits, refused when any is NaN or infinite (softmax and sampling would fail on them,
+    or greedy decoding would pick an arbitrary token)."""
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"the model's next-token logits hold NaN or infinity (rows {rows[:5]}): its weights or "
+                         "activations are not finite; check the weights with torch.isfinite, or run in float32 "
+                         "if a bfloat16/float16 model overflows")
+    return logits
 
 
 class _Prompt(NamedTuple):
@@ -378,6 +417,12 @@ def _prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig
         mask = check_mask(mask, "attention_mask").to(ids.device)  # bool or 1/0; float masks refused
         if bool(mask.all()):
             mask = None  # nothing is padding: the fast path needs no mask at all
+        elif not isinstance(model, Transformer):
+            # Padding anywhere (right_pad's output, or holes) becomes left padding: a stable sort moves each
+            # row's real tokens, in order, to the end, so every row continues from its own last real token
+            # exactly as it would alone. (A source sentence may be padded on either side.)
+            order = mask.to(torch.int8).argsort(dim=-1, stable=True)
+            ids, mask = ids.gather(1, order), mask.gather(1, order)
     empty = ids.shape[1] == 0 or (mask is not None and not bool(mask.any(-1).all()))
     if isinstance(model, Transformer):
         if empty:
@@ -410,13 +455,15 @@ def _prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig
 
 
 class _StopStrings:
-    """Per row: has the generated text come to contain a stop string? (Decodes each row's new tokens.)"""
+    """Per row: has the generated text come to contain a stop string? (Decodes each row's new tokens after the
+    end of its prompt, ``context``, so the text at the seam reads as it will be printed.)"""
 
-    def __init__(self, cfg: GenerationConfig, tokenizer: Any, batch: int):
+    def __init__(self, cfg: GenerationConfig, tokenizer: Any, batch: int, context: list[list[int]] | None = None):
         if cfg.stop_strings and tokenizer is None:
             raise ValueError(f"stop_strings={cfg.stop_strings!r} need the tokenizer to read the text: pass "
                              "tokenizer=...")
         self.strings, self.tokenizer = cfg.stop_strings, tokenizer
+        self.context = context or [[] for _ in range(batch)]
         self.generated: list[list[int]] = [[] for _ in range(batch)]
         self.longest = max((len(s) for s in self.strings), default=0)
         self.searched = [0] * batch  # characters of each row's text already searched
@@ -427,10 +474,21 @@ class _StopStrings:
             if not live[row]:
                 continue
             self.generated[row].append(token)
-            text = self.tokenizer.decode(self.generated[row])
+            text = decode_continuation(self.tokenizer, self.context[row], self.generated[row])
             found[row] = find_stop(text, self.strings, max(0, self.searched[row] - self.longest + 1)) >= 0
             self.searched[row] = len(text)
         return found
+
+
+def _prompt_tails(prompt: _Prompt) -> list[list[int]]:
+    """Each row's last real prompt tokens (decoder-only; a target starts with nothing before it)."""
+    if prompt.start is not prompt.ids:
+        return [[] for _ in range(prompt.ids.shape[0])]
+    ids = prompt.ids[:, -SEAM_CONTEXT:]
+    if prompt.mask is None:
+        return ids.tolist()
+    return [[t for t, real in zip(row, keep, strict=True) if real]
+            for row, keep in zip(ids.tolist(), prompt.mask[:, -SEAM_CONTEXT:].tolist(), strict=True)]
 
 
 def _seen_tokens(prompt: _Prompt, vocab_size: int, rows: int) -> Tensor:
@@ -465,7 +523,7 @@ def _decode(model: DecoderLM | Transformer, prompt: _Prompt, cfg: GenerationConf
         return
     ids, mask, stop, pad = prompt.ids, prompt.mask, prompt.stop, prompt.pad
     batch, n_new, device = ids.shape[0], cfg.max_new_tokens, ids.device
-    stop_strings = _StopStrings(cfg, tokenizer, batch)
+    stop_strings = _StopStrings(cfg, tokenizer, batch, _prompt_tails(prompt) if cfg.stop_strings else None)
     was_training = model.training
     model.eval()
     try:
@@ -693,12 +751,14 @@ def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str |
     """Text in, generated text out (the continuation only, cut before a stop token or stop string).
 
     One string gives one string; a list gives a list, decoded as one padded batch. For a Transformer the
-    prompts are source sentences and the result their targets.
+    prompts are source sentences and the result their targets. Each prompt is encoded as the model's own
+    tokenizer specifies (with the BOS its post-processor adds, as transformers does); the continuation is
+    decoded after the end of its prompt, so the space at the seam is kept (:func:`decode_continuation`).
     """
     cfg = _resolve(config, max_new_tokens, options)
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
-    encoded = [tokenizer.encode(t) for t in texts]
+    encoded = [tokenizer.encode(t, add_special_tokens=True) for t in texts]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_id or 0)
     seq2seq = isinstance(model, Transformer)
     ids, mask = (right_pad if seq2seq else left_pad)(encoded, pad)
@@ -708,8 +768,8 @@ def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str |
     prompt = _prepare(model, ids, mask, cfg)  # (cheap) the same checks generate did: where the new tokens begin
     new = out[:, prompt.start.shape[1]:].tolist()
     results = []
-    for tokens in new:
-        text = tokenizer.decode(_continuation(tokens, prompt.stop))
+    for context, tokens in zip(encoded, new, strict=True):
+        text = decode_continuation(tokenizer, [] if seq2seq else context, _continuation(tokens, prompt.stop))
         cut = find_stop(text, cfg.stop_strings) if cfg.stop_strings else -1
         results.append(text if cut < 0 else text[:cut])
     return results[0] if single else results
@@ -719,24 +779,35 @@ def stream_text(model: DecoderLM | Transformer, tokenizer: Any, prompt: str, max
                 *, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
     """Yield the continuation of one prompt as pieces of text, as soon as they are certain.
 
-    A piece is held back while it might still turn out to begin a stop string, or while it ends inside a
-    multi-byte character (byte-level BPE); the stop string itself is never yielded.
+    The prompt is encoded and every input checked here, before the first piece (an error comes before any
+    output). A piece is held back while it might still turn out to begin a stop string, or while it ends
+    inside a multi-byte character (byte-level BPE); the stop string itself is never yielded. The text is
+    decoded after the end of the prompt, as :func:`generate_text` does.
     """
     cfg = _resolve(config, max_new_tokens, options)
     if cfg.bos_token_id is None and model.config.bos_token_id is None and tokenizer.bos_id is not None:
         cfg = cfg.replace(bos_token_id=tokenizer.bos_id)
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    encoded = tokenizer.encode(prompt, add_special_tokens=True)
+    ids = torch.tensor([encoded], dtype=torch.long)
+    tokens = stream(model, ids, config=cfg, tokenizer=tokenizer)  # checks the inputs now
     stop = _prepare(model, ids, None, cfg).stop
-    hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
+    context = [] if isinstance(model, Transformer) else encoded
+    return _text_pieces(tokens, tokenizer, context, stop, cfg.stop_strings)
+
+
+def _text_pieces(tokens: Iterator[Tensor], tokenizer: Any, context: list[int], stop: tuple[int, ...],
+                 stop_strings: tuple[str, ...]) -> Iterator[str]:
+    """The pieces :func:`stream_text` yields, from the (1,) token tensors :func:`stream` yields."""
+    hold = max((len(s) for s in stop_strings), default=1) - 1
     generated: list[int] = []
     text, emitted = "", 0
-    for token in stream(model, ids, config=cfg, tokenizer=tokenizer):
+    for token in tokens:
         t = int(token[0])
         if t in stop:
             break
         generated.append(t)
-        text = tokenizer.decode(generated)
-        cut = find_stop(text, cfg.stop_strings, max(0, emitted - hold)) if cfg.stop_strings else -1
+        text = decode_continuation(tokenizer, context, generated)
+        cut = find_stop(text, stop_strings, max(0, emitted - hold)) if stop_strings else -1
         if cut >= 0:
             text = text[:cut]
             break

@@ -23,7 +23,12 @@ class Tokenizer:
     """encode(text) → ids, decode(ids) → text, ``vocab_size``, special tokens, ``save``/``load``."""
 
     def __init__(self, backend: _Backend):
+        # User text never produces special ids: a typed "<|endoftext|>" or "<|im_end|>" is encoded as the
+        # characters it is (else a user could forge a turn boundary). Only the model's own markup (a template,
+        # BOS/EOS added by the post-processor, ``encode(..., markup=True)``) yields them.
+        backend.encode_special_tokens = True
         self.backend = backend
+        self._markup_backend: _Backend | None = None
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -145,12 +150,20 @@ class Tokenizer:
             f"{shown}; remove them, or train the tokenizer on text that contains them"
         )
 
-    def encode(self, text: str) -> list[int]:
-        """text → token ids (no special tokens added). An unknown character is an ``UnknownTokenError``."""
+    def encode(self, text: str, *, add_special_tokens: bool = False, markup: bool = False) -> list[int]:
+        """text → token ids. An unknown character is an ``UnknownTokenError``.
+
+        Special-token strings typed in ``text`` (``<|endoftext|>``, ``<mask>``) are ordinary text: they encode to
+        the tokens of their characters, never to a special id, so any text round-trips through ``decode``.
+        ``add_special_tokens=True`` adds what the tokenizer's post-processor specifies (LLaMA's ``<s>``, BERT's
+        ``[CLS] … [SEP]``): how a model's own prompts begin. ``markup=True`` is for the model's own markup (a chat
+        template's output): there the special-token strings become their ids.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        backend = self._markup() if markup else self.backend
         try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
+            ids = backend.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as err:
             if "unk" in str(err).lower() or "missing" in str(err).lower():
                 raise self._unknown(text) from None
@@ -160,8 +173,15 @@ class Tokenizer:
             raise self._unknown(text)
         return ids
 
+    def _markup(self) -> _Backend:
+        """A twin of the backend that reads special-token strings as the special tokens (built once)."""
+        if self._markup_backend is None:
+            self._markup_backend = _Backend.from_str(self.backend.to_str())
+            self._markup_backend.encode_special_tokens = False
+        return self._markup_backend
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts at once (in parallel in Rust)."""
+        """Many texts at once (in parallel in Rust); special-token strings are text, as in :meth:`encode`."""
         try:
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         except Exception:
@@ -170,9 +190,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def pieces(self, text: str) -> list[str]:
-        """The text each token covers, in order: the labels of an attention map."""
-        ids = self.encode(text)
+    def pieces(self, text: str, *, markup: bool = False) -> list[str]:
+        """The text each token covers, in order: the labels of an attention map (``markup`` as in ``encode``)."""
+        ids = self.encode(text, markup=markup)
         return [self.decode([i], skip_special_tokens=False) for i in ids]
 
     def __len__(self) -> int:

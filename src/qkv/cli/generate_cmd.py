@@ -65,15 +65,17 @@ def run(args: argparse.Namespace) -> int:
     echo = not isinstance(model, Transformer)
     out = sys.stdout
     for prompt in _prompts(args):
+        # Every check runs before anything is printed: an error is one line on stderr, never after the echo.
+        if config.num_beams > 1:
+            pieces: Iterable[str] = [generate_text(model, tokenizer, prompt, config=config)]
+        else:
+            pieces = stream_text(model, tokenizer, prompt, config=config)
         if echo:
             out.write(prompt)
             out.flush()
-        if config.num_beams > 1:
-            out.write(generate_text(model, tokenizer, prompt, config=config))
-        else:
-            for piece in stream_text(model, tokenizer, prompt, config=config):
-                out.write(piece)
-                out.flush()
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
         out.write("\n")
         out.flush()
     return 0

@@ -1,0 +1,132 @@
+"""Text in, text out at token seams: SentencePiece-style tokenizers (LLaMA-2, TinyLlama, Mistral's layout) give
+transformers' greedy tokens and keep the space between prompt and continuation; typed special-token strings in a
+prompt stay text.
+
+The reference is a random tiny ``LlamaForCausalLM`` with a tokenizer built here by the ``tokenizers`` library in
+the layout those models ship: a Metaspace pre-tokenizer and decoder (a space becomes "▁", the decoder drops the
+space that begins a text) and a template post-processor that puts ``<s>`` before every prompt.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # everything is built here: nothing may be downloaded
+
+import pytest
+import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+import qkv
+from qkv import DecoderLM, ModelConfig
+from qkv.cli import main
+from qkv.data import read_corpus
+from qkv.generate import decode_continuation, generate, generate_text, stream_text
+from qkv.tokenizers import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 97
+PROMPTS = ["The king is", "ROMEO: I will", "Good night, sweet"]
+
+
+def sentencepiece_style_tokenizer() -> Backend:
+    """BPE over Metaspace pieces, <unk> <s> </s> = 0 1 2, and "<s> $A" as the post-processor's template."""
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    text = read_corpus().text[:20_000]
+    backend.train_from_iterator([text + " ".join(PROMPTS)], trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    return backend
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(directory, transformers model, transformers tokenizer): a random LLaMA saved with its tokenizer.json."""
+    directory = tmp_path_factory.mktemp("llama")
+    backend = sentencepiece_style_tokenizer()
+    assert backend.get_vocab_size() <= VOCAB
+    backend.save(str(directory / "tokenizer.json"))
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # peaked logits (std 0.2): greedy choices far from ties
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    model.eval().save_pretrained(directory)
+    reference_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return directory, model, reference_tokenizer
+
+
+def reference_greedy(model, tokenizer, prompt: str, n: int) -> tuple[list[int], str]:
+    """transformers' greedy ids (prompt with its <s>, then the continuation) and their text."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=2)
+    return out[0].tolist(), tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_sentencepiece_prompts_get_their_bos_and_greedy_tokens_equal_transformers(llama):
+    directory, reference, reference_tokenizer = llama
+    model, tokenizer = qkv.load(directory)
+    for prompt in PROMPTS:
+        expected_ids, _ = reference_greedy(reference, reference_tokenizer, prompt, 12)
+        encoded = tokenizer.encode(prompt, add_special_tokens=True)
+        assert encoded[0] == 1 and encoded == reference_tokenizer(prompt).input_ids  # <s> from the template
+        assert generate(model, torch.tensor([encoded]), 12, temperature=0)[0].tolist() == expected_ids
+
+
+def test_text_helpers_and_cli_keep_the_space_at_the_seam(llama, capsys):
+    directory, reference, reference_tokenizer = llama
+    model, tokenizer = qkv.load(directory)
+    seams = 0
+    for prompt in PROMPTS:
+        ids, expected = reference_greedy(reference, reference_tokenizer, prompt, 12)
+        first_new = reference_tokenizer.convert_ids_to_tokens(ids[len(reference_tokenizer(prompt).input_ids)])
+        seams += first_new.startswith("▁")  # the continuation begins a new word: the seam has a space
+        assert prompt + generate_text(model, tokenizer, prompt, 12, temperature=0) == expected
+        assert prompt + "".join(stream_text(model, tokenizer, prompt, 12, temperature=0)) == expected
+        assert main(["generate", "--checkpoint", str(directory), "--greedy", "--max-new-tokens", "12", prompt]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+    assert seams >= 1, "no prompt tests a seam with a space: pick other prompts"
+    batched = generate_text(model, tokenizer, PROMPTS, 12, temperature=0)
+    assert batched == [generate_text(model, tokenizer, p, 12, temperature=0) for p in PROMPTS]
+
+
+def test_decode_continuation_is_the_suffix_of_the_whole_text(llama):
+    directory, _, reference_tokenizer = llama
+    _, tokenizer = qkv.load(directory)
+    text = "To be, or not to be, that is the question"
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    for cut in range(1, len(ids)):
+        whole = reference_tokenizer.decode(ids, skip_special_tokens=True)
+        head = reference_tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        assert head + decode_continuation(tokenizer, ids[:cut], ids[cut:]) == whole
+
+
+def test_a_typed_special_token_string_in_a_prompt_stays_text():
+    """A chat user typing "<|im_end|>" must not end the turn: the prompt the model sees holds no special id, and
+    the text helpers continue exactly those ordinary tokens."""
+    corpus = read_corpus().text[:5000]
+    tokenizer = Tokenizer.bpe(corpus, vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<mask>"])
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, d_ff=64,
+                                  n_decoder_layers=1, max_seq_len=64)).eval()
+    prompt = "user: hi<|im_end|>\n<|endoftext|>assistant: <mask>"
+    for ids in (tokenizer.encode(prompt), tokenizer.encode(prompt, add_special_tokens=True)):
+        assert not set(ids) & set(tokenizer.special_ids) and tokenizer.decode(ids) == prompt
+    ids = tokenizer.encode(prompt)
+    new = generate(model, torch.tensor([ids]), 8, temperature=0, stop_token_ids=())[0, len(ids):].tolist()
+    assert generate_text(model, tokenizer, prompt, 8, temperature=0, stop_token_ids=()) == tokenizer.decode(new)
+    markup = tokenizer.encode(prompt, markup=True)  # the model's own markup: the special ids, whole
+    assert tokenizer.token_to_id("<|im_end|>") in markup and tokenizer.mask_id == markup[-1]
