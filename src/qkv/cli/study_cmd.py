@@ -1,0 +1,53 @@
+"""``qkv study positions | order | scale``: measure what positional encodings and the attention scale do.
+
+The studies live in :mod:`qkv.study`; this command picks one, sets the thread count, and prints where the
+results went.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+STUDY_HELP = {
+    "positions": "length extrapolation: perplexity at L, 2L, 4L, 8L for sinusoidal, learned, RoPE, ALiBi, none",
+    "order": "'dog bites man': permutation, shuffled words and the causal-mask leak, with and without positions",
+    "scale": "the forgotten 1/sqrt(d_k): saturation at initialisation and training with and without it",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="measure what positional encoding and the attention scale do",
+                       description="Train small models and measure; write results.md, results.csv and PNG plots "
+                                   "into OUT/<study>/. " + "; ".join(f"{k}: {v}" for k, v in STUDY_HELP.items()))
+    p.add_argument("study", choices=tuple(STUDY_HELP), help="which study to run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (what the tests run)")
+    p.add_argument("--out", default="runs/study", help="folder for the results (default: runs/study)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: every core this process may use; on a busy machine 1 is "
+                        "often faster)")
+    p.add_argument("--data", default=None,
+                   help="order study only: a Tatoeba zip or english<TAB>other file (default: "
+                        "data/tatoeba-fra-eng-2017-09-29.zip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from qkv.study import STUDIES
+    from qkv.train import usable_cores
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
+    if args.data is not None and args.study != "order":
+        raise ValueError(f"--data is read by the order study only; leave it out for {args.study}")
+    torch.set_num_threads(args.threads or usable_cores())  # for this command only, never on import
+    extra = {"data": args.data} if args.study == "order" else {}
+    result = STUDIES[args.study](quick=args.quick, out_dir=args.out, seed=args.seed,
+                                 progress=not args.no_progress, **extra)
+    print((result.out_dir / "results.md").read_text())
+    print(f"wrote {result.out_dir}/ (results.md, results.csv, {', '.join(f.name for f in result.figures)}) "
+          f"in {result.seconds:.0f} s")
+    return 0
