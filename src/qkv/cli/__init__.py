@@ -14,7 +14,7 @@ import sys
 __all__ = ["main", "COMMANDS"]
 
 # command name → module under qkv.cli; a module that is not there yet is skipped.
-COMMANDS = ["info", "train", "generate", "eval", "translate", "embed", "show", "explain", "serve", "bench"]
+COMMANDS = ["info", "train", "generate", "eval", "translate", "embed", "show", "explain", "serve", "bench", "study"]
 
 
 def build_parser() -> argparse.ArgumentParser:
