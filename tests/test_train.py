@@ -152,34 +152,3 @@ def test_trainer_applies_the_noam_schedule_under_bf16_autocast_on_cpu(small_text
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [float(r["lr"]) for r in rows] == pytest.approx([noam_lr(s, 48, 2) for s in (1, 2, 3)])
     assert math.isfinite(result.val_loss)
-
-
-class ListSource:
-    """A batch source over a fixed list of batches (any object with batch(i) and fixed(n) plugs in)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def batch(self, index):
-        return self.batches[index % len(self.batches)]
-
-    def fixed(self, n_batches):
-        return self.batches[:n_batches]
-
-
-def test_two_accumulated_half_batches_make_the_same_step_as_one_whole_batch(tmp_path):
-    from qkv.train import Trainer
-
-    tok = Tokenizer.char(SMALL)
-    whole = torch.tensor([tok.encode(SMALL[i:i + 17]) for i in range(0, 8 * 100, 100)])  # 8 windows
-    weights, losses_and_norms = [], []
-    for source, accum in ((ListSource([whole]), 1), (ListSource([whole[:4], whole[4:]]), 2)):
-        torch.manual_seed(0)
-        model = DecoderLM(tiny(vocab_size=tok.vocab_size))
-        trainer = Trainer(model, tok, source, source, TrainConfig(max_steps=1, grad_accum=accum, warmup_steps=0,
-                                                                  **QUIET), tmp_path / f"run{accum}")
-        loss, norm, _ = trainer.train_step()  # the gradient norm is taken before clipping
-        losses_and_norms.append((loss, norm))
-        weights.append([p.detach().clone() for p in model.parameters()])
-    assert losses_and_norms[0] == pytest.approx(losses_and_norms[1], rel=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights, strict=True))

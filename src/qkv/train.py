@@ -147,8 +147,14 @@ class Objective:
     def __init__(self, tokenizer: Tokenizer, config: TrainConfig):
         self.tokenizer, self.config = tokenizer, config
 
-    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, int]:
-        """→ (mean loss over the predicted tokens, how many tokens it averaged over)."""
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator, *,
+             reduction: str = "mean") -> tuple[Tensor, int]:
+        """→ (the loss over the predicted tokens, their mean or with ``reduction="sum"`` their sum; how many)."""
+        raise NotImplementedError
+
+    def predicted(self, batch: Any, generator: torch.Generator) -> int:
+        """How many tokens ``loss(model, batch, generator)`` predicts, known before the forward pass (gradient
+        accumulation divides every micro-batch's summed loss by the count of the whole optimizer step)."""
         raise NotImplementedError
 
     def tokens_in(self, batch: Any) -> int:
@@ -161,10 +167,14 @@ class NextToken(Objective):
 
     window_extra = 1
 
-    def loss(self, model, batch: Tensor, generator):
+    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean"):
         ids = batch.to(self.device(model), non_blocking=True)
         logits = model(ids[:, :-1])  # (batch, T, vocab)
-        return cross_entropy(logits, ids[:, 1:], label_smoothing=self.config.label_smoothing), ids[:, 1:].numel()
+        return (cross_entropy(logits, ids[:, 1:], label_smoothing=self.config.label_smoothing, reduction=reduction),
+                self.predicted(batch, generator))
+
+    def predicted(self, batch: Tensor, generator) -> int:
+        return batch.shape[0] * (batch.shape[1] - 1)
 
     @staticmethod
     def device(model: nn.Module) -> torch.device:
@@ -180,26 +190,35 @@ class MaskedLM(Objective):
             raise ValueError(f"masked-language modelling needs a mask token, and this {tokenizer.kind} tokenizer "
                              f"has none; build it with special_tokens=[{MASK_TOKEN!r}]")
 
-    def corrupt(self, ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """ids (batch, T) → (inputs, chosen tokens replaced; targets: the chosen ids, IGNORE_INDEX elsewhere)."""
-        shape = ids.shape
+    def choose(self, shape: torch.Size, generator: torch.Generator) -> Tensor:
+        """The positions to predict, (batch, T) bool: the first draw from ``generator``, at least one."""
         chosen = torch.rand(shape, generator=generator) < self.config.mlm_probability
         if not chosen.any():
             chosen[0, 0] = True  # a batch with nothing to predict would give a 0/0 loss
+        return chosen
+
+    def predicted(self, batch: Tensor, generator: torch.Generator) -> int:
+        """The number of chosen tokens, drawn as ``corrupt`` draws them from a generator in the same state."""
+        return int(self.choose(batch.shape, generator).sum())
+
+    def corrupt(self, ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """ids (batch, T) → (inputs, chosen tokens replaced; targets: the chosen ids, IGNORE_INDEX elsewhere)."""
+        shape = ids.shape
+        chosen = self.choose(shape, generator)
         how = torch.rand(shape, generator=generator)
         random_ids = torch.randint(0, self.tokenizer.vocab_size, shape, generator=generator)
         inputs = torch.where(chosen & (how < 0.8), self.tokenizer.mask_id, ids)
         inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
         return inputs, torch.where(chosen, ids, IGNORE_INDEX)
 
-    def loss(self, model, batch: Tensor, generator):
+    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean"):
         inputs, targets = self.corrupt(batch, generator)
+        count = int((targets != IGNORE_INDEX).sum())  # counted on the CPU: no wait for the device
         device = NextToken.device(model)
         hidden = model(inputs.to(device))  # (batch, T, d_model)
         logits = getattr(model, "module", model).logits(hidden)  # the model itself under DistributedDataParallel
-        targets = targets.to(device)
-        return (cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing),
-                int((targets != IGNORE_INDEX).sum()))
+        return cross_entropy(logits, targets.to(device), label_smoothing=self.config.label_smoothing,
+                             reduction=reduction), count
 
 
 @torch.no_grad()
@@ -345,27 +364,39 @@ class Trainer:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
 
     def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches → (loss, gradient norm, tokens)."""
+        """One optimizer step over ``grad_accum`` micro-batches → (loss, gradient norm, tokens).
+
+        The step's loss is the mean over every token it predicts, in all its micro-batches and under torchrun in
+        every process: the gradient, the loss and the tokens of one batch holding them all. Each micro-batch adds
+        its summed loss divided by the step's count of predicted tokens, counted (and added across processes)
+        before the first backward pass; a mean of per-micro-batch means would weigh a micro-batch of 10 masked
+        tokens like one of 18."""
         c = self.config
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total, n_tokens = 0.0, 0
-        for micro in range(c.grad_accum):
-            # The data position: under torchrun each process takes every world-th batch, so N processes see
-            # exactly the batches that one process would with grad_accum x N.
-            index = (self.step * c.grad_accum + micro) * self.world + self.rank
-            batch = self.train_data.batch(index)
+        # The data positions: under torchrun each process takes every world-th batch, so N processes see
+        # exactly the batches that one process would with grad_accum x N.
+        indices = [(self.step * c.grad_accum + micro) * self.world + self.rank for micro in range(c.grad_accum)]
+        batches = [self.train_data.batch(index) for index in indices]
+        predicted = sum(self.objective.predicted(b, self._generator(i)) for i, b in zip(indices, batches, strict=True))
+        n_tokens = sum(self.objective.tokens_in(b) for b in batches)
+        if self.world > 1:
+            predicted, n_tokens = (int(n) for n in _all_reduce([float(predicted), float(n_tokens)], "sum"))
+        # DDP and FSDP average the processes' gradients: the factor world turns that average into the sum
+        scale = self.world / max(predicted, 1)
+        summed = torch.zeros((), device=self.device)
+        for micro, (index, batch) in enumerate(zip(indices, batches, strict=True)):
             last = micro == c.grad_accum - 1  # gradients are averaged across processes once, after the last
             with self._gradient_sync(last):
                 with self._autocast():
-                    loss, _ = self.objective.loss(self.replica, batch, self._generator(index))
-                (loss / c.grad_accum).backward()
-            total += float(loss.detach()) / c.grad_accum
-            n_tokens += self.objective.tokens_in(batch)
-        if self.world > 1:  # every process reports the mean loss over all of them, and all the tokens
-            total, n_tokens = _all_reduce([total / self.world, float(n_tokens)], "sum")
-            n_tokens = int(n_tokens)
+                    loss, _ = self.objective.loss(self.replica, batch, self._generator(index), reduction="sum")
+                (loss * scale).backward()
+            summed += loss.detach()
+        total = float(summed)  # one wait for the device per step
+        if self.world > 1:  # every process reports the loss over all of them (NaN anywhere is NaN everywhere)
+            total = _all_reduce([total], "sum")[0]
+        total /= max(predicted, 1)
         # ||g|| over every parameter (sharded ones included); with no clipping, the bound is infinite
         norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or math.inf))
         if math.isfinite(total) and math.isfinite(norm):

@@ -345,11 +345,17 @@ class TaskBatches:
 class Seq2SeqObjective(Objective):
     """L = -mean_t log P(y_t | y_<t, x): teacher forcing, label smoothing from the training options."""
 
-    def loss(self, model: nn.Module, batch: Seq2SeqBatch, generator: torch.Generator) -> tuple[Tensor, int]:
+    def loss(self, model: nn.Module, batch: Seq2SeqBatch, generator: torch.Generator, *,
+             reduction: str = "mean") -> tuple[Tensor, int]:
+        count = self.predicted(batch, generator)  # counted on the CPU: no wait for the device
         batch = batch.to(next(model.parameters()).device)
         logits = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (batch, tgt_len, vocab)
-        return (cross_entropy(logits, batch.tgt_out, label_smoothing=self.config.label_smoothing),
-                int(batch.tgt_mask.sum()))
+        return (cross_entropy(logits, batch.tgt_out, label_smoothing=self.config.label_smoothing,
+                              reduction=reduction), count)
+
+    def predicted(self, batch: Seq2SeqBatch, generator: torch.Generator) -> int:
+        """The real target tokens (``tgt_out`` is IGNORE_INDEX at padding)."""
+        return int(batch.tgt_mask.sum())
 
     def tokens_in(self, batch: Seq2SeqBatch) -> int:
         """Real (unpadded) source plus target tokens."""
