@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from qkv import DecoderLM, ModelConfig, Transformer
 from qkv.generate import (
     GenerationConfig,
-    _Stepper,
     apply_repetition_penalty,
     beam_search,
     filter_top_k,
@@ -26,6 +25,7 @@ from qkv.generate import (
     right_pad,
     stream,
 )
+from qkv.generation.prompt import Stepper
 from qkv.positions import POSITIONAL_KINDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +64,7 @@ def test_cached_logits_equal_the_full_forward_at_every_step_decoder(positional):
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], pad_id=0)  # row 1 is left-padded
     new = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        stepper = _Stepper(model, ids, mask, new.shape[1], use_cache=True)
+        stepper = Stepper(model, ids, mask, new.shape[1], use_cache=True)
         logits = stepper.prefill()
         for step in range(new.shape[1]):
             for row, length in enumerate([6, 3]):  # each row alone, unpadded, through the plain forward
@@ -100,7 +100,7 @@ def test_cached_logits_equal_the_full_forward_at_every_step_encoder_decoder(posi
     src_mask = src != 0
     targets = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
     with torch.inference_mode():
-        stepper = _Stepper(model, src, src_mask, targets.shape[1], use_cache=True)
+        stepper = Stepper(model, src, src_mask, targets.shape[1], use_cache=True)
         logits = stepper.prefill(targets[:, :1])
         for step in range(1, targets.shape[1]):
             full = model(src, targets[:, :step], src_mask)[:, -1]

@@ -17,7 +17,7 @@ import torch
 import qkv
 from qkv.config import ModelConfig
 from qkv.data import read_corpus
-from qkv.generate import generate
+from qkv.generation import generate
 from qkv.train import TrainConfig, evaluate_checkpoint, fastest_cpu_settings, train
 from qkv.viz import attention_heatmap, save_figure
 

@@ -6,13 +6,15 @@ so encoding runs in Rust and the file format is the one the rest of the field re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from os.path import commonprefix
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "UnknownTokenError"]
+__all__ = ["Tokenizer", "UnknownTokenError", "decode_continuation", "SEAM_CONTEXT"]
 
 
 class UnknownTokenError(ValueError):
@@ -200,6 +202,25 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+SEAM_CONTEXT = 8  # context tokens decoded before a continuation: enough for any decoder's seam rule
+
+
+def decode_continuation(tokenizer: Any, context: Sequence[int], new: Sequence[int]) -> str:
+    """The text ``new`` adds after ``context``: decode(context + new) minus decode(context).
+
+    SentencePiece-style decoders (Metaspace, as LLaMA-2, TinyLlama and Mistral ship) drop the space that begins a
+    text, so a continuation decoded on its own loses the space at the seam ("The capital is" + "Paris"); decoded
+    after its context it keeps it. Only the last ``SEAM_CONTEXT`` context tokens are decoded: the seam is local.
+    ``tokenizer`` is anything with ``decode(ids) -> str``.
+    """
+    context = list(context)[-SEAM_CONTEXT:]
+    head = tokenizer.decode(context) if context else ""
+    whole = tokenizer.decode(context + list(new))
+    if not whole.startswith(head):  # the seam changed the context's own text (a character completed across it)
+        head = commonprefix([head, whole])
+    return whole[len(head):]
 
 
 def _chunks(text: str | Iterable[str], lines_per_chunk: int = 1000) -> Iterable[str]:

@@ -50,7 +50,7 @@ def _prompts(args: argparse.Namespace) -> Iterable[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from qkv.generate import GenerationConfig, generate_text, stream_text
+    from qkv.generation import GenerationConfig, generate_text, stream_text
     from qkv.loading import load
     from qkv.models import Transformer
 

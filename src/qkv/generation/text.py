@@ -1,0 +1,95 @@
+"""Text in, text out: :func:`generate_text` and :func:`stream_text`.
+
+Each prompt is encoded as the model's own tokenizer specifies (``add_special_tokens=True``: the BOS that a
+LLaMA-style post-processor adds, as transformers does), prepared once, and its continuation decoded after the end
+of the prompt (:func:`~qkv.tokenizers.decode_continuation`), so the space at the seam survives SentencePiece-style
+decoders. The continuation is cut before a stop token or stop string (:mod:`qkv.generation.stopping`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data import left_pad, right_pad
+from ..models import DecoderLM, Transformer
+from ..tokenizers import decode_continuation
+from .config import GenerationConfig, resolve
+from .prompt import prepare
+from .sampling import run, stream_prepared
+from .stopping import StopStrings, until_stop_token
+
+__all__ = ["generate_text", "stream_text"]
+
+
+def _with_bos(cfg: GenerationConfig, model: DecoderLM | Transformer, tokenizer: Any) -> GenerationConfig:
+    """The tokenizer's BOS starts an empty prompt (or a target) when neither the call nor the model names one."""
+    if cfg.bos_token_id is None and model.config.bos_token_id is None and tokenizer.bos_id is not None:
+        return cfg.replace(bos_token_id=tokenizer.bos_id)
+    return cfg
+
+
+def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str | Sequence[str],
+                  max_new_tokens: int | None = None, *, config: GenerationConfig | None = None,
+                  **options: Any) -> str | list[str]:
+    """Text in, generated text out (the continuation only, cut before a stop token or stop string).
+
+    One string gives one string; a list gives a list, decoded as one padded batch. For a Transformer the
+    prompts are source sentences and the result their targets.
+    """
+    cfg = _with_bos(resolve(config, max_new_tokens, options), model, tokenizer)
+    single = isinstance(prompts, str)
+    encoded = [tokenizer.encode(t, add_special_tokens=True) for t in ([prompts] if single else list(prompts))]
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_id or 0)
+    seq2seq = isinstance(model, Transformer)
+    prompt = prepare(model, *(right_pad if seq2seq else left_pad)(encoded, pad), cfg)
+    out = run(model, prompt, cfg, tokenizer)
+    stop_strings = StopStrings(cfg.stop_strings)
+    results = []
+    for context, tokens in zip(encoded, out[:, prompt.start.shape[1]:].tolist(), strict=True):
+        text = decode_continuation(tokenizer, [] if seq2seq else context, until_stop_token(tokens, prompt.stop))
+        cut = stop_strings.find(text)
+        results.append(text if cut < 0 else text[:cut])
+    return results[0] if single else results
+
+
+def stream_text(model: DecoderLM | Transformer, tokenizer: Any, prompt: str, max_new_tokens: int | None = None,
+                *, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
+    """Yield the continuation of one prompt as pieces of text, as soon as they are certain.
+
+    The prompt is encoded and every input checked here, before the first piece (an error comes before any
+    output). A piece is held back while it might still turn out to begin a stop string, or while it ends
+    inside a multi-byte character (byte-level BPE); the stop string itself is never yielded.
+    """
+    cfg = _with_bos(resolve(config, max_new_tokens, options), model, tokenizer)
+    encoded = tokenizer.encode(prompt, add_special_tokens=True)
+    prepared = prepare(model, torch.tensor([encoded], dtype=torch.long), None, cfg)
+    tokens = stream_prepared(model, prepared, cfg, tokenizer)  # checks the rest now
+    context = [] if isinstance(model, Transformer) else encoded
+    return _pieces(tokens, tokenizer, context, prepared.stop, StopStrings(cfg.stop_strings))
+
+
+def _pieces(tokens: Iterator[Tensor], tokenizer: Any, context: list[int], stop: tuple[int, ...],
+            stop_strings: StopStrings) -> Iterator[str]:
+    """The pieces :func:`stream_text` yields, from the (1,) token tensors of :func:`~qkv.generation.stream`."""
+    generated: list[int] = []
+    text, emitted = "", 0
+    for token in tokens:
+        t = int(token[0])
+        if t in stop:
+            break
+        generated.append(t)
+        text = decode_continuation(tokenizer, context, generated)
+        cut = stop_strings.find(text, emitted)
+        if cut >= 0:
+            text = text[:cut]
+            break
+        safe = len(text) - stop_strings.hold - (1 if text.endswith("\ufffd") else 0)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
