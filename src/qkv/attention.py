@@ -261,6 +261,23 @@ class KVCache:
         self.length = 0
         self.static = False
 
+    def allocate(self, batch: int, n_heads: int, d_k: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> KVCache:
+        """Allocate the ``(batch, n_heads, max_len, d_k)`` keys and values now (a fixed shape from the start)."""
+        self.keys = torch.empty(batch, n_heads, self.max_len, d_k, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        return self
+
+    def drop_oldest(self, n: int) -> None:
+        """Forget the ``n`` oldest positions, in place: the rest move to the front (a sliding window)."""
+        if n <= 0 or self.keys is None:
+            return
+        keep = self.length - n
+        if keep > 0:  # clone: source and destination overlap
+            self.keys[:, :, :keep] = self.keys[:, :, n : self.length].clone()
+            self.values[:, :, :keep] = self.values[:, :, n : self.length].clone()
+        self.length = max(keep, 0)
+
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``(batch, heads, new, d_k)`` keys/values after the ones held; return all of them."""
         new = keys.shape[-2]
@@ -269,7 +286,7 @@ class KVCache:
             self.values = values if self.values is None else torch.cat([self.values, values], dim=-2)
             self.length += new
             return self.keys, self.values
-        if self.keys is None:
+        if self.keys is None or (self.length == 0 and self.keys.dtype != keys.dtype):  # (autocast changes it)
             b, h, _, d = keys.shape
             self.keys = keys.new_empty(b, h, self.max_len, d)
             self.values = values.new_empty(b, h, self.max_len, values.shape[-1])
@@ -288,8 +305,14 @@ class KVCache:
         self.keys, self.values, self.length, self.static = keys, values, keys.shape[-2], True
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (beam search reorders hypotheses every step)."""
-        if self.keys is not None:
+        """Keep batch rows ``index`` (beam search reorders hypotheses every step); a preallocated cache keeps
+        its memory (rows are copied in place)."""
+        if self.keys is None:
+            return
+        if self.max_len is not None and not self.static and len(index) == self.keys.shape[0]:
+            self.keys.copy_(self.keys.index_select(0, index))
+            self.values.copy_(self.values.index_select(0, index))
+        else:
             self.keys = self.keys.index_select(0, index)
             self.values = self.values.index_select(0, index)
 

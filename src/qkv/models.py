@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .attention import KVCache, check_mask, padding_mask
 from .blocks import DecoderBlock, EncoderBlock, Stack, make_norm
 from .config import ModelConfig
+from .decode_state import DecodeState
 from .positions import PositionalEncoding, build_positional
 
 __all__ = ["Embeddings", "positional_encoding", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES",
@@ -89,15 +90,30 @@ class _Model(nn.Module):
                 raise ValueError(f"{name} holds token ids outside [0, vocab_size={self.config.vocab_size}): "
                                  f"min {low}, max {high}")
 
+    def check_fits(self, n_tokens: int, max_new_tokens: int = 0, *, sliding_window: bool = False,
+                   what: str = "sequence") -> None:
+        """Does a request fit the model's context? Raise ValueError, naming the numbers and the fix, when not.
+
+        ``n_tokens`` tokens are fed at once (a prompt, a source sentence, a target's start token), then
+        ``max_new_tokens`` are generated one by one; the last is never fed back, so they need
+        n_tokens + max_new_tokens - 1 positions of ``max_seq_len``. With ``sliding_window`` generation goes past
+        the context (see ``qkv.decode_state``), so only the ``n_tokens`` must fit.
+        """
+        limit = self.config.max_seq_len
+        if n_tokens > limit:
+            raise ValueError(f"{what} of {n_tokens} tokens is longer than max_seq_len={limit} allows; shorten it "
+                             f"(keep its last {limit} tokens at most) or build the model with a larger max_seq_len")
+        used = n_tokens + max_new_tokens - 1
+        if not sliding_window and used > limit:
+            raise ValueError(f"{what} of {n_tokens} tokens + max_new_tokens={max_new_tokens} need {used} positions "
+                             f"but the model's context is max_seq_len={limit}; lower max_new_tokens to at most "
+                             f"{limit - n_tokens + 1}, shorten the {what}, or slide a window past the context "
+                             "(sliding_window=True)")
+
     def _positions(self, ids: Tensor, past: int, positions: Tensor | None) -> Tensor:
-        n = past + ids.shape[1]
-        if n > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {n} tokens is longer than max_seq_len={self.config.max_seq_len} allows; "
-                "shorten the input or build the model with a larger max_seq_len"
-            )
+        self.check_fits(past + ids.shape[1])
         if positions is None:
-            return torch.arange(past, n, device=ids.device).unsqueeze(0)
+            return torch.arange(past, past + ids.shape[1], device=ids.device).unsqueeze(0)
         if positions.shape[-1] != ids.shape[1]:
             raise ValueError(f"positions {tuple(positions.shape)} must match ids {tuple(ids.shape)}")
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len):
@@ -164,6 +180,69 @@ class _Model(nn.Module):
         n = self.config.n_decoder_layers if layers is None else layers
         return [KVCache(self.config.max_seq_len if max_len is None else max_len) for _ in range(n)]
 
+    # -- decoding with a DecodeState --------------------------------------------------------------------------
+    def new_decode_state(self, batch: int, max_len: int | None = None, *, sliding_window: bool = True
+                         ) -> DecodeState:
+        """The state for decoding ``batch`` rows step by step (see ``qkv.decode_state``), to pass as
+        ``decode_state=`` to ``DecoderLM.forward`` / ``Transformer.decode``.
+
+        ``max_len``: the most tokens a row will feed (prompt + new tokens - 1; default and at most: max_seq_len
+        positions are allocated). Past ``max_seq_len`` the state slides a window of the last max_seq_len tokens;
+        ``sliding_window=False`` refuses instead (here when ``max_len`` is already too long).
+        """
+        if not isinstance(self, (DecoderLM, Transformer)):
+            raise TypeError(f"a {type(self).__name__} does not decode step by step; use a DecoderLM or Transformer")
+        c = self.config
+        max_len = c.max_seq_len if max_len is None else max_len
+        if not isinstance(batch, int) or batch < 1 or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"batch={batch!r} and max_len={max_len!r} must be positive integers")
+        if not sliding_window:
+            self.check_fits(max_len, what="max_len")
+        capacity = min(max_len, c.max_seq_len)
+        weight = self.output_weight()
+        caches = [KVCache(capacity).allocate(batch, c.n_kv_heads or c.n_heads, c.d_k, dtype=weight.dtype,
+                                             device=weight.device) for _ in range(c.n_decoder_layers)]
+        cross = [KVCache(0) for _ in range(c.n_decoder_layers)] if isinstance(self, Transformer) else None
+        return DecodeState(batch=batch, capacity=capacity, max_len=max_len, max_seq_len=c.max_seq_len,
+                           positional=c.positional, sliding_window=sliding_window, caches=caches,
+                           cross_caches=cross, device=weight.device)
+
+    def _decode_step(self, stack: Stack, ids: Tensor, mask: Tensor | None, state: DecodeState, need_weights: bool,
+                     name: str, **cross) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Feed the new tokens ``ids`` (batch, t) through ``stack`` with the state's caches → (hidden, weights)."""
+        b, t = ids.shape
+        if not state.checked:  # the first call checks; later steps skip the checks
+            self._check_ids(ids, name)
+            if b != state.batch:
+                raise ValueError(f"{name} has {b} rows but the decode state was created for batch={state.batch}")
+            if mask is not None:
+                mask = self._key_mask(mask, b, t, "attention_mask")[:, 0, 0]
+                mask = None if bool(mask.all()) else mask  # nothing is padding: the fast path needs no mask
+            state.checked = True
+        elif mask is not None:
+            mask = mask.bool()
+        if state.length + t > state.capacity:  # past the context: slide the window
+            if t > 1:  # one token at a time, so each sees the window it would see alone
+                outs = [self._decode_step(stack, ids[:, i : i + 1], None if mask is None else mask[:, i : i + 1],
+                                          state, need_weights, name, **cross) for i in range(t)]
+                return torch.cat([o[0] for o in outs], 1), [w for o in outs for w in o[1]], [
+                    w for o in outs for w in o[2]]
+            if state.free(state.length + t - state.capacity) and not state.rolls:
+                # absolute positions: re-encode the window from position 0, then take the new token's output
+                old_ids, old_mask = state.window()
+                if mask is not None or old_mask is not None:
+                    mask = torch.cat([torch.ones_like(old_ids, dtype=torch.bool) if old_mask is None else old_mask,
+                                      torch.ones_like(ids, dtype=torch.bool) if mask is None else mask], 1)
+                x, sw, cw = self._decode_step(stack, torch.cat([old_ids, ids], 1), mask, state, need_weights,
+                                              name, **cross)
+                return x[:, -t:], sw, cw
+        positions = state.add(ids, mask)
+        pe = self.embed.positional
+        x = self.embed(ids, positions)
+        return stack(x, mask=state.key_mask(), causal=True, caches=state.caches, need_weights=need_weights,
+                     rotate=pe.rotary(positions, state.fed), bias=pe.attention_bias(t, state.length, ids.device),
+                     **cross)
+
 
 class Encoder(_Model):
     """Encoder-only Transformer: h = EncoderBlock^N(Embed(x)), every token attending to every real token."""
@@ -204,13 +283,21 @@ class DecoderLM(_Model):
         self.init_weights()
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
-                cache: list[KVCache] | None = None, return_attention: bool = False,
-                return_hidden: bool = False):
+                cache: list[KVCache] | None = None, decode_state: DecodeState | None = None,
+                return_attention: bool = False, return_hidden: bool = False):
         """ids (batch, seq) → logits (batch, seq, vocab) [, attention per layer].
 
-        With ``cache`` (from ``new_cache()``), ids are the *new* tokens only, and ``attention_mask`` (if any)
+        With ``decode_state`` (from ``new_decode_state()``), ids are the *new* tokens only (the prompt, then one
+        token per step), ``attention_mask`` covers those same tokens (left padding of the prompt), and the
+        state keeps the keys, values, positions and mask of the earlier ones; it slides past the context.
+        With ``cache`` (from ``new_cache()``), ids are the new tokens only and ``attention_mask`` (if any)
         covers the cached and the new tokens: (batch, past + seq).
         """
+        if decode_state is not None:
+            x, weights, _ = self._decode_step(self.layers, ids, attention_mask, decode_state, return_attention,
+                                              "ids")
+            out = x if return_hidden else self.logits(x)
+            return (out, weights) if return_attention else out
         self._check_ids(ids)
         b, t = ids.shape
         past = cache[0].length if cache else 0
@@ -255,12 +342,27 @@ class Transformer(_Model):
     def decode(self, tgt_ids: Tensor, memory: Tensor | None, src_attention_mask: Tensor | None = None,
                tgt_attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
                cache: list[KVCache] | None = None, cross_cache: list[KVCache] | None = None,
-               return_attention: bool = False):
+               decode_state: DecodeState | None = None, return_attention: bool = False):
         """tgt_ids (batch, tgt_seq) + memory → logits (batch, tgt_seq, vocab) [, (self, cross) weights].
 
-        With ``cache``/``cross_cache`` (from ``new_cache()``) tgt_ids are the new tokens only; the encoder's
-        keys and values are projected once, on the first call, and ``memory`` may be None afterwards.
+        With ``decode_state`` (from ``new_decode_state()``) tgt_ids are the new tokens only; on the first call
+        the encoder's keys and values (from ``memory``) and ``src_attention_mask`` go into the state, and
+        ``memory`` may be None afterwards. ``cache``/``cross_cache`` (from ``new_cache()``) work the same way.
         """
+        if decode_state is not None:
+            state = decode_state
+            first = state.cross_caches[0].keys is None
+            if first:
+                if memory is None:
+                    raise ValueError("the first decode step with a decode state needs the encoder output: pass "
+                                     "memory=model.encode(src_ids, src_attention_mask)")
+                state.source_mask = self._key_mask(src_attention_mask, state.batch, memory.shape[1],
+                                                   "src_attention_mask")
+            x, self_w, cross_w = self._decode_step(
+                self.decoder, tgt_ids, tgt_attention_mask, state, return_attention, "tgt_ids",
+                context=memory if first else None, context_mask=state.source_mask, cross_caches=state.cross_caches)
+            logits = self.logits(x)
+            return (logits, self_w, cross_w) if return_attention else logits
         self._check_ids(tgt_ids, "tgt_ids")
         b, t = tgt_ids.shape
         past = cache[0].length if cache else 0

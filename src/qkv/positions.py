@@ -82,8 +82,11 @@ class PositionalEncoding(nn.Module):
         """x (batch, seq, d_model) → x with position information added (identity here)."""
         return x
 
-    def rotary(self, positions: Tensor) -> Callable[[Tensor], Tensor] | None:
-        """A function applied to queries and keys (batch, heads, seq, d_k), or None."""
+    def rotary(self, positions: Tensor, limit: int | None = None) -> Callable[[Tensor], Tensor] | None:
+        """A function applied to queries and keys (batch, heads, seq, d_k), or None.
+
+        ``limit``: an upper bound (exclusive) on ``positions`` known to the caller; past ``max_positions`` a
+        relative encoding computes its values instead of reading its table (decoding past the context)."""
         return None
 
     def attention_bias(self, n_queries: int, n_keys: int, device: torch.device) -> Tensor | None:
@@ -151,14 +154,26 @@ class RotaryPositions(PositionalEncoding):
         super().__init__(max_positions)
         if d_k % 2 != 0:
             raise ValueError(f"RoPE rotates pairs of dimensions: d_k={d_k} must be even")
-        angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * _inverse_frequencies(d_k, base)
-        angles = torch.cat([angles, angles], dim=-1)  # (max_positions, d_k)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.d_k, self.base = d_k, base
+        cos, sin = self.cos_sin(torch.arange(max_positions))  # (max_positions, d_k): the table
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def rotary(self, positions: Tensor) -> Callable[[Tensor], Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # (batch, 1, seq, d_k)
-        sin = self.sin[positions].unsqueeze(1)
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos(pos·w_i), sin(pos·w_i) for any positions (..., seq) → two float32 (..., seq, d_k) tensors.
+
+        Computed in float64 and rounded once: the table's values exactly, also for positions past it."""
+        frequencies = _inverse_frequencies(self.d_k, self.base).to(positions.device)
+        angles = positions.to(torch.float64)[..., None] * frequencies
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().float(), angles.sin().float()
+
+    def rotary(self, positions: Tensor, limit: int | None = None) -> Callable[[Tensor], Tensor]:
+        if limit is not None and limit > self.max_positions:  # past the table (a sliding window kept counting)
+            cos, sin = (t.unsqueeze(1) for t in self.cos_sin(positions))
+        else:
+            cos = self.cos[positions].unsqueeze(1)  # (batch, 1, seq, d_k)
+            sin = self.sin[positions].unsqueeze(1)
 
         def rotate(x: Tensor) -> Tensor:
             return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
