@@ -131,6 +131,14 @@ def test_scale_quick_mode_entropy_falls_with_d_k_only_without_the_scale(out):
     assert max(scaled) - min(scaled) < 0.1
     assert unscaled[-1] < 0.25 * scaled[-1]
     assert rows[-1]["largest weight, without"] > 0.9 > 0.2 > rows[-1]["largest weight, with 1/sqrt(d_k)"]
+    # a fresh qkv model (projections at std 0.02) starts far from saturation at small d_k, close to it at 512
+    model = result.table("in a qkv model at initialisation")
+    assert model[0]["entropy, without"] == pytest.approx(model[0]["entropy, with 1/sqrt(d_k)"], abs=0.05)
+    assert model[-1]["entropy, without"] < 0.5 * model[-1]["entropy, with 1/sqrt(d_k)"]
+    # bf16 keeps fp32's range: nothing overflows, but rounding large unscaled scores moves the weights more
+    bf16 = result.table("in bf16 at initialisation")[-1]
+    assert bf16["bf16 non-finite, without"] == bf16["bf16 non-finite, with 1/sqrt(d_k)"] == 0
+    assert bf16["bf16 weight error, without"] > 3 * bf16["bf16 weight error, with 1/sqrt(d_k)"]
     for row in result.table("training"):
         assert row["diverged at step"] is None or row["diverged at step"] >= 1
 
@@ -179,8 +187,10 @@ def test_a_model_without_the_scale_computes_softmax_of_qk_without_dividing(posit
 def test_study_command_rejects_bad_flags_in_one_line(capsys):
     assert main(["study", "scale", "--threads", "0"]) == 2
     assert main(["study", "positions", "--data", "x.zip"]) == 2
+    assert main(["study", "order", "--bf16"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and "--threads=0" in lines[0] and "order study only" in lines[1]
+    assert len(lines) == 3 and "--threads=0" in lines[0] and "order study only" in lines[1]
+    assert "scale study only" in lines[2]
 
 
 def test_markdown_table_writes_n_a_for_missing_values():

@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="order study only: a Tatoeba zip or english<TAB>other file (default: "
                         "data/tatoeba-fra-eng-2017-09-29.zip)")
+    p.add_argument("--bf16", action="store_true",
+                   help="scale study only: add bf16-autocast training runs (slow on CPUs without bf16 units)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -43,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
     if args.data is not None and args.study != "order":
         raise ValueError(f"--data is read by the order study only; leave it out for {args.study}")
+    if args.bf16 and args.study != "scale":
+        raise ValueError(f"--bf16 is read by the scale study only; leave it out for {args.study}")
     torch.set_num_threads(args.threads or usable_cores())  # for this command only, never on import
-    extra = {"data": args.data} if args.study == "order" else {}
+    extra = {"data": args.data} if args.study == "order" else {"bf16": True} if args.bf16 else {}
     result = STUDIES[args.study](quick=args.quick, out_dir=args.out, seed=args.seed,
                                  progress=not args.no_progress, **extra)
     print((result.out_dir / "results.md").read_text())

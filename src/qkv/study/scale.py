@@ -13,9 +13,11 @@ Two measurements:
   weight exceeds 0.99, and the norm of the gradient reaching the scores through the softmax,
   ∂L/∂s = w ⊙ (u - Σ_j w_j u_j) with u = ∂L/∂w; beside them the entropy in a freshly built qkv model
   (LayerNorm'd inputs, projections initialised at ``init_std``), where the projections start small;
+- the same q, k, v in bfloat16: how far its rounding moves the attention weights, and whether any come out
+  NaN or infinite;
 - a short training run of a small decoder on tiny Shakespeare with and without the scale, at one learning rate,
-  in fp32 and in bf16, with qkv's initialisation (``init_std`` 0.02, GPT-2's) and with the paper's (Xavier:
-  ``init_std`` = d_model^-0.5, so q and k start with unit-variance entries).
+  with qkv's initialisation (``init_std`` 0.02, GPT-2's) and with the paper's (Xavier: ``init_std`` =
+  d_model^-0.5, so q and k start with unit-variance entries); in fp32, and with ``bf16=True`` in bf16 too.
 
 The model without the scale is an ordinary qkv model whose positional encoding is wrapped by
 :class:`WithoutScale`: it multiplies queries and keys by d_k^(1/4) right before the product (through the hook
@@ -25,6 +27,7 @@ forward and the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +45,8 @@ from ..positions import PositionalEncoding
 from ..train import NextToken, TrainConfig
 from .fit import fit, shakespeare
 from .report import Progress, StudyResult, pyplot, save_figure, write_result
+
+BF16_KEYS = ("largest |score|", "bf16 weight error", "bf16 non-finite")
 
 __all__ = ["ScaleSettings", "scale_study", "WithoutScale", "without_scale", "attention_at_init",
            "model_attention_entropy"]
@@ -82,18 +87,25 @@ def attention_at_init(d_k: int, *, scaled: bool, n_keys: int = 128, n_rows: int 
                       generator: torch.Generator) -> dict[str, float]:
     """Unit-variance q, k, v ``(n_rows / n_keys, 1, n_keys, d_k)`` through scaled_dot_product_attention →
     mean entropy of a row of weights (nats), mean largest weight, share of rows above 0.99, and the mean norm
-    of ∂L/∂scores per row for L = Σ out ⊙ g, g with entries N(0, 1/d_k) (so g·v has unit variance)."""
+    of ∂L/∂scores per row for L = Σ out ⊙ g, g with entries N(0, 1/d_k) (so g·v has unit variance); and, the
+    same q, k, v in bfloat16, the largest |score| and the largest change of any weight against float32."""
     batch = max(1, n_rows // n_keys)
     q, k, v = (torch.randn(batch, 1, n_keys, d_k, generator=generator) for _ in range(3))
     g = torch.randn(batch, 1, n_keys, d_k, generator=generator) / math.sqrt(d_k)
-    _, weights = scaled_dot_product_attention(q, k, v, scale=None if scaled else 1.0)
+    scale = None if scaled else 1.0
+    _, weights = scaled_dot_product_attention(q, k, v, scale=scale)
     entropy = -torch.special.xlogy(weights, weights).sum(-1)  # (batch, 1, n_keys)
     largest = weights.max(-1).values
     u = g @ v.transpose(-2, -1)  # ∂L/∂w_ij = g_i · v_j
     grad_scores = weights * (u - (weights * u).sum(-1, keepdim=True))  # the softmax's backward
+    _, weights_bf16 = scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=scale)
+    scores = (q @ k.transpose(-2, -1)) * (d_k ** -0.5 if scaled else 1.0)
     return {"entropy": float(entropy.mean()), "largest weight": float(largest.mean()),
             "rows > 0.99": float((largest > 0.99).float().mean()),
-            "grad at scores": float(grad_scores.norm(dim=-1).mean())}
+            "grad at scores": float(grad_scores.norm(dim=-1).mean()),
+            "largest |score|": float(scores.abs().max()),
+            "bf16 weight error": float((weights_bf16.float() - weights).abs().max()),
+            "bf16 non-finite": int((~torch.isfinite(weights_bf16)).sum())}
 
 
 @torch.no_grad()
@@ -122,10 +134,12 @@ class ScaleSettings:
     n_layers: int = 2
     context: int = 64
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 200
     lr: float = 3e-3
     warmup: int = 20
-    bf16: bool = True
+    # bf16 training runs too. Off by default: on a CPU without bf16 matrix units (AVX512_BF16, AMX) a bf16
+    # autocast step of this model took 3.3 s against 0.25 s in fp32 (measured on 2-core AMD EPYC, one thread).
+    bf16: bool = False
 
     @property
     def d_k(self) -> int:
@@ -137,32 +151,35 @@ QUICK = ScaleSettings(n_keys=64, n_rows=512, d_model=64, n_layers=1, context=32,
 
 
 def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed: int = 0, progress: bool = True,
-                settings: ScaleSettings | None = None) -> StudyResult:
+                bf16: bool | None = None, settings: ScaleSettings | None = None) -> StudyResult:
     """Measure attention with and without 1/sqrt(d_k) at initialisation and in training; write
-    ``<out_dir>/scale/``; → the result with tables ``at initialisation`` and ``training``."""
+    ``<out_dir>/scale/``; → the result with tables ``at initialisation``, ``in a qkv model at initialisation``,
+    ``in bf16 at initialisation`` and ``training``. ``bf16=True`` adds bf16-autocast training runs."""
     s = settings or (QUICK if quick else FULL)
+    if bf16 is not None:
+        s = dataclasses.replace(s, bf16=bf16)
     started = time.perf_counter()
     out = Path(out_dir) / "scale"
     inits = {"qkv (std 0.02)": 0.02, "paper (Xavier)": s.d_model ** -0.5}
     dtypes = ("fp32", "bf16") if s.bf16 else ("fp32",)
     runs = [(init, dtype, scaled) for init in inits for dtype in dtypes for scaled in (True, False)]
-    init_rows = []
+    init_rows, model_rows, bf16_rows = [], [], []
     curves: dict[str, list[float]] = {}
     train_rows = []
     with Progress(len(s.d_ks) + len(runs) * s.steps, "qkv study scale", enabled=progress) as bar:
         for d_k in s.d_ks:
-            row: dict = {"d_k": d_k}
+            row, model_row, bf16_row = {"d_k": d_k}, {"d_k": d_k}, {"d_k": d_k}
             for scaled in (True, False):
                 tag = "with 1/sqrt(d_k)" if scaled else "without"
                 measured = attention_at_init(d_k, scaled=scaled, n_keys=s.n_keys, n_rows=s.n_rows,
                                              generator=torch.Generator().manual_seed(seed + d_k))
                 for name, value in measured.items():
-                    row[f"{name}, {tag}"] = value
-            for scaled in (True, False):
-                tag = "with" if scaled else "without"
-                row[f"entropy in a qkv model, {tag}"] = model_attention_entropy(
-                    d_k, scaled=scaled, init_std=0.02, n_keys=s.n_keys, seed=seed)
+                    (bf16_row if name in BF16_KEYS else row)[f"{name}, {tag}"] = value
+                model_row[f"entropy, {tag}"] = model_attention_entropy(d_k, scaled=scaled, init_std=0.02,
+                                                                       n_keys=s.n_keys, seed=seed)
             init_rows.append(row)
+            model_rows.append(model_row)
+            bf16_rows.append(bf16_row)
             bar.update(1, f"d_k {d_k}")
 
         tokenizer, splits = shakespeare()
@@ -199,11 +216,18 @@ def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
                               f"{s.n_heads} head(s) (d_k {s.d_k}), context {s.context}, batch {s.batch_size}, "
                               f"{s.steps} steps, lr {s.lr} (warm-up {s.warmup}, cosine), AdamW, clip 1.0",
                   "seed": seed, "threads": torch.get_num_threads()},
-        tables={"at initialisation": init_rows, "training": train_rows},
+        tables={"at initialisation": init_rows, "in a qkv model at initialisation": model_rows,
+                "in bf16 at initialisation": bf16_rows, "training": train_rows},
         captions={
             "at initialisation": f"Entropy in nats (uniform over {s.n_keys} keys: {math.log(s.n_keys):.2f}); "
                                  "largest weight: mean over rows of max_j w_ij; grad at scores: mean norm of "
-                                 "∂L/∂s per row. The last two columns: a fresh qkv model (causal, init_std 0.02).",
+                                 "∂L/∂s per row.",
+            "in a qkv model at initialisation": "The first layer of a fresh one-head qkv decoder with d_model = d_k "
+                                                "(LayerNorm'd inputs, projections at init_std 0.02, causal) on "
+                                                "random tokens: entropy of its attention rows in nats.",
+            "in bf16 at initialisation": "The same q, k, v as the first table, in bfloat16: the largest |score| "
+                                         "(in float32), the largest change of any attention weight against "
+                                         "float32, and how many weights came out NaN or infinite.",
             "training": "Cross-entropy in nats per character; diverged: the step whose loss or gradient was not "
                         "finite (n/a: never); largest attention weight: mean over rows, layers and validation "
                         "batches after training.",
