@@ -97,7 +97,7 @@ def test_grid_panels_hold_each_head_with_token_labels():
     found = attention_maps(model, tokenizer, "the cat sat")
     maps = found.maps["encoder"]
     fig = attention_grid(maps, *found.labels("encoder"), title="t")
-    axes = np.array(fig.axes).reshape(maps.shape[0], maps.shape[1])
+    axes = np.array(fig.axes[: maps.shape[0] * maps.shape[1]]).reshape(maps.shape[0], maps.shape[1])
     for layer in range(maps.shape[0]):
         for head in range(maps.shape[1]):
             drawn = axes[layer, head].images[0].get_array()
@@ -279,3 +279,50 @@ def test_cli_reads_the_text_from_stdin(checkpoints, tmp_path, monkeypatch, capsy
 
 def test_label_whitespace_is_visible():
     assert visible(" a\n") == "␣a⏎" and visible("") == "∅"
+
+
+def _pixel(fig, ax, row: int, column: int) -> tuple[int, ...]:
+    """The RGBA colour drawn at the centre of cell (row, column) of a heatmap."""
+    fig.canvas.draw()
+    x, y = ax.transData.transform((column, row))
+    image = np.asarray(fig.canvas.buffer_rgba())
+    return tuple(int(v) for v in image[image.shape[0] - int(round(y)), int(round(x))])
+
+
+def test_masked_cells_are_drawn_unlike_weight_zero_and_the_colour_bar_is_named():
+    import matplotlib.pyplot as plt
+
+    from qkv.attention import causal_mask
+
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])  # (1, 0) and (2, 1): weight 0
+    mask = causal_mask(3)
+    fig = attention_heatmap(weights, ["a", "b", "c"], mask=mask, title="t")
+    ax, bar = fig.axes
+    assert bar.get_ylabel() == "attention weight"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("key (attended to)", "query (attending)")
+    drawn = ax.images[0].get_array()
+    assert np.array_equal(np.ma.getmaskarray(drawn), ~mask.numpy())  # exactly the cells the mask forbids
+    zero, masked = _pixel(fig, ax, 1, 0), _pixel(fig, ax, 0, 2)
+    assert zero != masked and _pixel(fig, ax, 2, 1) == zero  # weight 0 looks like weight 0, not like masked
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["masked: may not attend"]
+    plt.close(fig)
+
+
+def test_grids_name_both_axes_share_one_named_scale_and_count_from_zero(checkpoints, tmp_path):
+    import matplotlib.pyplot as plt
+
+    model, tokenizer = tiny("decoder")
+    found = attention_maps(model, tokenizer, "the cat")
+    maps = found.maps["decoder_self"]
+    fig = attention_grid(maps, *found.labels("decoder_self"), title="t", mask=found.mask("decoder_self"))
+    assert fig.get_supxlabel() == "key (attended to)" and fig.get_supylabel() == "query (attending)"
+    assert "layers and heads count from 0" in fig.get_suptitle()
+    panels, bar = fig.axes[:-1], fig.axes[-1]
+    assert bar.get_ylabel() == "attention weight"
+    assert {ax.images[0].get_clim() for ax in panels} == {(0.0, 1.0)}  # one scale for every panel
+    future = ~found.mask("decoder_self").numpy()
+    assert future.sum() == 7 * 6 // 2 and all(np.array_equal(np.ma.getmaskarray(ax.images[0].get_array()), future)
+                                              for ax in panels)
+    assert [ax.get_title() for ax in panels[: maps.shape[1]]] == [f"head {h}" for h in range(maps.shape[1])]
+    assert [panels[r * maps.shape[1]].get_ylabel() for r in range(maps.shape[0])] == ["layer 0", "layer 1"]
+    plt.close(fig)

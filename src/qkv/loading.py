@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .checkpoint import PICKLE_SUFFIXES, is_qkv_checkpoint, load_checkpoint
+from .devices import resolve_device
 from .interop import is_hf_directory, load_gguf, load_hf
 from .tokenizers import Tokenizer
 
@@ -56,6 +57,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     """Load a qkv checkpoint (a ``step-*`` directory or a training run directory), a Hugging Face directory or a
     GGUF file → ``Loaded(model, tokenizer)``. ``dtype`` (e.g. ``torch.bfloat16``) casts the model after loading."""
     path = Path(path)
+    device = resolve_device(device)  # a device this torch lacks is one clear error, before any file is read
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (e.g. one `qkv train` wrote)")
     for _, recognises, loader in LOADERS:

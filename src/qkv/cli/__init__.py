@@ -49,12 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError, MemoryError) as err:
         if os.environ.get("QKV_DEBUG"):
             raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"qkv {args.command}: error: {message}", file=sys.stderr)
+        print(f"qkv {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an expected error: its message; an operating-system error names the file and the reason
+    (``/proc/x.png: No such file or directory``); running out of memory names the way out."""
+    if isinstance(err, MemoryError):
+        return "out of memory; try a shorter text, a smaller model or smaller sizes"
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

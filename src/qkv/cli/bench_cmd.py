@@ -7,6 +7,7 @@ even when the absolute figures do not.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 
 SUITES = ("training", "attention", "generate", "all")
@@ -30,17 +31,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+# suite → the libraries it measures qkv against (import names), all in the ``bench`` extra
+CONTENDERS = {"training": ("transformers", "x_transformers"), "generate": ("transformers",)}
+
+
+def require_contenders(suites: tuple[str, ...]) -> None:
+    """Refuse before measuring anything when a suite's contenders are not installed, naming the extra."""
+    missing = sorted({m for s in suites for m in CONTENDERS.get(s, ()) if not _installed(m)})
+    if missing:
+        names = " and ".join(m.replace("_", "-") for m in missing)
+        needing = " and ".join(s for s in suites if set(CONTENDERS.get(s, ())) & set(missing))
+        raise ImportError(f"the {needing} benchmark compares qkv "
+                          f"with {names}, which this Python lacks: pip install 'qkv[bench]' (qkv bench attention "
+                          "needs neither)")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module set to None in sys.modules
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qkv.devices import resolve_device
     from qkv.train import usable_cores
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
-    torch.set_num_threads(args.threads or usable_cores())  # set here, for the benchmark only, never on import
+    device = resolve_device(args.device)
     suites = ("training", "attention", "generate") if args.suite == "all" else (args.suite,)
+    require_contenders(suites)
+    torch.set_num_threads(args.threads or usable_cores())  # set here, for the benchmark only, never on import
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"qkv bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}", flush=True)
     for suite in suites:
@@ -49,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             from qkv.bench.training import format_training_table, training_benchmark
 
             rows = training_benchmark(quick=args.quick, compile=args.compile, repeats=args.repeats,
-                                      device=args.device, bf16=True if args.bf16 else None)
+                                      device=device, bf16=True if args.bf16 else None)
             print(format_training_table(rows), flush=True)
         elif suite == "attention":
             from qkv.bench.attention import attention_benchmark, format_attention_table

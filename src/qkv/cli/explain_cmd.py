@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .show_cmd import load_model, read_text
 
+    if args.dims < 0:
+        raise ValueError(f"--dims={args.dims} must be >= 0 (0 shows every entry)")
     text = read_text(args.text)
     model, tokenizer = load_model(args.checkpoint)
     kind = args.kind or attention_kinds(model)[0]

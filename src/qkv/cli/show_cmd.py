@@ -130,13 +130,14 @@ def run_attention(args: argparse.Namespace) -> int:
             panels = None
         if panels is None:
             layers = None if args.layer is None else [check_index("layer", args.layer, n_layers)]
-            fig = attention_grid(maps, queries, keys, title=title, layers=layers)
+            fig = attention_grid(maps, queries, keys, title=title, layers=layers, mask=found.mask(kind))
         elif len(panels) == 1 and not args.lines and token is None:
             (layer, (head,)), = panels
-            fig = attention_heatmap(maps[layer, head], queries, keys,
-                                    title=f"{KIND_TITLES[kind]}, layer {layer}, head {head}")
+            fig = attention_heatmap(maps[layer, head], queries, keys, mask=found.mask(kind),
+                                    title=f"{KIND_TITLES[kind]}, layer {layer}, head {head} (counting from 0)")
         else:
-            fig = attention_panels(maps, queries, keys, panels, lines=args.lines, token=token, title=title)
+            fig = attention_panels(maps, queries, keys, panels, lines=args.lines, token=token, title=title,
+                                   mask=found.mask(kind))
         path = save_figure(fig, _suffixed(out, kind) if len(kinds) > 1 else out, dpi=args.dpi)
         print(f"wrote {path}  ({KIND_TITLES[kind]}: {n_layers} layers x {n_heads} heads)")
         if token is not None:
@@ -153,8 +154,6 @@ def run_attention(args: argparse.Namespace) -> int:
 def run_positions(args: argparse.Namespace) -> int:
     from qkv.viz import encoding_for_kind, positions_figure, save_figure
 
-    if args.positions < 2:
-        raise ValueError(f"--positions={args.positions} must be at least 2")
     out = Path(args.out)
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)

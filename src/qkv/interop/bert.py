@@ -133,9 +133,14 @@ def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
     special tokens (BERT: [CLS] … [SEP]). A text longer than ``max_len`` tokens is an error."""
     if isinstance(texts, str) or not texts:
         raise ValueError("pass a non-empty list of texts")
+    try:
+        batch = tokenizer.backend.encode_batch(list(texts), add_special_tokens=True)
+    except Exception:
+        for text in texts:  # the precise error (which characters the vocabulary lacks) for the text at fault
+            tokenizer.encode(text)
+        raise
     # keep only real tokens, in case the tokenizer file switches padding on
-    encoded = [[i for i, real in zip(e.ids, e.attention_mask, strict=True) if real]
-               for e in tokenizer.backend.encode_batch(list(texts), add_special_tokens=True)]
+    encoded = [[i for i, real in zip(e.ids, e.attention_mask, strict=True) if real] for e in batch]
     for i, ids in enumerate(encoded):
         if len(ids) > max_len:
             raise ValueError(f"text {i + 1} is {len(ids)} tokens long, more than the model's max_seq_len={max_len}; "

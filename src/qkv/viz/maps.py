@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..attention import causal_mask
 from ..models import DecoderLM, Encoder, Transformer
 from ..tokenizers import Tokenizer
 
@@ -96,6 +97,9 @@ def encode_input(model: nn.Module, tokenizer: Tokenizer, text: str, target: str 
         raise ValueError("the text is empty; type a sentence to look at")
     max_len = model.config.max_seq_len
     seq2seq = isinstance(model, Transformer)
+    if target is not None and not seq2seq:
+        raise ValueError(f"a target text is read only by an encoder-decoder's decoder; this {model.model_type} "
+                         "model reads the text alone: leave out the target")
     ids = tokenizer.encode(text) if seq2seq else _with_specials(tokenizer, text)
     if seq2seq and tokenizer.eos_id is not None:
         ids = [*ids, tokenizer.eos_id]
@@ -147,6 +151,14 @@ class AttentionMaps:
 
     def labels(self, kind: str) -> tuple[list[str], list[str]]:
         return self.inputs.labels_for(kind)
+
+    def mask(self, kind: str) -> Tensor:
+        """(queries, keys) bool, True where a query may attend to the key, as the model's mask said: the causal
+        mask in a decoder's self-attention, every key elsewhere (one text, no padding)."""
+        n_q, n_k = self.maps[kind].shape[-2:]
+        if kind == "decoder_self":
+            return causal_mask(n_q, n_k)
+        return torch.ones(n_q, n_k, dtype=torch.bool)
 
     def kind(self, kind: str | None = None) -> str:
         """The kind named, or the first one (the only one for Encoder and DecoderLM); an unknown one is an error."""

@@ -19,10 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import ModelConfig
 from ..positions import POSITIONAL_KINDS, PositionalEncoding, build_positional
 from .heatmap import _pyplot
 
-__all__ = ["PositionalPictureData", "positional_picture_data", "positions_figure", "encoding_for_kind"]
+__all__ = ["PositionalPictureData", "positional_picture_data", "positions_figure", "encoding_for_kind",
+           "check_positions"]
+
+MAX_DRAWN_POSITIONS = 8192  # rows of a picture; LLaMA-2's context is 4,096
+MAX_TABLE = 1 << 24  # numbers in a stand-alone encoding's table (64 MB of float32)
 
 
 @dataclass
@@ -41,7 +46,23 @@ def encoding_for_kind(kind: str, *, n_positions: int = 128, d_model: int = 128, 
     """A stand-alone positional encoding of the named kind (learned tables start at their random init)."""
     if kind not in POSITIONAL_KINDS:
         raise ValueError(f"unknown positional encoding {kind!r}; choose one of {', '.join(POSITIONAL_KINDS)}")
+    # the model's own rules (positive sizes, d_model divisible by n_heads, even sin/cos and RoPE pairs)
+    ModelConfig(d_model=d_model, n_heads=n_heads, max_seq_len=n_positions, positional=kind)
+    check_positions(n_positions)
+    if n_positions * d_model > MAX_TABLE:
+        raise ValueError(f"a table of {n_positions:,} positions x d_model={d_model:,} holds more than the "
+                         f"{MAX_TABLE:,} numbers qkv draws; pick fewer positions or a smaller d_model")
     return build_positional(kind, max_positions=n_positions, d_model=d_model, n_heads=n_heads)
+
+
+def check_positions(n_positions: int) -> int:
+    """How many positions a picture draws: at least 2 (a distance needs two), at most ``MAX_DRAWN_POSITIONS``."""
+    if isinstance(n_positions, bool) or not isinstance(n_positions, int):
+        raise TypeError(f"the number of positions must be an integer, got {n_positions!r}")
+    if not 2 <= n_positions <= MAX_DRAWN_POSITIONS:
+        raise ValueError(f"positions={n_positions:,} must lie in [2, {MAX_DRAWN_POSITIONS:,}]: a picture cannot "
+                         "show more rows than that, nor a distance with fewer")
+    return n_positions
 
 
 def _references(n: int) -> list[int]:
@@ -64,7 +85,7 @@ def _by_distance(pair_value, n: int) -> tuple[Tensor, dict[str, Tensor]]:
 @torch.no_grad()
 def positional_picture_data(encoding: PositionalEncoding, n_positions: int = 64) -> PositionalPictureData:
     """The numbers both panels draw, for any positional encoding of qkv."""
-    n = min(n_positions, encoding.max_positions)
+    n = min(check_positions(n_positions), encoding.max_positions)
     kind = encoding.kind
     table = encoding.table(n)
     if table is not None:  # absolute: sinusoidal, learned
@@ -85,19 +106,21 @@ def positional_picture_data(encoding: PositionalEncoding, n_positions: int = 64)
                                      "RoPE: cos(p · w_i), the rotation of each query/key pair",
                                      ("dimension of q and k", "position"), distances, curves,
                                      "(R_i x) · (R_{i+d} x): score of one vector at two positions")
-    bias = encoding.attention_bias(n, n, device)
-    if bias is not None:  # ALiBi: a penalty per head, linear in distance
-        bias = bias[0].float().cpu()  # (heads, n, n)
+    last = encoding.attention_bias(1, n, device)  # the last query's row: it sees every distance back to key 0
+    if last is not None:  # ALiBi: a penalty per head, linear in distance
+        last = last[0, :, 0].float().cpu()  # (heads, n): bias of query n-1 against key j
         distances = torch.arange(-(n - 1), n)
-        query = n - 1 if n > 1 else 0  # the last query sees every distance back to the first key
         curves = {}
-        for h in range(bias.shape[0]):
+        for h in range(last.shape[0]):
             values = torch.full((len(distances),), float("nan"), dtype=torch.float64)
-            keys = query + distances
+            keys = n - 1 + distances
             inside = (keys >= 0) & (keys < n)
-            values[inside] = bias[h, query, keys[inside]].double()
+            values[inside] = last[h, keys[inside]].double()
             curves[f"head {h}"] = values
-        return PositionalPictureData(kind, bias[0], "ALiBi, head 0: bias added to score(query i, key j)",
+        # head 0's (n, n) table from that row, as the bias depends on |i - j| only: never (heads, n, n) at once
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        table = last[0, n - 1 - (i - j).abs()]
+        return PositionalPictureData(kind, table, "ALiBi, head 0: bias added to score(query i, key j)",
                                      ("key position j", "query position i"), distances, curves,
                                      "-m_h · |d|: the bias of each head against distance d")
     return PositionalPictureData(kind, None, "no positional encoding: the model sees a bag of tokens",

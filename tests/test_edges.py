@@ -1,0 +1,681 @@
+"""The bad-input matrix (docs/edge-cases.md): what qkv does with each wrong input or fault a user can meet.
+
+Each row of the document is one test here, run in-process (``qkv.cli.main([...])`` with capsys) on tiny real models
+and real files. A test records the message it observed; ``QKV_EDGES_DOC=docs/edge-cases.md pytest
+tests/test_edges.py`` rewrites the document's table from those messages, and
+``test_the_document_has_one_row_per_test`` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qkv
+from qkv import ModelConfig
+from qkv.attention import MultiHeadAttention, scaled_dot_product_attention
+from qkv.checkpoint import save_checkpoint
+from qkv.cli import main
+from qkv.models import build_model
+from qkv.tokenizers import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "edge-cases.md"
+TEXT = "the cat sat on the mat."
+
+# test name → (where, case); filled by @row in the order the tests are written, which is the document's order
+ROWS: dict[str, tuple[str, str]] = {}
+OBSERVED: dict[str, str] = {}
+# rows whose test lives in another file, with its message: (where, case, observed, "tests/file.py::test")
+ELSEWHERE: list[tuple[str, str, str, str]] = []
+
+
+def row(where: str, case: str):
+    def register(test):
+        ROWS[test.__name__] = (where, case)
+        return test
+    return register
+
+
+@pytest.fixture
+def observe(request, tmp_path_factory):
+    """Record the message a test observed, for the document (temporary folders shown as ``…/``)."""
+    root = re.compile(re.escape(str(tmp_path_factory.getbasetemp())) + r"/[^/\s]+")
+
+    def record(message: str) -> str:
+        OBSERVED[request.node.name] = root.sub("…", message)
+        return message
+    return record
+
+
+def cli_error(capsys, argv: list[str], status: int = 2) -> str:
+    """Run ``qkv ARGV`` in-process; it must fail with ``status`` and exactly one line on stderr, no traceback."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return f"exit {code}: {lines[0]}"
+
+
+def api_error(kind: type[Exception], call) -> str:
+    """Call; it must raise ``kind`` with a one-line message."""
+    with pytest.raises(kind) as info:
+        call()
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return f"{type(info.value).__name__}: {message}"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> dict[str, Path]:
+    """Tiny untrained checkpoints of each kind, on a character vocabulary of TEXT."""
+    root = tmp_path_factory.mktemp("edges")
+    found = {}
+    for name, preset in (("decoder", "tiny-decoder"), ("encoder", "tiny-encoder"), ("seq2seq", "tiny-seq2seq")):
+        torch.manual_seed(0)
+        tokenizer = Tokenizer.char(TEXT, ["<bos>"])
+        model = build_model(ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size))
+        save_checkpoint(root / name, model, tokenizer)
+        found[name] = root / name
+    return found
+
+
+@pytest.fixture(scope="module")
+def decoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig.preset("tiny-decoder", vocab_size=11)).eval()
+
+
+def damaged(ckpt: dict[str, Path], tmp_path: Path, name: str = "decoder") -> Path:
+    """A copy of a checkpoint to damage."""
+    return Path(shutil.copytree(ckpt[name], tmp_path / name))
+
+
+class RunsCode:
+    """A pickle that would create ``marker`` when unpickled: the attack a pickled checkpoint can carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes and dtypes (the Python API)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@row("API", "token ids of a float dtype: `model(ids.float())`")
+def test_float_token_ids_are_refused(decoder, observe):
+    message = observe(api_error(TypeError, lambda: decoder(torch.zeros(1, 4))))
+    assert "torch.long" in message and "ids.long()" in message
+
+
+@row("API", "ids without a batch dimension, shape (seq,)")
+def test_ids_without_a_batch_dimension_are_refused(decoder, observe):
+    message = observe(api_error(ValueError, lambda: decoder(torch.zeros(4, dtype=torch.long))))
+    assert "(batch, seq)" in message and "unsqueeze(0)" in message
+
+
+@row("API", "token ids outside [0, vocab_size): 11 in a vocabulary of 11, or -1")
+def test_token_ids_outside_the_vocabulary_are_refused(decoder, observe):
+    message = observe(api_error(ValueError, lambda: decoder(torch.tensor([[3, 11]]))))
+    assert "outside [0, vocab_size=11)" in message
+    assert "outside" in api_error(ValueError, lambda: decoder(torch.tensor([[-1, 3]])))
+
+
+@row("API", "a sequence longer than max_seq_len")
+def test_a_sequence_longer_than_max_seq_len_is_refused(decoder, observe):
+    message = observe(api_error(ValueError, lambda: decoder(torch.zeros(1, 129, dtype=torch.long))))
+    assert "max_seq_len=128" in message
+
+
+@row("API", "a float attention mask (additive 0/-inf, or 1.0/0.0) in a model, `MultiHeadAttention` or "
+            "`scaled_dot_product_attention`")
+def test_float_attention_masks_are_refused_everywhere(decoder, observe):
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    additive = torch.tensor([[0.0, 0.0, -math.inf]])
+    message = observe(api_error(TypeError, lambda: decoder(ids, attention_mask=additive)))
+    assert "float masks are not accepted" in message and "mask == 0" in message
+    q = torch.randn(1, 2, 3, 4)
+    assert "float" in api_error(TypeError, lambda: scaled_dot_product_attention(q, q, q, additive[:, None]))
+    attention = MultiHeadAttention(8, 2)
+    x = torch.randn(1, 3, 8)
+    assert "float" in api_error((TypeError, ValueError), lambda: attention(x, mask=additive.bool().float()))
+
+
+@row("API", "an integer 0/1 attention mask (Hugging Face's form)")
+def test_integer_masks_are_read_as_boolean(decoder, observe):
+    ids = torch.tensor([[1, 2, 3]])
+    as_int, as_bool = torch.tensor([[0, 1, 1]]), torch.tensor([[False, True, True]])
+    same = torch.equal(decoder(ids, attention_mask=as_int), decoder(ids, attention_mask=as_bool))
+    observe("accepted: the same logits as the boolean mask (True = may attend)")
+    assert same
+    assert "other than 0 and 1" in api_error(ValueError, lambda: decoder(ids, attention_mask=torch.tensor([[2, 1, 1]])))
+
+
+@row("API", "an attention mask of the wrong shape")
+def test_an_attention_mask_of_the_wrong_shape_is_refused(decoder, observe):
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    message = observe(api_error(ValueError, lambda: decoder(ids, attention_mask=torch.ones(2, 4, dtype=torch.bool))))
+    assert "(2, 5)" in message and "(2, 4)" in message
+
+
+@row("API", "a query that may attend to no key (a fully masked row, as left padding makes)")
+def test_a_query_with_no_visible_key_gives_zeros_not_nan(observe):
+    q = torch.randn(1, 2, 3, 8)
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    mask[..., 1, :] = False
+    for need_weights in (True, False):
+        out, _ = scaled_dot_product_attention(q, q, q, mask, need_weights=need_weights)
+        assert not out.isnan().any() and torch.equal(out[:, :, 1], torch.zeros(1, 2, 8))
+    observe("output row is exactly 0 on both paths (explicit and fused), never NaN")
+
+
+@row("API", "queries and keys of different sizes d_k")
+def test_queries_and_keys_of_different_d_k_are_refused(observe):
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 7)
+    message = observe(api_error(ValueError, lambda: scaled_dot_product_attention(q, k, q)))
+    assert "d_k" in message
+
+
+@row("API", "an empty sequence, shape (1, 0)")
+def test_an_empty_sequence_gives_empty_logits(decoder, observe):
+    logits = decoder(torch.zeros(1, 0, dtype=torch.long))
+    observe(f"accepted: logits of shape {tuple(logits.shape)}, nothing computed")
+    assert logits.shape == (1, 0, 11)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@row("API", "d_model not divisible by n_heads")
+def test_d_model_not_divisible_by_n_heads_is_refused(observe):
+    message = observe(api_error(ValueError, lambda: ModelConfig(d_model=500, n_heads=8)))
+    assert "pick d_model a multiple of 8" in message
+
+
+@row("CLI", "a misspelt preset: `qkv info vaswani-bsae`")
+def test_a_misspelt_preset_suggests_the_closest(capsys, observe):
+    message = observe(cli_error(capsys, ["info", "vaswani-bsae"]))
+    assert "did you mean 'vaswani-base'" in message
+
+
+@row("API", "a misspelt config field: `ModelConfig.preset('tiny-decoder', d_modle=3)`")
+def test_a_misspelt_config_field_suggests_the_closest(observe):
+    message = observe(api_error(ValueError, lambda: ModelConfig.preset("tiny-decoder", d_modle=3)))
+    assert "did you mean 'd_model'" in message
+
+
+@row("API", "`\"tie_embeddings\": \"false\"` (a string) in a checkpoint's config.json")
+def test_a_string_boolean_in_config_json_is_refused(ckpt, tmp_path, observe):
+    directory = damaged(ckpt, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["tie_embeddings"] = "false"
+    (directory / "config.json").write_text(json.dumps(config))
+    message = observe(api_error(TypeError, lambda: qkv.load(directory)))
+    assert "tie_embeddings" in message and "bool" in message
+
+
+@row("API", "a number as a string: `ModelConfig(dropout=\"0.1\")`")
+def test_a_number_given_as_a_string_is_refused(observe):
+    message = observe(api_error(TypeError, lambda: ModelConfig(dropout="0.1")))
+    assert "dropout" in message and "number" in message
+
+
+@row("API", "`layer_norm_eps` NaN, `rope_base` <= 0, `init_std` negative")
+def test_non_finite_or_negative_scales_are_refused(observe):
+    message = observe(api_error(ValueError, lambda: ModelConfig(layer_norm_eps=math.nan)))
+    assert "layer_norm_eps=nan" in message
+    assert "rope_base" in api_error(ValueError, lambda: ModelConfig(rope_base=0.0))
+    assert "init_std" in api_error(ValueError, lambda: ModelConfig(init_std=-1.0))
+
+
+@row("API", "dropout = 1 (every unit dropped)")
+def test_dropout_of_one_is_refused(observe):
+    message = observe(api_error(ValueError, lambda: ModelConfig(dropout=1.0)))
+    assert "[0, 1)" in message
+
+
+@row("API", "an unknown positional encoding: `positional=\"rotary\"`")
+def test_an_unknown_positional_encoding_is_refused(observe):
+    message = observe(api_error(ValueError, lambda: ModelConfig(positional="rotary")))
+    assert "rope" in message and "alibi" in message
+
+
+@row("CLI", "`qkv info tiny-decoder --vocab-size 0`")
+def test_a_vocabulary_of_zero_tokens_is_refused(capsys, observe):
+    message = observe(cli_error(capsys, ["info", "tiny-decoder", "--vocab-size", "0"]))
+    assert "vocab_size=0 must be a positive integer" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text the tokenizer or the context cannot take
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@row("CLI", "`qkv embed` with characters the vocabulary lacks (was: a Rust `Exception` traceback)")
+def test_embed_names_the_characters_the_vocabulary_lacks(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["embed", "--checkpoint", ckpt["encoder"], "the zebra"]))
+    assert "'b', 'r', 'z'" in message and "remove them" in message
+
+
+@row("CLI", "`qkv show attention` / `qkv explain` / `qkv generate` with characters the vocabulary lacks")
+def test_every_text_command_names_the_characters_the_vocabulary_lacks(ckpt, tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["show", "attention", "--checkpoint", ckpt["decoder"], "zoo",
+                                         "--out", tmp_path / "a.png"]))
+    assert "'z'" in message
+    assert "'z'" in cli_error(capsys, ["explain", "--checkpoint", ckpt["decoder"], "zoo", "--layer", "0",
+                                       "--head", "0", "--token", "0"])
+    assert "'z'" in cli_error(capsys, ["generate", "--checkpoint", ckpt["decoder"], "zoo", "--max-new-tokens", "2"])
+
+
+@row("CLI", "an empty text: `qkv show attention ... ''`")
+def test_an_empty_text_is_refused(ckpt, tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["show", "attention", "--checkpoint", ckpt["decoder"], "",
+                                         "--out", tmp_path / "a.png"]))
+    assert "the text is empty" in message
+
+
+@row("CLI", "`qkv embed` of a text longer than the model's context")
+def test_embed_of_a_text_past_the_context_is_refused(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["embed", "--checkpoint", ckpt["encoder"], "the " * 40]))
+    assert "max_seq_len=128" in message and "shorten" in message
+
+
+@row("CLI", "`qkv embed` with nothing on stdin (only blank lines)")
+def test_embed_with_only_blank_lines_on_stdin(ckpt, capsys, monkeypatch, observe):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \n"))
+    message = observe(cli_error(capsys, ["embed", "--checkpoint", ckpt["encoder"]]))
+    assert "stdin held no text" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and model files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@row("CLI", "`--checkpoint` naming a directory that does not exist")
+def test_a_missing_checkpoint_is_named(tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["embed", "--checkpoint", tmp_path / "nope", "the cat"]))
+    assert "does not exist" in message
+
+
+@row("API", "a file passed where a checkpoint directory belongs")
+def test_a_file_given_as_a_checkpoint_is_refused(tmp_path, observe):
+    (tmp_path / "notes.txt").write_text("hello")
+    message = observe(api_error(NotADirectoryError, lambda: qkv.load(tmp_path / "notes.txt")))
+    assert "is a file" in message
+
+
+@row("API", "a directory that holds no checkpoint")
+def test_a_directory_without_a_checkpoint_lists_what_is_supported(tmp_path, observe):
+    message = observe(api_error(ValueError, lambda: qkv.load(tmp_path)))
+    assert "found: nothing" in message and "supported" in message
+
+
+@row("API", "a checkpoint missing model.safetensors, or tokenizer.json")
+def test_a_checkpoint_missing_a_file_names_it(ckpt, tmp_path, observe):
+    directory = damaged(ckpt, tmp_path)
+    (directory / "model.safetensors").unlink()
+    message = observe(api_error(FileNotFoundError, lambda: qkv.load(directory)))
+    assert "missing model.safetensors" in message
+    shutil.copy(ckpt["decoder"] / "model.safetensors", directory)
+    (directory / "tokenizer.json").unlink()
+    assert "missing tokenizer.json" in api_error(FileNotFoundError, lambda: qkv.load(directory))
+
+
+@row("API", "a checkpoint written by a newer qkv (format_version 99)")
+def test_a_checkpoint_from_a_newer_qkv_asks_for_an_upgrade(ckpt, tmp_path, observe):
+    directory = damaged(ckpt, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["format_version"] = 99
+    (directory / "config.json").write_text(json.dumps(config))
+    message = observe(api_error(ValueError, lambda: qkv.load(directory)))
+    assert "newer qkv" in message and "upgrade" in message
+
+
+@row("API", "a truncated model.safetensors (half the file)")
+def test_a_truncated_weights_file_is_called_damaged(ckpt, tmp_path, observe):
+    directory = damaged(ckpt, tmp_path)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = observe(api_error(ValueError, lambda: qkv.load(directory)))
+    assert "not a readable safetensors file" in message and "damaged" in message
+
+
+@row("API", "a checkpoint whose weights hold NaN")
+def test_non_finite_weights_are_named_at_load(tmp_path, observe):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.char(TEXT)
+    model = build_model(ModelConfig.preset("tiny-decoder", vocab_size=tokenizer.vocab_size))
+    with torch.no_grad():
+        model.get_parameter("layers.layers.1.ffn.w1.weight")[0, 0] = math.nan
+    save_checkpoint(tmp_path / "nan", model, tokenizer)
+    message = observe(api_error(ValueError, lambda: qkv.load(tmp_path / "nan")))
+    assert "layers.layers.1.ffn.w1.weight" in message
+
+
+@row("API", "a qkv directory holding a pickle (`pytorch_model.bin`) whose `__reduce__` would run code")
+def test_a_pickle_in_a_checkpoint_is_refused_and_never_run(ckpt, tmp_path, observe):
+    directory = damaged(ckpt, tmp_path)
+    (directory / "model.safetensors").unlink()
+    marker = tmp_path / "the-pickle-ran"
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode(marker)))
+    message = observe(api_error(ValueError, lambda: qkv.load(directory)))
+    assert "pickled weights" in message and "cannot run code" in message
+    assert not marker.exists()
+
+
+@row("API", "a Hugging Face GPT-2 directory whose `pytorch_model.bin` pickle would run code")
+def test_a_pickle_in_a_hugging_face_directory_is_refused_and_never_run(tmp_path, observe):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 11, "n_embd": 8,
+                                                      "n_head": 2, "n_layer": 1, "n_positions": 16}))
+    marker = tmp_path / "the-pickle-ran"
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
+    message = observe(api_error(ValueError, lambda: qkv.load(tmp_path)))
+    assert "refuses it" in message
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_cpu_only_torch = pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has a GPU")
+
+
+@needs_cpu_only_torch
+@row("CLI", "`qkv bench --device cuda` on a CPU-only torch (was: `AssertionError: Torch not compiled with CUDA`)")
+def test_bench_on_a_device_this_torch_lacks(capsys, observe):
+    message = observe(cli_error(capsys, ["bench", "training", "--quick", "--device", "cuda"]))
+    assert "CPU-only build" in message and "--device cpu" in message
+
+
+@needs_cpu_only_torch
+@row("API", "`qkv.load(path, device=\"cuda\")` on a CPU-only torch")
+def test_load_onto_a_device_this_torch_lacks(ckpt, observe):
+    message = observe(api_error(ValueError, lambda: qkv.load(ckpt["decoder"], device="cuda")))
+    assert "CPU-only build" in message
+
+
+@row("CLI", "a device name torch does not know: `--device gpu`")
+def test_an_unknown_device_name_lists_the_names(capsys, observe):
+    message = observe(cli_error(capsys, ["bench", "training", "--quick", "--device", "gpu"]))
+    assert "not a device name" in message and "cpu, cuda" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures: sizes, files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def show(ckpt, *argv, out=None):
+    return ["show", "attention", "--checkpoint", ckpt["decoder"], "the cat", *argv, *(["--out", out] if out else [])]
+
+
+@row("CLI", "`qkv show attention --dpi 100000` (was: `MemoryError: std::bad_alloc`)")
+def test_an_absurd_dpi_names_the_largest_that_fits(ckpt, tmp_path, capsys, observe):
+    from qkv.viz.heatmap import MAX_PIXELS
+
+    message = observe(cli_error(capsys, show(ckpt, "--dpi", "100000", out=tmp_path / "a.png")))
+    width, height, fits = re.search(r"a ([\d.]+)x([\d.]+)-inch .* at most (\d+)$", message).groups()
+    area, fits = float(width) * float(height), int(fits)
+    assert abs(fits - math.sqrt(MAX_PIXELS / area)) < 0.01 * fits  # the largest dpi that fits (inches rounded)
+    assert not (tmp_path / "a.png").exists()
+
+
+@row("CLI", "`qkv show positions --positions 10000000` (was: the process killed for memory)")
+def test_too_many_positions_to_draw(tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["show", "positions", "--positions", "10000000", "--out", tmp_path / "p.png"]))
+    assert "[2, 8,192]" in message
+
+
+@row("CLI", "`qkv show positions --d-model 0` (was: an empty picture, exit 0)")
+def test_a_width_of_zero_is_refused(tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["show", "positions", "--d-model", "0", "--out", tmp_path / "p.png"]))
+    assert "d_model=0 must be a positive integer" in message
+
+
+@row("CLI", "`qkv show positions --positional rope --heads 3` (d_model 128; was: drawn with d_k = 42)")
+def test_heads_that_do_not_divide_d_model_are_refused(tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["show", "positions", "--positional", "rope", "--heads", "3",
+                                         "--out", tmp_path / "p.png"]))
+    assert "not divisible by n_heads=3" in message
+
+
+@row("CLI", "`qkv show positions --positional alibi --heads 0` (was: `math domain error`)")
+def test_zero_heads_are_refused(tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, ["show", "positions", "--positional", "alibi", "--heads", "0",
+                                         "--out", tmp_path / "p.png"]))
+    assert "n_heads=0 must be a positive integer" in message
+
+
+@row("CLI", "`--out` naming a directory (was: wrote DIR.png and printed DIR)")
+def test_a_picture_path_that_is_a_directory(ckpt, tmp_path, capsys, observe):
+    message = observe(cli_error(capsys, show(ckpt, out=tmp_path)))
+    assert "is a directory" in message and "attention.png" in message
+
+
+@row("CLI", "disk full while writing a picture: `--out /dev/full`")
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_while_writing_a_picture(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, show(ckpt, "--dpi", "30", out="/dev/full")))
+    assert message.endswith("/dev/full: No space left on device; nothing was written")
+
+
+@row("CLI", "`--out` in a place that cannot hold files: `/proc/x.png`")
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc (Linux)")
+def test_a_picture_path_that_cannot_be_written(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, show(ckpt, "--dpi", "30", out="/proc/x.png")))
+    assert "/proc/x.png: " in message
+
+
+def rows(test: str, where: str, table: list[tuple]) -> list:
+    """Register one row per entry (id, case, *values) of a parametrized test; → its pytest params."""
+    for id_, case, *_ in table:
+        ROWS[f"{test}[{id_}]"] = (where, case)
+    return [pytest.param(*values, id=id_) for id_, _, *values in table]
+
+
+SHOW_FLAGS = [
+    ("dpi", "`qkv show attention --dpi 0` (or negative)", ["--dpi", "0"], "dpi=0 must be a positive number"),
+    ("target", "`--target` with a decoder-only model (was: silently ignored)", ["--target", "a cat"],
+     "leave out the target"),
+    ("layer", "`--layer 7` in a 2-layer model", ["--layer", "7"], "use 0 to 1"),
+    ("head", "`--layer 0 --head 9` with 4 heads", ["--layer", "0", "--head", "9"], "use 0 to 3"),
+    ("head-alone", "`--head 1` without `--layer`", ["--head", "1"], "--head needs --layer"),
+    ("token", "`--token zzz`, a token the text does not hold", ["--token", "zzz"], "0:'t'"),
+    ("pick", "`--pick 1` (not LAYER:HEAD)", ["--pick", "1"], "--pick 3:1"),
+    ("pick-and-layer", "`--pick 0:1 --layer 0`", ["--pick", "0:1", "--layer", "0"], "leave out --layer"),
+    ("kind", "`--kind cross` for a decoder-only model", ["--kind", "cross"], "no 'cross' attention"),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), rows("test_show_attention_refuses", "CLI", SHOW_FLAGS))
+def test_show_attention_refuses(flags, expected, ckpt, tmp_path, capsys, observe):
+    assert expected in observe(cli_error(capsys, show(ckpt, *flags, out=tmp_path / "a.png")))
+
+
+@row("CLI", "`qkv explain --dims -3` (was: every entry shown)")
+def test_a_negative_number_of_entries_is_refused(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["explain", "--checkpoint", ckpt["decoder"], "the cat", "--layer", "0",
+                                         "--head", "0", "--token", "1", "--dims", "-3"]))
+    assert "--dims=-3 must be >= 0" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional dependencies
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@row("CLI", "`qkv bench` without transformers / x-transformers installed (was: `No module named 'transformers'` "
+            "after the first table)")
+def test_bench_without_its_contenders_names_the_extra(capsys, monkeypatch, observe):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an absent package looks like to an import
+    message = observe(cli_error(capsys, ["bench", "all", "--quick"]))
+    assert "pip install 'qkv[bench]'" in message and "transformers" in message
+    assert capsys.readouterr().out == ""  # refused before any table
+
+
+@row("CLI", "`qkv show` without matplotlib installed")
+def test_pictures_without_matplotlib_name_the_extra(ckpt, tmp_path, capsys, monkeypatch, observe):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    message = observe(cli_error(capsys, show(ckpt, out=tmp_path / "a.png")))
+    assert "pip install 'qkv[viz]'" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+GENERATION_VALUES = [
+    ("temperature", "`qkv generate --temperature -1`", ["--temperature", "-1"], "must be >= 0"),
+    ("top-p-high", "`--top-p 1.5`", ["--top-p", "1.5"], "(0, 1]"),
+    ("top-p-zero", "`--top-p 0`", ["--top-p", "0"], "(0, 1]"),
+    ("top-k", "`--top-k 0`", ["--top-k", "0"], "top_k=0"),
+    ("beams", "`--num-beams 0`", ["--num-beams", "0"], "num_beams=0"),
+    ("repetition", "`--repetition-penalty 0`", ["--repetition-penalty", "0"], "repetition_penalty=0.0"),
+    ("max-new", "`--max-new-tokens -1`", ["--max-new-tokens", "-1"], "max_new_tokens=-1"),
+    ("min-above-max", "`--min-new-tokens 5 --max-new-tokens 3`", ["--min-new-tokens", "5"],
+     "must be <= max_new_tokens=3"),
+    ("stop-id", "`--stop-id 999` outside the vocabulary", ["--stop-id", "999"], "outside [0, vocab_size="),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), rows("test_generation_values_out_of_range", "CLI",
+                                                     GENERATION_VALUES))
+def test_generation_values_out_of_range(flags, expected, ckpt, capsys, observe):
+    argv = ["generate", "--checkpoint", ckpt["decoder"], "the", "--max-new-tokens", "3", *flags]
+    assert expected in observe(cli_error(capsys, argv))
+
+
+@row("CLI", "`qkv generate` with an encoder-only checkpoint")
+def test_generating_with_an_encoder_is_refused(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["generate", "--checkpoint", ckpt["encoder"], "the"]))
+    assert "no next-token distribution" in message
+
+
+@row("CLI", "`qkv translate` with a decoder-only checkpoint")
+def test_translating_with_a_decoder_is_refused(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["translate", "--checkpoint", ckpt["decoder"], "hello"]))
+    assert "not an encoder-decoder" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training data and options
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(tmp_path, data, *argv):
+    return ["train", "tiny-decoder", "--data", data, "--out", tmp_path / "run", "--max-steps", "1", *argv]
+
+
+@row("CLI", "`qkv train --data` naming a file that does not exist")
+def test_training_on_a_missing_file(tmp_path, capsys, observe):
+    assert "does not exist" in observe(cli_error(capsys, train(tmp_path, tmp_path / "nope.txt")))
+
+
+@row("CLI", "`qkv train --data` on an empty file")
+def test_training_on_an_empty_file(tmp_path, capsys, observe):
+    (tmp_path / "empty.txt").write_text("")
+    assert "is empty" in observe(cli_error(capsys, train(tmp_path, tmp_path / "empty.txt")))
+
+
+@row("CLI", "`qkv train --data` on a binary (non-UTF-8) file")
+def test_training_on_a_binary_file(tmp_path, capsys, observe):
+    (tmp_path / "data.bin").write_bytes(bytes(range(128, 256)) * 8)
+    message = observe(cli_error(capsys, train(tmp_path, tmp_path / "data.bin", "--tokenizer", "char")))
+    assert "not UTF-8 text" in message
+
+
+@row("CLI", "`qkv train --data` on a text shorter than one context window")
+def test_training_on_a_text_shorter_than_a_window(tmp_path, capsys, observe):
+    (tmp_path / "short.txt").write_text(TEXT * 3)
+    message = observe(cli_error(capsys, train(tmp_path, tmp_path / "short.txt", "--tokenizer", "char")))
+    assert "shorter than one context window" in message
+
+
+@row("CLI", "`qkv train --lr -1`, `--max-steps 0`, `--threads 0`")
+def test_training_values_outside_their_ranges(tmp_path, capsys, observe):
+    (tmp_path / "t.txt").write_text(TEXT * 50)
+    data = tmp_path / "t.txt"
+    assert "lr=-1.0 must be positive" in observe(cli_error(capsys, train(tmp_path, data, "--lr", "-1")))
+    assert "max_steps=0" in cli_error(capsys, ["train", "tiny-decoder", "--data", data, "--out", tmp_path / "r",
+                                               "--max-steps", "0"])
+    assert "threads" in cli_error(capsys, train(tmp_path, data, "--threads", "0"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@row("CLI", "`QKV_DEBUG=1` with a bad input")
+def test_qkv_debug_shows_the_traceback_instead(ckpt, tmp_path, monkeypatch, observe):
+    monkeypatch.setenv("QKV_DEBUG", "1")
+    with pytest.raises(ValueError, match="out of range"):
+        main([str(a) for a in show(ckpt, "--layer", "7", out=tmp_path / "a.png")])
+    observe("the exception propagates with its full traceback (for bug reports)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The document
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def matrix_rows() -> list[tuple[str, str, str, str]]:
+    """(case, where, observed, test) for every row, in the document's order."""
+    here = [(case, where, OBSERVED.get(name, ""), f"`{name}`") for name, (where, case) in ROWS.items()]
+    there = [(case, where, observed, f"`{test}`") for where, case, observed, test in ELSEWHERE]
+    return here + there
+
+
+def write_document(path: Path) -> None:
+    missing = [name for name in ROWS if name not in OBSERVED]
+    assert not missing, f"run every test of the matrix to write it; not run: {missing}"
+    lines = [f"| {_cell(case)} | {where} | {_cell(observed)} | {test} |"
+             for case, where, observed, test in matrix_rows()]
+    text = path.read_text()
+    start, end = text.index("<!-- matrix -->") + len("<!-- matrix -->"), text.index("<!-- /matrix -->")
+    table = "\n| case | where | what qkv does (observed) | test |\n|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    path.write_text(text[:start] + table + text[end:])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rewrite_the_document_on_request():
+    yield
+    target = os.environ.get("QKV_EDGES_DOC")
+    if target:
+        write_document(Path(target))
+
+
+def test_the_document_has_one_row_per_test():
+    text = DOC.read_text()
+    named = re.findall(r"^\|.*\| `(?:tests/[\w/]+\.py::)?(test_\w+(?:\[[\w-]+\])?)` \|$", text, re.MULTILINE)
+    assert sorted(named) == sorted([*ROWS, *(t.split("::")[-1] for *_, t in ELSEWHERE)])
+    for *_, test in ELSEWHERE:  # a row pointing into another file names a test that exists there
+        file, name = test.split("::")
+        assert re.search(rf"^def {name}\(", (DOC.parents[1] / file).read_text(), re.MULTILINE), test
+    assert len(named) >= 50
