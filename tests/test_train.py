@@ -152,3 +152,30 @@ def test_trainer_applies_the_noam_schedule_under_bf16_autocast_on_cpu(small_text
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [float(r["lr"]) for r in rows] == pytest.approx([noam_lr(s, 48, 2) for s in (1, 2, 3)])
     assert math.isfinite(result.val_loss)
+
+
+def learning_rates(run_dir) -> dict[int, float]:
+    """step → lr, from metrics.csv (the last row of a step, should one have been logged twice)."""
+    return {int(r["step"]): float(r["lr"]) for r in csv.DictReader((run_dir / "metrics.csv").open())}
+
+
+def test_continuing_a_finished_cosine_run_stays_at_its_final_learning_rate(small_text, tmp_path):
+    """A cosine schedule ends where the run set out to end: resumed with a larger max_steps, a finished run takes
+    its extra steps at the lr of its last step (it used to re-derive the cosine for the new end, a 3x jump up), and a
+    run stopped half-way follows the curve it started on, then stays at the same final lr."""
+    options = dict(batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, eval_every=3, save_every=3,
+                   keep_checkpoints=5, **QUIET)
+    for name in ("finished", "stopped"):
+        train(tiny("decoder"), TrainConfig(max_steps=6, **options), data=small_text, out_dir=tmp_path / name,
+              print_fn=lambda _: None)
+    planned = learning_rates(tmp_path / "finished")
+    assert planned[6] < planned[3] < planned[2]  # warm-up to step 2, then the decay
+    resume(tmp_path / "finished", {"max_steps": 9}, print_fn=lambda _: None)
+    continued = learning_rates(tmp_path / "finished")
+    assert [continued[s] for s in (7, 8, 9)] == [planned[6]] * 3
+
+    shutil.rmtree(tmp_path / "stopped" / "step-000006")  # as if it had stopped at step 3, then continued to 9
+    (tmp_path / "stopped" / "latest").write_text("step-000003\n")
+    resume(tmp_path / "stopped", {"max_steps": 9}, print_fn=lambda _: None)
+    stopped = learning_rates(tmp_path / "stopped")
+    assert [stopped[s] for s in range(1, 10)] == [planned[s] for s in range(1, 7)] + [planned[6]] * 3

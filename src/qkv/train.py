@@ -52,7 +52,13 @@ MASK_TOKEN = "<mask>"
 # -- options ------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Every option of a training run (model hyperparameters live in ``ModelConfig``)."""
+    """Every option of a training run (model hyperparameters live in ``ModelConfig``).
+
+    ``max_steps`` and ``time_budget`` also set where the cosine schedule ends, once, when the run starts: a run
+    resumed with larger ones (``resume``, ``qkv train --resume RUN --max-steps N``) stops later but keeps that end,
+    so its extra steps run at the learning rate of the schedule's last step. A fresh schedule belongs to a new run
+    (starting one from these weights is what ``--init-from``, planned, is for).
+    """
 
     max_steps: int | None = None  # optimizer steps; None: run until time_budget (default 1000 if neither)
     time_budget: float | None = None  # seconds of the trainer's clock (training steps and evaluations)
@@ -325,6 +331,8 @@ class Trainer:
         self.run_info = dict(run_info or {})
         self.print = print_fn or say_once  # one process speaks, writes metrics and saves checkpoints
         self.step = 0  # optimizer steps taken
+        self.horizon = (config.max_steps, config.time_budget)  # where the lr schedule ends: kept when resumed
+        self.lr_ratio = 1.0  # the last step's learning rate / peak_lr (a finished cosine schedule stays there)
         self.elapsed = 0.0  # the trainer's clock: seconds spent in training steps and evaluations
         self.train_time = 0.0  # seconds in training steps only (for tokens/s)
         self.tokens = 0
@@ -337,17 +345,26 @@ class Trainer:
 
     # -- schedule -------------------------------------------------------------------------------------------------
     def progress(self) -> float:
-        """How far along the run is, 0 → 1: by steps, by the clock, whichever is further."""
-        c = self.config
-        return max(self.step / c.max_steps if c.max_steps else 0.0,
-                   self.elapsed / c.time_budget if c.time_budget else 0.0)
+        """How far along the schedule the run is, 0 → 1: by steps, by the clock, whichever is further, against the
+        schedule's end (``horizon``: the max_steps and time_budget the run started with)."""
+        max_steps, time_budget = self.horizon
+        return max(self.step / max_steps if max_steps else 0.0,
+                   self.elapsed / time_budget if time_budget else 0.0)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (counted from 0).
+
+        A cosine schedule ends where the run set out to end. A run continued beyond it (``--resume`` with a larger
+        ``--max-steps`` or ``--time-budget``) runs the extra steps at the learning rate of the last step taken,
+        the finished schedule's final one; a fresh schedule belongs to a new run. The noam and constant
+        schedules are defined at every step and simply go on."""
         c = self.config
         if c.schedule == "noam":
             return c.peak_lr * noam_lr(step + 1, self.model.config.d_model, c.warmup_steps)
         if c.schedule == "constant":
             return c.peak_lr
+        if self.progress() >= 1.0:
+            return c.peak_lr * self.lr_ratio
         return c.peak_lr * warmup_cosine(step, self.progress(), warmup=c.warmup_steps, min_ratio=c.min_lr_ratio)
 
     def _done(self) -> bool:
@@ -373,6 +390,7 @@ class Trainer:
         tokens like one of 18."""
         c = self.config
         lr = self.lr_at(self.step)
+        self.lr_ratio = lr / c.peak_lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # The data positions: under torchrun each process takes every world-th batch, so N processes see
@@ -529,7 +547,8 @@ class Trainer:
                 "optimizer": _full_optimizer_state(self.model, self.optimizer) if self.sharded
                 else self.optimizer.state_dict(),
                 "schedule": {"name": self.config.schedule, "lr": self.config.peak_lr,
-                             "warmup_steps": self.config.warmup_steps, "progress": self.progress()},
+                             "warmup_steps": self.config.warmup_steps, "progress": self.progress(),
+                             "horizon": list(self.horizon), "lr_ratio": self.lr_ratio},
                 "rng": rng, "train_config": asdict(self.config), "run": self.run_info, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
@@ -550,6 +569,10 @@ class Trainer:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+        # The schedule keeps the end the run started with, and the last step's lr (older runs: from their settings)
+        schedule, saved = state.get("schedule", {}), state["train_config"]
+        self.horizon = tuple(schedule.get("horizon", (saved["max_steps"], saved["time_budget"])))
+        self.lr_ratio = schedule.get("lr_ratio", self.optimizer.param_groups[0]["lr"] / schedule.get("lr", 1.0))
         kernel = adamw_kernel(self.device)
         for group in self.optimizer.param_groups:  # the saved flags belong to the device that saved them
             group["fused"], group["foreach"] = kernel["fused"], kernel["foreach"]
@@ -926,7 +949,11 @@ RESUMABLE_OPTIONS = ("max_steps", "time_budget", "eval_every", "eval_seconds", "
 
 def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path | None = None,
            out_dir: str | Path | None = None, print_fn: Callable[[str], None] | None = None) -> TrainResult:
-    """Continue the run saved at ``path`` (a checkpoint or a run directory) exactly where it stopped."""
+    """Continue the run saved at ``path`` (a checkpoint or a run directory) exactly where it stopped.
+
+    ``overrides`` may move where it stops (max_steps, time_budget), not its learning-rate schedule: steps beyond
+    the schedule's end run at its final learning rate (see ``TrainConfig``).
+    """
     say = print_fn or say_once
     overrides = dict(overrides or {})
     fixed = sorted(set(overrides) - set(RESUMABLE_OPTIONS))

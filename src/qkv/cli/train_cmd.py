@@ -46,7 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="decoder: next-token LM; encoder: masked LM; seq2seq: translation on a parallel --data "
                         "file (default: what the preset's layers imply)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (a run or checkpoint directory)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (a run or checkpoint directory); "
+                   "with a larger --max-steps or --time-budget the extra steps keep the finished schedule's last "
+                   "learning rate")
     p.add_argument("--config", metavar="FILE", help="a TOML file of options (flat, or [model] / [train] tables)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
