@@ -107,7 +107,7 @@ def test_cached_logits_equal_the_full_forward_at_every_step_encoder_decoder(posi
             torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
             logits = stepper.step(targets[:, step: step + 1])
     # the encoder's keys and values were projected once and then only read
-    assert all(c.static and c.length == src.shape[1] for c in stepper.cross_caches)
+    assert all(c.static and c.length == src.shape[1] for c in stepper.state.cross_caches)
 
 
 def test_cache_and_no_cache_generate_the_same_tokens():

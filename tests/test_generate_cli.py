@@ -105,14 +105,36 @@ def test_cli_reads_prompts_from_stdin_and_seeds_sampling(trained, tmp_path, caps
 
 @pytest.mark.parametrize("extra", [[], ["--num-beams", "2"]])
 def test_cli_too_many_new_tokens_fails_in_one_line_before_any_output(trained, tmp_path, capsys, extra):
+    """With --no-sliding-window (strict), a request past the context is refused before the prompt is echoed."""
     model, tokenizer = trained
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "200", *extra,
-                 "the q"]) == 2
+                 "--no-sliding-window", "the q"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # the prompt is not echoed before the refusal
     assert "max_new_tokens=200" in captured.err and "max_seq_len=96" in captured.err
     assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_cli_prints_200_new_tokens_past_a_context_of_64(tmp_path, capsys, positional):
+    """The demo's hint, `qkv generate --checkpoint runs/demo 'ROMEO:'`, on a model with max_seq_len 64: 200 new
+    characters, each greedy choice the argmax over a window of the last 64 tokens; for learned positions that is
+    the plain forward pass over those 64 tokens (computed here without any cache)."""
+    tokenizer = Tokenizer.char(TEXT + "ROMEO:")
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, d_ff=64,
+                                  n_decoder_layers=2, max_seq_len=64, positional=positional)).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "ROMEO:"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 200 + 1
+    if positional == "learned":
+        ids = tokenizer.encode("ROMEO:")
+        with torch.no_grad():
+            for _ in range(200):
+                ids.append(int(model(torch.tensor([ids[-64:]]))[0, -1].argmax()))
+        assert out == tokenizer.decode(ids) + "\n"
 
 
 @pytest.mark.parametrize("option, value, words", [("--top-p", "1.5", "top_p=1.5 must lie in (0, 1]"),

@@ -17,7 +17,7 @@ import torch
 import qkv
 from qkv.config import ModelConfig
 from qkv.data import read_corpus
-from qkv.generation import generate
+from qkv.generation import generate_text
 from qkv.train import TrainConfig, evaluate_checkpoint, fastest_cpu_settings, train
 from qkv.viz import attention_heatmap, save_figure
 
@@ -48,14 +48,9 @@ def loss_at(history: list[dict], seconds: float) -> dict | None:
 
 
 def write(model, tokenizer, prompt: str, n_chars: int, *, temperature: float = 0.8, seed: int = 0) -> str:
-    """Sample ``n_chars`` characters after ``prompt``, in pieces of half the context when the text outgrows it."""
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    piece = model.config.max_seq_len // 2
-    for start in range(0, n_chars, piece):
-        window = ids[:, -(model.config.max_seq_len - piece):]  # the most recent text the model can still see
-        new = generate(model, window, min(piece, n_chars - start), temperature=temperature, seed=seed + start)
-        ids = torch.cat([ids, new[:, window.shape[1]:]], dim=1)
-    return tokenizer.decode(ids[0].tolist())
+    """``prompt`` and ``n_chars`` characters sampled after it; past the context (64 characters) the model reads a
+    sliding window of the most recent text (``qkv.generation``'s text helpers, as ``qkv generate`` does)."""
+    return prompt + generate_text(model, tokenizer, prompt, n_chars, temperature=temperature, seed=seed)
 
 
 def _threads(value: str) -> str | int:

@@ -1,7 +1,9 @@
 """``qkv generate --checkpoint DIR "prompt"``: continue text with a trained model, printing it as it comes.
 
 The prompt is the positional argument, or, without one, each line of stdin in turn. A decoder-only model
-prints the prompt followed by its continuation; an encoder-decoder model prints the target sentence.
+prints the prompt followed by its continuation; an encoder-decoder model prints the target sentence. Past the
+model's context the text goes on over a sliding window of its last max_seq_len tokens (``--no-sliding-window``
+refuses instead, in one line before any output).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (prints at the end)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0.6)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow)")
+    p.add_argument("--no-sliding-window", action="store_true",
+                   help="refuse when prompt + new tokens exceed the model's context (max_seq_len) instead of going "
+                        "on over a window of the last max_seq_len tokens (the default)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="the weights' precision while generating: bf16 reads half the bytes per token (SmolLM2 on "
                         "2 cores: 24 instead of 15 tokens/s on a CPU with bf16 instructions); fp32 (default)")
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, stop_strings=tuple(args.stop),
         stop_token_ids=None if args.stop_id is None else tuple(args.stop_id), seed=args.seed,
         num_beams=args.num_beams, length_penalty=args.length_penalty, use_cache=not args.no_cache,
+        sliding_window=not args.no_sliding_window,
     )
     model, tokenizer = load(args.checkpoint, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     echo = not isinstance(model, Transformer)

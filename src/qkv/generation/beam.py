@@ -11,7 +11,7 @@ from torch import Tensor
 from ..models import DecoderLM, Transformer
 from .config import GenerationConfig, resolve
 from .logits import process
-from .prompt import Prompt, Stepper, check_fits, prepare
+from .prompt import Prompt, Stepper, check_fits, evaluating, prepare
 
 __all__ = ["beam_search", "gnmt_length_penalty", "search"]
 
@@ -37,7 +37,6 @@ def beam_search(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int
     return search(model, prepare(model, ids, attention_mask, cfg), cfg, return_scores=return_scores)
 
 
-@torch.inference_mode()
 def search(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, *, return_scores: bool = False
            ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`beam_search` on a prepared prompt."""
@@ -51,12 +50,10 @@ def search(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig
     if n_new == 0:
         return (prompt.start.clone(), torch.zeros(n_batch)) if return_scores else prompt.start.clone()
     stop_set = set(prompt.stop)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         expand = torch.arange(n_batch, device=device).repeat_interleave(beams)  # row b*beams + j → prompt b
         mask = None if prompt.mask is None else prompt.mask[expand]
-        stepper = Stepper(model, prompt.ids[expand], mask, n_new, cfg.use_cache)
+        stepper = Stepper(model, prompt.ids[expand], mask, n_new, cfg.use_cache, bool(cfg.sliding_window))
         stop_ids = torch.tensor(prompt.stop, dtype=torch.long, device=device) if prompt.stop else None
         seen = prompt.seen_tokens(vocab)[expand] if cfg.repetition_penalty != 1.0 else None
         start = prompt.target_start
@@ -115,8 +112,6 @@ def search(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig
                     if score > float("-inf"):
                         hyp = hist[b * beams + j]
                         finished[b].append((score / gnmt_length_penalty(len(hyp), cfg.length_penalty), hyp))
-    finally:
-        model.train(was_training)
     best = [max(hyps, key=lambda h: h[0]) for hyps in finished]
     longest = max(len(h) for _, h in best)
     out = torch.full((n_batch, longest), prompt.pad, dtype=torch.long, device=device)

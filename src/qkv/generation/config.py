@@ -32,6 +32,10 @@ class GenerationConfig:
       ``num_beams`` finished hypotheses (otherwise: once no live beam can still beat the worst finished one).
     - ``use_cache``: keep keys/values between steps (False recomputes the whole prefix each step: slow, for
       comparison).
+    - ``sliding_window``: past the model's context (prompt + new tokens > max_seq_len) go on over a window of the
+      last max_seq_len tokens (:mod:`qkv.decode_state`); False refuses with an error naming the numbers. None =
+      the entry's own default: the text helpers (and ``qkv generate``) slide; ``generate``, ``stream`` and
+      ``beam_search`` refuse, so token ids stay those of the model's exact forward pass unless asked.
     - ``bos_token_id``: the decoder's start token (encoder-decoder) and the prompt for an empty prompt;
       ``pad_token_id``: what fills rows that stopped early. None = the model's own.
     """
@@ -49,6 +53,7 @@ class GenerationConfig:
     length_penalty: float = 0.6
     early_stopping: bool = True
     use_cache: bool = True
+    sliding_window: bool | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
 

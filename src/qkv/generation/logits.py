@@ -80,7 +80,7 @@ def seen_tokens(ids: Tensor, mask: Tensor | None, vocab_size: int) -> Tensor:
     """(batch, vocab) bool: which tokens each row of ``ids`` holds, padding (mask False) excluded; what the
     repetition penalty discourages."""
     seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
-    seen.scatter_(1, ids if mask is None else ids.masked_fill(~mask, vocab_size), True)
+    seen.scatter_(1, (ids if mask is None else ids.masked_fill(~mask, vocab_size)).long(), True)
     return seen[:, :vocab_size]  # padding landed in the extra column
 
 

@@ -3,19 +3,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..attention import check_mask, padding_mask
+from ..attention import check_mask
 from ..models import DecoderLM, Transformer
 from ..tokenizers import SEAM_CONTEXT
 from .config import GenerationConfig
 from .logits import check_finite, seen_tokens
 from .stopping import stop_token_ids
 
-__all__ = ["Prompt", "prepare", "check_fits", "Stepper"]
+__all__ = ["Prompt", "prepare", "check_fits", "Stepper", "evaluating"]
 
 
 class Prompt(NamedTuple):
@@ -69,8 +71,7 @@ def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig)
                          "dimension with ids.unsqueeze(0), or use generate_text for strings")
     if ids.shape[0] == 0:
         raise ValueError("ids holds no rows; give at least one prompt")
-    model._check_ids(ids)
-    ids = ids.long()
+    # Token ids (dtype, range) are checked by the model itself on the first call, before any token is chosen.
     stop = stop_token_ids(cfg, mc)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (
         mc.pad_token_id if mc.pad_token_id is not None else (stop[0] if stop else 0))
@@ -93,9 +94,7 @@ def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig)
     if isinstance(model, Transformer):
         if empty:
             raise ValueError("a source sentence is empty; give every row at least one source token")
-        if ids.shape[1] > mc.max_seq_len:
-            raise ValueError(f"source of {ids.shape[1]} tokens is longer than the model's context "
-                             f"max_seq_len={mc.max_seq_len}; shorten it")
+        model.check_fits(ids.shape[1], what="source")
         if bos is None:
             raise ValueError("the encoder-decoder model has no start token for the target "
                              "(ModelConfig.bos_token_id is None); pass bos_token_id=...")
@@ -113,108 +112,95 @@ def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig)
             empty_rows = ~mask.any(-1)
             ids[empty_rows, -1] = bos
             mask[empty_rows, -1] = True
-    if ids.shape[1] > mc.max_seq_len:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens is longer than the model's context "
-                         f"max_seq_len={mc.max_seq_len}; shorten the prompt (keep its last {mc.max_seq_len} "
-                         "tokens at most)")
     return Prompt(ids, mask, stop, pad, ids)
 
 
 def check_fits(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig) -> None:
-    """The prompt (or the target's start token) plus max_new_tokens must fit the model's context."""
-    used = prompt.start.shape[1] + cfg.max_new_tokens - 1  # the last new token is never fed back
-    limit = model.config.max_seq_len
-    if used > limit:
-        what = "the start token" if isinstance(model, Transformer) else f"a prompt of {prompt.start.shape[1]} tokens"
-        raise ValueError(f"{what} + max_new_tokens={cfg.max_new_tokens} need {used} positions but the model's "
-                         f"context is max_seq_len={limit}; lower max_new_tokens to at most "
-                         f"{limit - prompt.start.shape[1] + 1} or shorten the prompt")
+    """The prompt (or the target's start token) must fit the model's context, and with ``sliding_window`` off so
+    must prompt + max_new_tokens - 1 (the model's one check, :meth:`~qkv.DecoderLM.check_fits`)."""
+    what = "the start token" if prompt.seq2seq else "prompt"
+    model.check_fits(prompt.start.shape[1], cfg.max_new_tokens, sliding_window=bool(cfg.sliding_window), what=what)
 
 
 class Stepper:
-    """Feeds a model its prompt, then one token per row per step, and returns the next-token logits.
+    """Feeds a model its prompt, then one token per row per step → the next-token logits (batch, vocab).
 
-    With the cache, each step runs the model's own modules on the new token only (embeddings, the block stack
-    with its KV caches, the output projection) and skips the per-call input checks and position/mask
-    construction of ``forward``: those were done once for the whole call. Without the cache, each step runs
-    the ordinary full ``forward`` over the whole prefix.
+    With the cache, the model keeps the keys, values, positions and padding of the tokens fed so far in its decode
+    state (``model.new_decode_state``) and each step feeds only the new token: ``model(ids, decode_state=...)``.
+    Past ``max_seq_len`` the state slides a window of the last max_seq_len tokens when ``sliding_window`` (see
+    :mod:`qkv.decode_state`). Without the cache, each step runs the ordinary forward over the whole prefix
+    (past the context: over its last max_seq_len tokens, a fresh pass, so RoPE and ALiBi then differ from the
+    cached window, whose deeper keys still carry older tokens).
     """
 
     def __init__(self, model: DecoderLM | Transformer, ids: Tensor, mask: Tensor | None, max_new_tokens: int,
-                 use_cache: bool):
-        self.model, self.use_cache = model, use_cache
-        self.seq2seq = isinstance(model, Transformer)
+                 use_cache: bool, sliding_window: bool = False):
+        self.model, self.seq2seq = model, isinstance(model, Transformer)
         batch = ids.shape[0]
         if self.seq2seq:  # ids is the source; the target starts empty (the caller feeds the start token)
-            self.src_mask = mask
-            self.memory = model.encode(ids, mask)
-            self.src_mask4 = None if mask is None else padding_mask(mask)
-            prefix = 0
+            self.src_mask, self.memory = mask, model.encode(ids, mask)
+            self.tokens, self.mask = ids.new_empty(batch, 0), None
         else:
-            prefix = ids.shape[1]
-        total = prefix + max_new_tokens + (1 if self.seq2seq else 0)  # callers checked it fits
-        device = ids.device
-        # positions[:, j] of the j-th token of each row (the prompt, then the new tokens): counted from each
-        # row's first real token, so a left-padded row sees the positions it would see alone.
-        if mask is not None and not self.seq2seq:
-            first = (mask.cumsum(-1) - 1).clamp(min=0)
-            nxt = first[:, -1:] + torch.arange(1, max_new_tokens + 1, device=device)
-            self.positions = torch.cat([first, nxt], dim=1)
-            self.full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1)
-        else:
-            self.positions = torch.arange(total, device=device).unsqueeze(0)
-            self.full_mask = None
-        self.caches = model.new_cache(total) if use_cache else None
-        self.cross_caches = model.new_cache(0) if use_cache and self.seq2seq else None
-        self.tokens = ids if not self.seq2seq else ids.new_empty(batch, 0)  # the prefix (no-cache path)
-        self.length = 0  # positions already in the cache
+            self.tokens, self.mask = ids, mask
+        # Room for the prompt (or start token) and every new token (the last is fed only by a caller that wants
+        # the logits after it); at most max_seq_len positions are allocated.
+        fed = min(self.tokens.shape[1] + max_new_tokens + self.seq2seq, model.config.max_seq_len)
+        self.state = model.new_decode_state(batch, fed, sliding_window=sliding_window) if use_cache else None
+        self.first = True
 
-    def prefill(self, ids: Tensor | None = None) -> Tensor:
-        """Run the prompt (decoder-only) or the start tokens (encoder-decoder); → logits (batch, vocab)."""
+    def prefill(self, start: Tensor | None = None) -> Tensor:
+        """Run the prompt (decoder-only) or the start tokens ``start`` (encoder-decoder) → logits (batch, vocab)."""
         if self.seq2seq:
-            return self.step(ids)
-        n = self.tokens.shape[1]
-        if not self.use_cache:
+            return self.step(start)
+        if self.state is None:
             return check_finite(self._full())
-        self.length = n
-        return check_finite(self._run(self.tokens, n))
+        # Only the last position's logits are needed: the output layer runs on it alone.
+        hidden = self.model(self.tokens, self.mask, decode_state=self.state, return_hidden=True)
+        return check_finite(self.model.logits(hidden[:, -1]))
 
     def step(self, ids: Tensor) -> Tensor:
         """ids (batch, 1): the tokens just chosen → logits (batch, vocab) for the token after them."""
-        if not self.use_cache:
+        if self.state is None:
             self.tokens = torch.cat([self.tokens, ids], dim=1)
+            if self.mask is not None:
+                self.mask = torch.cat([self.mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
             return check_finite(self._full())
-        self.length += ids.shape[1]
-        return check_finite(self._run(ids, self.length))
-
-    def _run(self, ids: Tensor, n: int) -> Tensor:
-        model, t = self.model, ids.shape[1]
-        positions = self.positions[:, n - t: n]
-        attend = model._attend_args(positions, t, n)
-        x = model.embed(ids, positions)
         if self.seq2seq:
-            first = self.memory is not None
-            x, _, _ = model.decoder(x, mask=None, causal=True, context=self.memory, context_mask=self.src_mask4,
-                                    caches=self.caches, cross_caches=self.cross_caches, **attend)
-            if first:
-                self.memory = None  # the cross-attention keys/values now live in cross_caches
+            memory, self.first = (self.memory if self.first else None), False
+            logits = self.model.decode(ids, memory, self.src_mask, decode_state=self.state)
         else:
-            mask = None if self.full_mask is None else padding_mask(self.full_mask[:, :n])
-            x, _, _ = model.layers(x, mask=mask, causal=True, caches=self.caches, **attend)
-        return model.logits(x[:, -1])
+            logits = self.model(ids, decode_state=self.state)
+        return check_finite(logits[:, -1])
 
     def _full(self) -> Tensor:
-        n = self.tokens.shape[1]
+        """The plain forward over the prefix (its last max_seq_len tokens) → the last position's logits."""
+        window = self.model.config.max_seq_len
+        tokens = self.tokens[:, -window:]
         if self.seq2seq:
-            return self.model.decode(self.tokens, self.memory, self.src_mask)[:, -1]
-        mask = None if self.full_mask is None else self.full_mask[:, :n]
-        return self.model(self.tokens, mask, positions=self.positions[:, :n])[:, -1]
+            return self.model.decode(tokens, self.memory, self.src_mask)[:, -1]
+        if self.mask is None:
+            return self.model(tokens)[:, -1]
+        mask = self.mask[:, -window:]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each row's first real token
+        return self.model(tokens, mask, positions=positions)[:, -1]
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` (beam search). Rows only move within their own prompt's group of beams, so the
-        per-row positions, masks and cross-attention caches (the same across a group) stay as they are."""
-        if self.caches is not None:
-            for cache in self.caches:
-                cache.reorder(index)
+        """Keep rows ``index`` (beam search): the decode state follows, or the prefix without the cache."""
+        if self.state is not None:
+            self.state.reorder(index)
         else:
             self.tokens = self.tokens.index_select(0, index)
+            if self.mask is not None:
+                self.mask = self.mask.index_select(0, index)
+
+
+@contextmanager
+def evaluating(model: DecoderLM | Transformer) -> Iterator[None]:
+    """Run the model in eval mode (no dropout) and inference mode, then restore its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)

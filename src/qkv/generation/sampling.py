@@ -22,27 +22,28 @@ from .logits import next_token_probs, process
 from .prompt import Prompt, Stepper, check_fits, prepare
 from .stopping import StopStrings, check_tokenizer, until_stop_token
 
-__all__ = ["generate", "stream", "generate_seq2seq", "run", "steps"]
+__all__ = ["generate", "stream", "generate_seq2seq", "run", "steps", "stream_prepared"]
 
 
 @torch.inference_mode()
 def steps(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None
           ) -> Iterator[Tensor]:
-    """Yield (batch,) next tokens, one step at a time; rows that stopped get the pad id; ends when all did."""
+    """Yield (batch,) next tokens, one step at a time; rows that stopped get the pad id; ends when all did, or
+    after ``max_new_tokens``. Nothing runs before the first token is asked for."""
     if cfg.max_new_tokens == 0:
         return
-    ids, mask, stop, pad = prompt.ids, prompt.mask, prompt.stop, prompt.pad
-    batch, n_new, device = ids.shape[0], cfg.max_new_tokens, ids.device
+    stop, pad = prompt.stop, prompt.pad
+    batch, n_new, device = prompt.ids.shape[0], cfg.max_new_tokens, prompt.ids.device
     stop_strings = StopStrings(cfg.stop_strings, tokenizer, prompt.tails() if cfg.stop_strings else None)
     was_training = model.training
     model.eval()
     try:
-        stepper = Stepper(model, ids, mask, n_new, cfg.use_cache)
+        stepper = Stepper(model, prompt.ids, prompt.mask, n_new, cfg.use_cache, bool(cfg.sliding_window))
+        logits = stepper.prefill(prompt.target_start)  # the model checks the token ids here
         generator = None if cfg.seed is None else torch.Generator(device).manual_seed(cfg.seed)
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
         seen = prompt.seen_tokens(model.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device) if (stop or stop_strings) else None
-        logits = stepper.prefill(prompt.target_start)
         greedy, filtering = cfg.greedy, cfg.top_k is not None or cfg.top_p < 1.0
         for step in range(n_new):
             logits = process(logits, step, cfg, seen, stop_ids)
@@ -80,7 +81,8 @@ def stream(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | No
     :func:`~qkv.data.left_pad`; other padding is moved to the left), or the (batch, source) sentence for a
     Transformer (padded on either side, with ``attention_mask``). Options are :class:`GenerationConfig` fields.
     Rows that have stopped yield the pad id; the iterator ends when every row stopped or after
-    ``max_new_tokens``. Inputs are checked here, before the first token. Beam search cannot stream (the best
+    ``max_new_tokens``. Options, shapes, masks and the context are checked here; the token ids by the model
+    when the first token is asked for (nothing runs before). Beam search cannot stream (the best
     hypothesis is known only at the end); use :func:`~qkv.generation.beam_search`.
     """
     cfg = resolve(config, max_new_tokens, options)
@@ -89,7 +91,7 @@ def stream(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | No
 
 def stream_prepared(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None
                     ) -> Iterator[Tensor]:
-    """:func:`stream` on a prepared prompt: the remaining checks now, then the steps."""
+    """:func:`stream` on a prepared prompt: the remaining checks now, then an iterator over the steps."""
     if cfg.num_beams > 1:
         raise ValueError(f"num_beams={cfg.num_beams}: beam search cannot stream, since the best hypothesis is "
                          "known only at the end; call beam_search() or generate(), or use num_beams=1")

@@ -25,10 +25,13 @@ from .stopping import StopStrings, until_stop_token
 __all__ = ["generate_text", "stream_text"]
 
 
-def _with_bos(cfg: GenerationConfig, model: DecoderLM | Transformer, tokenizer: Any) -> GenerationConfig:
-    """The tokenizer's BOS starts an empty prompt (or a target) when neither the call nor the model names one."""
+def _text_defaults(cfg: GenerationConfig, model: DecoderLM | Transformer, tokenizer: Any) -> GenerationConfig:
+    """Text goes on past the context (a sliding window) unless the call says ``sliding_window=False``; the
+    tokenizer's BOS starts an empty prompt (or a target) when neither the call nor the model names one."""
+    if cfg.sliding_window is None:
+        cfg = cfg.replace(sliding_window=True)
     if cfg.bos_token_id is None and model.config.bos_token_id is None and tokenizer.bos_id is not None:
-        return cfg.replace(bos_token_id=tokenizer.bos_id)
+        cfg = cfg.replace(bos_token_id=tokenizer.bos_id)
     return cfg
 
 
@@ -38,9 +41,10 @@ def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str |
     """Text in, generated text out (the continuation only, cut before a stop token or stop string).
 
     One string gives one string; a list gives a list, decoded as one padded batch. For a Transformer the
-    prompts are source sentences and the result their targets.
+    prompts are source sentences and the result their targets. Past the model's context the text goes on over
+    a sliding window of the last max_seq_len tokens (``sliding_window=False``: an error instead).
     """
-    cfg = _with_bos(resolve(config, max_new_tokens, options), model, tokenizer)
+    cfg = _text_defaults(resolve(config, max_new_tokens, options), model, tokenizer)
     single = isinstance(prompts, str)
     encoded = [tokenizer.encode(t, add_special_tokens=True) for t in ([prompts] if single else list(prompts))]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_id or 0)
@@ -64,7 +68,7 @@ def stream_text(model: DecoderLM | Transformer, tokenizer: Any, prompt: str, max
     output). A piece is held back while it might still turn out to begin a stop string, or while it ends
     inside a multi-byte character (byte-level BPE); the stop string itself is never yielded.
     """
-    cfg = _with_bos(resolve(config, max_new_tokens, options), model, tokenizer)
+    cfg = _text_defaults(resolve(config, max_new_tokens, options), model, tokenizer)
     encoded = tokenizer.encode(prompt, add_special_tokens=True)
     prepared = prepare(model, torch.tensor([encoded], dtype=torch.long), None, cfg)
     tokens = stream_prepared(model, prepared, cfg, tokenizer)  # checks the rest now
