@@ -53,7 +53,7 @@ def accumulated_step(model: torch.nn.Module, tok: Tokenizer, micro_batches: list
     """One trainer step over ``micro_batches`` (grad_accum = their number) → (the loss it logs, the gradient norm
     before clipping, the gradient the optimizer applied, the trainer)."""
     config = TrainConfig(max_steps=1, grad_accum=len(micro_batches), warmup_steps=0, grad_clip=grad_clip,
-                         progress=False, eval_batches=1)
+                         progress=False, eval_batches=1, device="cpu")  # fp32, as the reference
     trainer = Trainer(model, tok, ListSource(micro_batches), ListSource(micro_batches), config,
                       tmp_path / f"run{len(micro_batches)}", print_fn=lambda _: None)
     applied = []

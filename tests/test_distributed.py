@@ -134,7 +134,7 @@ for parallel in ("ddp", "fsdp"):
     model = Encoder(config)
     model.load_state_dict(initial)
     options = TrainConfig(max_steps=1, grad_accum=2, parallel=parallel, warmup_steps=0, grad_clip=None,
-                          progress=False, eval_batches=1)
+                          progress=False, eval_batches=1, device="cpu")  # Gloo, fp32
     trainer = Trainer(model, tok, ListSource(batches), ListSource(batches), options, sys.argv[1] + "/" + parallel)
     applied = []
     def keep(*_):  # FSDP holds a shard of each gradient: gather it whole
