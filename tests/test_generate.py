@@ -151,6 +151,31 @@ def test_right_padded_prompts_continue_each_row_from_its_last_real_token(positio
     assert generate(model, holes, 12, temperature=0, attention_mask=hole_mask)[0, -12:].tolist() == alone[0]
 
 
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_sliding_window_past_the_context_equals_a_forward_over_the_last_max_seq_len_tokens(positional):
+    """sliding_window=True: 3 x max_seq_len new tokens; for absolute positions each greedy choice is the argmax of
+    a plain forward over the row's last 64 tokens (computed here without any cache), batched and left-padded
+    rows alike, with and without the cache. By default generate refuses, naming the way out."""
+    model = decoder(positional, seed=2)
+    prompts, n_new = [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 3 * 64
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(n_new):
+                ids.append(int(model(torch.tensor([ids[-64:]]))[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    ids, mask = left_pad(prompts, pad_id=0)
+    for use_cache in (True, False):
+        out = generate(model, ids, n_new, temperature=0, attention_mask=mask, sliding_window=True,
+                       use_cache=use_cache)
+        assert out[:, -n_new:].tolist() == expected, f"use_cache={use_cache}"
+    beams = beam_search(model, torch.tensor([prompts[0]]), 80, num_beams=2, sliding_window=True)
+    assert beams.shape == (1, 7 + 80)
+    with pytest.raises(ValueError, match="max_new_tokens=192.*sliding_window=True"):
+        generate(model, ids, n_new, temperature=0, attention_mask=mask)
+
+
 def test_batched_greedy_seq2seq_equals_one_by_one():
     model = seq2seq("learned")
     sources = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
