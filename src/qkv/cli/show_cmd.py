@@ -92,15 +92,7 @@ def _pick(spec: str) -> tuple[int, int]:
 
 def run_attention(args: argparse.Namespace) -> int:
     from qkv.explain import find_token
-    from qkv.viz import (
-        KIND_TITLES,
-        attention_grid,
-        attention_heatmap,
-        attention_maps,
-        attention_panels,
-        check_index,
-        save_figure,
-    )
+    from qkv.viz import KIND_TITLES, attention_maps, attention_picture, save_figure
 
     if args.head is not None and args.layer is None:
         raise ValueError("--head needs --layer: name the layer whose head to enlarge, e.g. --layer 0 --head 3")
@@ -114,40 +106,17 @@ def run_attention(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"{len(found.inputs.labels)} tokens: {' '.join(repr(t) for t in found.inputs.labels)}")
     for kind in kinds:
-        maps = found.maps[kind]
-        n_layers, n_heads = maps.shape[:2]
-        queries, keys = found.labels(kind)
+        queries = found.labels(kind)[0]
         token = None if args.token is None else find_token(queries, args.token)
         title = f"{KIND_TITLES[kind]}: {text if len(text) <= 70 else text[:69] + '…'}"
-        if picks:
-            panels = [(check_index("layer", l, n_layers), [check_index("head", h, n_heads)]) for l, h in picks]
-        elif args.head is not None:
-            panels = [(check_index("layer", args.layer, n_layers), [check_index("head", args.head, n_heads)])]
-        elif args.lines:
-            layers = range(n_layers) if args.layer is None else [check_index("layer", args.layer, n_layers)]
-            panels = [(layer, list(range(n_heads))) for layer in layers]
-        else:
-            panels = None
-        if panels is None:
-            layers = None if args.layer is None else [check_index("layer", args.layer, n_layers)]
-            fig = attention_grid(maps, queries, keys, title=title, layers=layers, mask=found.mask(kind))
-        elif len(panels) == 1 and not args.lines and token is None:
-            (layer, (head,)), = panels
-            fig = attention_heatmap(maps[layer, head], queries, keys, mask=found.mask(kind),
-                                    title=f"{KIND_TITLES[kind]}, layer {layer}, head {head} (counting from 0)")
-        else:
-            fig = attention_panels(maps, queries, keys, panels, lines=args.lines, token=token, title=title,
-                                   mask=found.mask(kind))
+        fig, shown = attention_picture(found, kind, layer=args.layer, head=args.head, picks=picks, lines=args.lines,
+                                       token=token, title=title)
         path = save_figure(fig, _suffixed(out, kind) if len(kinds) > 1 else out, dpi=args.dpi)
+        n_layers, n_heads = found.maps[kind].shape[:2]
         print(f"wrote {path}  ({KIND_TITLES[kind]}: {n_layers} layers x {n_heads} heads)")
-        if token is not None:
-            for layer, heads in panels or [(layer, range(n_heads)) for layer in range(n_layers)]:
-                for head in heads:
-                    row = maps[layer, head, token]
-                    top = row.topk(min(3, row.numel()))
-                    best = ", ".join(f"{keys[j]!r} {w:.2f}" for w, j in zip(top.values.tolist(),
-                                                                              top.indices.tolist(), strict=True))
-                    print(f"  layer {layer} head {head}: {queries[token]!r} attends most to {best}")
+        for layer, head in shown if token is not None else ():
+            best = ", ".join(f"{key!r} {w:.2f}" for key, w in found.strongest_keys(kind, layer, head, token))
+            print(f"  layer {layer} head {head}: {queries[token]!r} attends most to {best}")
     return 0
 
 

@@ -1,7 +1,15 @@
 """Pictures of what a Transformer computes: attention maps and positional encodings (matplotlib), and the data
 behind them, which the web explorer (``qkv.viz.server``) shares. matplotlib is imported only when drawing."""
 
-from .heatmap import attention_grid, attention_heatmap, attention_lines, attention_panels, head_colour, save_figure
+from .heatmap import (
+    attention_grid,
+    attention_heatmap,
+    attention_lines,
+    attention_panels,
+    attention_picture,
+    head_colour,
+    save_figure,
+)
 from .maps import KIND_TITLES, AttentionMaps, attention_kinds, attention_maps, check_index, encode_input
 from .positions import encoding_for_kind, positional_picture_data, positions_figure
 
@@ -10,6 +18,7 @@ __all__ = [
     "attention_grid",
     "attention_lines",
     "attention_panels",
+    "attention_picture",
     "head_colour",
     "save_figure",
     "AttentionMaps",

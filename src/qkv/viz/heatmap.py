@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .maps import KIND_TITLES, AttentionMaps, check_index
+
 
 def _pyplot():
     try:
@@ -311,3 +313,47 @@ def attention_panels(
     note = f"{COUNTING};\nline opacity = attention weight" if lines else COUNTING
     fig.suptitle(f"{title}\n({note})" if title else note, fontsize=10)
     return fig
+
+
+def attention_picture(
+    found: AttentionMaps,
+    kind: str,
+    *,
+    layer: int | None = None,
+    head: int | None = None,
+    picks: Sequence[tuple[int, int]] = (),
+    lines: bool = False,
+    token: int | None = None,
+    title: str | None = None,
+):
+    """The picture of one kind of attention that ``qkv show attention`` draws → (Figure, the (layer, head) pairs
+    shown). Layers and heads are checked (negative ones count from the end).
+
+    - ``picks``: those heads side by side;
+    - ``layer`` and ``head``: that one head enlarged (a heatmap of its own, unless ``lines`` or ``token``);
+    - ``lines``: the lines picture, one panel per layer (or only ``layer``), every head overlaid;
+    - otherwise the grid of every head of every layer (or only ``layer``).
+    ``token`` (a query index) is highlighted.
+    """
+    maps, mask = found.maps[kind], found.mask(kind)
+    n_layers, n_heads = maps.shape[:2]
+    queries, keys = found.labels(kind)
+    if head is not None and layer is None:
+        raise ValueError("a head needs its layer: name the layer whose head to enlarge")
+    layers = None if layer is None else [check_index("layer", layer, n_layers)]
+    if picks:
+        panels = [(check_index("layer", l, n_layers), [check_index("head", h, n_heads)]) for l, h in picks]
+    elif head is not None:
+        panels = [(layers[0], [check_index("head", head, n_heads)])]
+    elif lines:
+        panels = [(l, list(range(n_heads))) for l in (layers or range(n_layers))]
+    else:
+        rows = layers or list(range(n_layers))
+        figure = attention_grid(maps, queries, keys, title=title, layers=layers, mask=mask)
+        return figure, [(l, h) for l in rows for h in range(n_heads)]
+    shown = [(l, h) for l, heads in panels for h in heads]
+    if len(panels) == 1 and not lines and token is None:
+        (l, h), = shown
+        name = f"{KIND_TITLES[kind]}, layer {l}, head {h} (counting from 0)"
+        return attention_heatmap(maps[l, h], queries, keys, mask=mask, title=name), shown
+    return attention_panels(maps, queries, keys, panels, lines=lines, token=token, title=title, mask=mask), shown

@@ -176,6 +176,13 @@ class AttentionMaps:
         head = check_index("head", head, maps.shape[1])
         return maps[layer, head]
 
+    def strongest_keys(self, kind: str, layer: int, head: int, token: int, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` keys query ``token`` attends to most in one head, as (key label, weight), strongest first."""
+        row = self.head(layer, head, kind)[check_index("token", token, self.maps[kind].shape[2])]
+        top = row.topk(min(k, row.numel()))
+        keys = self.labels(kind)[1]
+        return [(keys[j], w) for w, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
     def to_dict(self, decimals: int = 5) -> dict:
         """Plain lists for JSON (the web explorer)."""
         def rounded(t: Tensor) -> list:
