@@ -1,6 +1,8 @@
 """Checkpoints: plain files (config.json, model.safetensors, tokenizer.json), atomic writes, clear refusals."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -107,3 +109,22 @@ def test_not_a_checkpoint_says_what_was_found(tmp_path):
         qkv.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         qkv.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_and_folders_get_the_modes_the_umask_gives(tmp_path, umask):
+    model, tok = _model()
+    previous = os.umask(umask)
+    try:
+        for step in (1, 2, 3):  # the third save also replaces `latest` and deletes the oldest checkpoint
+            save_run_checkpoint(tmp_path / "run", step, model, tok, trainer_state={"step": step}, keep=2)
+    finally:
+        os.umask(previous)
+    run = tmp_path / "run"
+    written = [run / "latest", *(run / "step-000003").iterdir()]
+    assert {p.name for p in written} >= {"model.safetensors", "trainer_state.safetensors", "config.json"}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
+        p.name: oct(0o666 & ~umask) for p in written}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in run.glob("step-*")} == {
+        "step-000002": oct(0o777 & ~umask), "step-000003": oct(0o777 & ~umask)}
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000002", "step-000003"]

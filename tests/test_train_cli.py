@@ -156,3 +156,40 @@ def test_tiny_seq2seq_translates_a_parallel_file_without_naming_a_vocabulary_siz
     assert code == 0, err
     model, tokenizer = qkv.load(tmp_path / "run")
     assert model.config.vocab_size == tokenizer.vocab_size > 256  # every byte, then merges learned from the pairs
+
+
+def test_threads_in_a_toml_file_sets_torch_threads_and_a_bad_count_is_named(small_text, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{small_text}"\nthreads = 1\nmax_steps = 1\n[model]\nd_model = 32\nn_heads = 2\n'
+                      f'd_ff = 64\nn_decoder_layers = 1\nmax_seq_len = 16\n[train]\nbatch_size = 2\n')
+    torch.set_num_threads(2)
+    code, out, err = run_cli(capsys, "train", "--config", config, "--out", tmp_path / "run", "--no-progress")
+    assert code == 0 and "done: step 1," in out, err
+    assert torch.get_num_threads() == 1
+    for value in ("0", '"two"'):
+        config.write_text(f"threads = {value}\n")
+        code, _, err = run_cli(capsys, "train", "--config", config, "--out", tmp_path / "other")
+        assert code == 2 and err.count("\n") == 1 and "threads" in err and "positive whole number" in err, err
+
+
+def test_help_shows_the_allowed_values_of_every_choice_field(capsys):
+    from qkv.config import ACTIVATIONS, NORM_POSITIONS
+    from qkv.train import SCHEDULES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the usage lines
+    assert "--positional {sinusoidal,learned,none,rope,alibi}" in text
+    assert f"--norm-position {{{','.join(NORM_POSITIONS)}}}" in text
+    assert f"--schedule {{{','.join(SCHEDULES)}}}" in text and f"--activation {{{','.join(ACTIVATIONS)}}}" in text
+    assert "--dtype {auto,fp32,bf16}" in text and "--parallel {ddp,fsdp}" in text
+
+
+def test_without_matplotlib_training_names_no_loss_curve_it_did_not_draw(small_text, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when not installed
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--data", small_text, "--out", out, "--max-steps", 1, *TINY)
+    assert code == 0, err
+    assert not (out / "loss.png").exists() and "loss.png" not in stdout
+    assert "no loss curve (it needs matplotlib: pip install 'qkv[viz]')" in stdout

@@ -11,20 +11,30 @@ A qkv checkpoint directory holds
 A training run directory holds checkpoints ``step-000100/``, ``step-000200/``, ... and a file ``latest`` naming
 the newest one; every path that takes a checkpoint also takes the run directory. A checkpoint is written into a
 temporary directory and renamed into place, and ``latest`` is replaced by rename too, so a crash mid-write leaves
-the previous checkpoint as it was.
+the previous checkpoint as it was. Files and folders get the modes the umask gives (0644 / 0755 under umask 022).
+
+One process at a time trains in a run directory: :func:`claim_run_directory` holds the lock file ``.lock``
+(``filelock``; the kernel drops it when its process dies, so a killed run's lock is simply taken over) and names
+its holder in ``.lock-owner``; claiming also puts back a checkpoint whose replacement never arrived and deletes
+the ``.*.tmp`` leftovers of a killed save. ``QKV_FAULT=<point>[@N]`` (tests only) makes the process exit at once,
+as SIGKILL would, the N-th time it reaches a named point (:data:`FAULT_POINTS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
+import socket
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .config import FORMAT_VERSION, ModelConfig
@@ -33,11 +43,14 @@ from .tokenizers import Tokenizer
 
 __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PICKLE_SUFFIXES", "save_checkpoint",
            "save_run_checkpoint", "write_atomic", "resolve_checkpoint", "check_checkpoint_dir", "load_checkpoint",
-           "load_trainer_state", "flatten_state", "unflatten_state", "is_qkv_checkpoint"]
+           "load_trainer_state", "flatten_state", "unflatten_state", "is_qkv_checkpoint", "claim_run_directory",
+           "run_directory_of", "read_run_info", "RunDirectoryInUse", "CheckpointNotSaved", "fault_point",
+           "FAULT_POINTS"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
 LATEST = "latest"
+LOCK, LOCK_OWNER = ".lock", ".lock-owner"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -73,13 +86,62 @@ def unflatten_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return obj
 
 
+# -- faults, for the tests that prove a run survives any kill ---------------------------------------------------
+FAULT_ENV = "QKV_FAULT"
+FAULT_EXIT_STATUS = 137  # what a shell reports for SIGKILL
+FAULT_POINTS = ("save:mid", "save:before-rename", "save:after-rename", "metrics:before-row")
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Exit at once (``os._exit``: no cleanup, no flush) when ``$QKV_FAULT`` is ``name`` or ``name@N`` and this is
+    the N-th time (default 1st) the process reaches ``name``. Unset, it costs one dictionary look-up."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(nth or 1):
+        os._exit(FAULT_EXIT_STATUS)
+
+
 # -- writing ------------------------------------------------------------------------------------------------------
+class CheckpointNotSaved(RuntimeError):
+    """Writing a checkpoint failed (a full disk, a quota); the message says which checkpoint the run kept."""
+
+
+def _temporary_name(path: Path) -> Path:
+    """A fresh hidden sibling ``.NAME.<random>.tmp``: what :func:`claim_run_directory` deletes if left behind."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``data`` to a temporary file beside ``path``, then rename it: a crash never leaves half a file.
+
+    The file is created like any other (mode 0666 less the umask), not with a temporary file's private 0600."""
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """A safetensors file written as bytes by Python: mode 0666 less the umask (safetensors' own writer makes it
+    0600), and a full disk is an ``OSError`` like any other write's."""
+    path.write_bytes(save(tensors))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -93,28 +155,36 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: To
     ``weights``: the tensors to write when ``model.state_dict()`` does not hold them whole (a sharded model)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = _temporary_name(directory)
+    tmp.mkdir()  # mode 0777 less the umask (tempfile.mkdtemp's would be a private 0700)
     try:
         model.config.save(tmp / CONFIG, model_type=model.model_type)
         weights = model.state_dict() if weights is None else weights
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        _save_tensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        fault_point("save:mid")
         tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
             meta, tensors = flatten_state(trainer_state)
-            save_file(tensors, str(tmp / STATE_TENSORS))
+            _save_tensors(tensors, tmp / STATE_TENSORS)
             _write_json(tmp / STATE_JSON, meta)
+        fault_point("save:before-rename")
         if directory.exists():  # replace: move the old one aside first, drop it only once the new one is in place
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = _set_aside(directory)
+            _remove(old)
             os.replace(directory, old)
             os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return directory
+
+
+def _set_aside(directory: Path) -> Path:
+    """Where a checkpoint waits while its replacement is renamed in (claiming the run puts it back if need be)."""
+    return directory.with_name(f".{directory.name}.old")
 
 
 def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer, *,
@@ -122,20 +192,120 @@ def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, 
                         weights: dict[str, Tensor] | None = None) -> Path:
     """Save ``run_dir/step-NNNNNN``, point ``run_dir/latest`` at it, keep only the newest ``keep`` checkpoints."""
     run_dir = Path(run_dir)
-    path = save_checkpoint(run_dir / f"step-{step:06d}", model, tokenizer, trainer_state=trainer_state,
-                           weights=weights)
-    write_atomic(run_dir / LATEST, (path.name + "\n").encode())
-    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    target = run_dir / f"step-{step:06d}"
+    try:
+        path = save_checkpoint(target, model, tokenizer, trainer_state=trainer_state, weights=weights)
+        fault_point("save:after-rename")
+        write_atomic(run_dir / LATEST, (path.name + "\n").encode())
+    except OSError as err:
+        kept = _latest_or_newest(run_dir)
+        what = (f"the run is kept as it was at {kept}: free some space, then continue it with --resume {run_dir}"
+                if kept is not None else "no checkpoint of this run was kept: free some space and start it again")
+        raise CheckpointNotSaved(f"could not save checkpoint {target} ({err.strerror or err}); {what}") from None
+    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != path:  # renamed first, so a kill mid-delete leaves a .tmp folder, never half a checkpoint
+            doomed = _temporary_name(old)
+            os.replace(old, doomed)
+            _remove(doomed)
     return path
+
+
+# -- the run directory: one process at a time ---------------------------------------------------------------------
+class RunDirectoryInUse(ValueError):
+    """Another live process holds the run directory's lock."""
+
+
+def run_directory_of(path: str | Path) -> Path:
+    """The run directory of a checkpoint (its parent) or of a run directory (itself)."""
+    path = Path(path)
+    return path.parent if (path / CONFIG).is_file() else path
+
+
+def _owner_of(run_dir: Path) -> str:
+    try:
+        owner = json.loads((run_dir / LOCK_OWNER).read_text())
+        return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _tidy(run_dir: Path) -> None:
+    """Undo what a killed save left: a checkpoint set aside comes back if its replacement never arrived, and
+    unfinished ``.*.tmp`` files and folders are deleted."""
+    for entry in run_dir.glob(".step-*.old"):
+        target = run_dir / entry.name[1:-len(".old")]
+        if target.exists():
+            _remove(entry)
+        else:
+            os.replace(entry, target)
+    for entry in run_dir.glob(".*.tmp"):
+        _remove(entry)
+
+
+def _previous_run(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    return [p for p in (run_dir / LATEST, *run_dir.glob("step-*")) if p.exists()]
+
+
+@contextlib.contextmanager
+def claim_run_directory(run_dir: str | Path, *, overwrite: bool = False, resuming: bool = False,
+                        primary: bool = True) -> Iterator[Path]:
+    """Hold ``run_dir`` for this process while the ``with`` block trains in it.
+
+    A directory another live process holds is refused with one line naming that process (pid, host); a lock
+    left by a killed process is taken over. A new run (``resuming=False``) refuses a directory that holds a run
+    unless ``overwrite``, which deletes its checkpoints and metrics. ``primary=False`` (the other processes under
+    torchrun) only checks: the first process holds the directory for all of them.
+
+    Raises ``RunDirectoryInUse`` or ``ValueError`` (a run is there and ``overwrite`` is off).
+    """
+    from filelock import FileLock, Timeout
+
+    run_dir = Path(run_dir)
+    if not primary:
+        if not resuming and not overwrite and _previous_run(run_dir):
+            raise _run_exists(run_dir)
+        yield run_dir
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunDirectoryInUse(f"{run_dir} is in use by {_owner_of(run_dir)}, which is training in it; wait for "
+                                "it to finish or stop it, or pick another --out") from None
+    try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        write_atomic(run_dir / LOCK_OWNER, (json.dumps(owner) + "\n").encode())
+        _tidy(run_dir)
+        previous = _previous_run(run_dir)
+        if previous and not resuming:
+            if not overwrite:
+                raise _run_exists(run_dir)
+            for path in (*previous, run_dir / "metrics.csv", run_dir / "loss.png"):
+                _remove(path)
+        yield run_dir
+    finally:
+        (run_dir / LOCK_OWNER).unlink(missing_ok=True)
+        lock.release()
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK}:  # nothing was trained: leave no trace
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_exists(run_dir: Path) -> ValueError:
+    return ValueError(f"{run_dir} already holds a training run; continue it with --resume {run_dir}, "
+                      "or pick another --out (or --overwrite to replace it)")
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
 def is_qkv_checkpoint(directory: Path) -> bool:
-    """A directory whose config.json says ``"format": "qkv"``, or a run directory with a ``latest`` file."""
-    if (directory / LATEST).is_file():
+    """A directory whose config.json says ``"format": "qkv"``, or a run directory (a ``latest`` file or a
+    checkpoint ``step-*``)."""
+    if (directory / LATEST).is_file() or _latest_or_newest(directory) is not None:
         return True
     try:
         return json.loads((directory / CONFIG).read_text()).get("format") == "qkv"
@@ -151,13 +321,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise NotADirectoryError(f"checkpoint {path} is a file; pass the directory that holds {CONFIG}, "
                                  f"{WEIGHTS} and {TOKENIZER}")
-    if not (path / CONFIG).exists() and (path / LATEST).is_file():
-        target = path / (path / LATEST).read_text().strip()
-        if not target.is_dir():
-            raise FileNotFoundError(f"{path / LATEST} names {target.name}, which is missing; pass one of the "
-                                    f"step-* directories in {path} instead")
-        return target
+    if not (path / CONFIG).exists():
+        target = _latest_or_newest(path)
+        if target is not None:
+            return target
+        if (path / LATEST).is_file():
+            raise FileNotFoundError(f"{path / LATEST} names {(path / LATEST).read_text().strip()}, which is "
+                                    f"missing, and {path} holds no other checkpoint; start the run again")
+        if (path / LOCK).is_file():
+            raise FileNotFoundError(f"run directory {path} holds no checkpoint yet (the run stopped before its "
+                                    "first save); start it again: the same command without --resume")
     return path
+
+
+def _latest_or_newest(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names; when a kill came between a checkpoint's rename and ``latest``'s (or
+    ``latest`` names one that is gone), the newest complete ``step-*`` (complete: it was renamed into place)."""
+    try:
+        target = run_dir / (run_dir / LATEST).read_text().strip()
+        if (target / CONFIG).is_file():
+            return target
+    except (OSError, ValueError):
+        pass
+    steps = sorted(p for p in run_dir.glob("step-*") if (p / CONFIG).is_file()) if run_dir.is_dir() else []
+    return steps[-1] if steps else None
 
 
 def check_checkpoint_dir(directory: Path, *, need_state: bool = False) -> None:
@@ -203,6 +390,17 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
         raise ValueError(f"{directory / WEIGHTS} does not match {CONFIG}: {str(err).splitlines()[0]} "
                          f"{str(err).splitlines()[1:2]}; the files come from different models") from None
     return model.eval(), Tokenizer.load(directory / TOKENIZER), directory
+
+
+def read_run_info(path: str | Path) -> dict:
+    """The ``run`` metadata a training checkpoint recorded (recipe, data path and sha256, ...); {} if none."""
+    state_path = resolve_checkpoint(path) / STATE_JSON
+    if not state_path.is_file():
+        return {}
+    try:
+        return json.loads(state_path.read_text()).get("run", {})
+    except ValueError as err:
+        raise ValueError(f"{state_path} is not valid JSON ({err}); the checkpoint is damaged") from None
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict, Path]:

@@ -18,7 +18,6 @@ import csv
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -33,9 +32,18 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import DecoderBlock, EncoderBlock, RMSNorm
-from .checkpoint import load_checkpoint, load_trainer_state, save_run_checkpoint
+from .checkpoint import (
+    claim_run_directory,
+    fault_point,
+    load_checkpoint,
+    load_trainer_state,
+    read_run_info,
+    run_directory_of,
+    save_run_checkpoint,
+    write_atomic,
+)
 from .config import ModelConfig
-from .data import Corpus, TokenSplits, WindowBatches, load_tokens, read_corpus
+from .data import BUNDLED, Corpus, TokenSplits, WindowBatches, load_tokens, read_corpus
 from .losses import IGNORE_INDEX, cross_entropy
 from .models import build_model, model_class_for
 from .positions import PositionalEncoding
@@ -47,6 +55,9 @@ __all__ = ["TrainConfig", "Objective", "NextToken", "MaskedLM", "OBJECTIVES", "B
            "build_tokenizer", "MASK_TOKEN"]
 
 MASK_TOKEN = "<mask>"
+SCHEDULES = ("cosine", "noam", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLELS = ("ddp", "fsdp")
 
 
 # -- options ------------------------------------------------------------------------------------------------------
@@ -91,12 +102,12 @@ class TrainConfig:
     progress: bool = True  # a progress bar (tqdm) on stderr
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "noam", "constant"):
-            raise ValueError(f"schedule={self.schedule!r} is not one of cosine, noam, constant")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel={self.parallel!r} is not one of ddp, fsdp")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype={self.dtype!r} is not one of auto, fp32, bf16 (fp16 is not offered: "
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel={self.parallel!r} is not one of {', '.join(PARALLELS)}")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(PRECISIONS)} (fp16 is not offered: "
                              "it overflows without loss scaling; bf16 does not)")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "final_eval_batches",
                      "log_every",
@@ -290,6 +301,7 @@ class TrainResult(NamedTuple):
     tokens_per_s: float
     checkpoint: Path | None
     history: list[dict]  # one entry per evaluation: step, elapsed_s, val_loss
+    loss_curve: Path | None = None  # loss.png, when matplotlib could draw it
 
 
 CSV_FIELDS = ["step", "elapsed_s", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s"]
@@ -456,7 +468,7 @@ class Trainer:
         save_every = c.eval_every if c.save_every is None else c.save_every
         val_loss = float("nan")
         window_loss, window_steps = 0.0, 0
-        with self._signals(), self._progress_bar(), _MetricsLog(self.out_dir, self.rank == 0) as metrics:
+        with self._signals(), self._progress_bar(), _MetricsLog(self.out_dir, self.rank == 0, self.step) as metrics:
             while not self._done():
                 clock_before_step = self.elapsed
                 start = time.perf_counter()
@@ -506,8 +518,8 @@ class Trainer:
                 val_loss = self.evaluate(final=True)
                 self.history.append({"step": self.step, "elapsed_s": self.elapsed, "val_loss": val_loss})
             checkpoint = self.save()
-        self._plot()
-        return TrainResult(self.step, self.elapsed, val_loss, self.tokens_per_s, checkpoint, self.history)
+        curve = self._plot()
+        return TrainResult(self.step, self.elapsed, val_loss, self.tokens_per_s, checkpoint, self.history, curve)
 
     def _agree(self) -> None:
         """Under torchrun, every process takes the slowest clock and any stop signal, so all of them stop,
@@ -749,21 +761,40 @@ def _numpy_state(saved: list | None = None):
 
 
 class _MetricsLog:
-    """metrics.csv (appended to on resume) and TensorBoard event files when ``tensorboard`` is installed."""
+    """metrics.csv (continued on resume) and TensorBoard event files when ``tensorboard`` is installed.
 
-    def __init__(self, out_dir: Path, active: bool = True):
+    Opening it keeps the header and the complete rows up to ``start_step`` (the step the run starts from) and
+    nothing else, so whatever a kill left behind (an empty file, a torn last line, rows logged after the
+    checkpoint the run resumes from) the file reads as one run with each step once."""
+
+    def __init__(self, out_dir: Path, active: bool = True, start_step: int = 0):
         self.path = out_dir / "metrics.csv"
         self.out_dir = out_dir
         self.active = active  # under torchrun only the first process writes
+        self.start_step = start_step
+
+    def _rows_up_to(self, step: int) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()  # a row cut short by a kill
+        rows = []
+        for row in csv.DictReader(lines, fieldnames=CSV_FIELDS):
+            if None in row or None in row.values() or not row["step"].isdigit():  # the header, a garbled row
+                continue
+            if int(row["step"]) <= step:
+                rows.append(row)
+        return rows
 
     def __enter__(self):
         if not self.active:
             return self
-        new = not self.path.exists()
+        rows = self._rows_up_to(self.start_step)
+        text = [",".join(CSV_FIELDS) + "\r\n"] + [",".join(row[k] for k in CSV_FIELDS) + "\r\n" for row in rows]
+        write_atomic(self.path, "".join(text).encode())
         self.file = self.path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
-        if new:
-            self.writer.writeheader()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -775,6 +806,7 @@ class _MetricsLog:
     def write(self, row: dict) -> None:
         if not self.active:
             return
+        fault_point("metrics:before-row")
         self.writer.writerow(row)
         self.file.flush()
         if self.tb is not None:
@@ -839,19 +871,39 @@ def train(model_config: ModelConfig | None = None, config: TrainConfig | None = 
         raise ValueError(f"no training objective for model_type={model_type!r} yet; trainable: "
                          f"{', '.join(OBJECTIVES)}")
     out_dir = Path(out_dir)
-    _claim_out_dir(out_dir, overwrite)
-    corpus = read_corpus(data)
-    tok = build_tokenizer(corpus, tokenizer, model_type, model_config.vocab_size)
-    model_config = model_config.replace(vocab_size=tok.vocab_size)
-    torch.manual_seed(config.seed)
-    model = build_model(model_config, model_type)
-    run_info = {"data": corpus.source, "data_sha256": corpus.sha256, "tokenizer": tokenizer,
-                "model_type": model_type}
-    trainer, splits = _make_trainer(model, tok, corpus, config, out_dir, run_info, say)
-    say(f"training a {model.num_parameters():,}-parameter {type(model).__name__} on {corpus.source} "
-        f"({len(splits.train):,} train / {len(splits.val):,} validation tokens, {tok.kind} vocabulary "
-        f"{tok.vocab_size}) on {trainer.device}")
-    return trainer.fit()
+    with claim_run_directory(out_dir, overwrite=overwrite, primary=process_rank()[0] == 0):
+        corpus = read_corpus(data)
+        tok = build_tokenizer(corpus, tokenizer, model_type, model_config.vocab_size)
+        model_config = model_config.replace(vocab_size=tok.vocab_size)
+        torch.manual_seed(config.seed)
+        model = build_model(model_config, model_type)
+        # the absolute path, so that --resume and qkv eval work from any directory
+        source = corpus.source if corpus.source == BUNDLED else str(Path(corpus.source).resolve())
+        run_info = {"recipe": RECIPES[model_type], "data": source, "data_sha256": corpus.sha256,
+                    "tokenizer": tokenizer, "model_type": model_type}
+        trainer, splits = _make_trainer(model, tok, corpus, config, out_dir, run_info, say)
+        say(f"training a {model.num_parameters():,}-parameter {type(model).__name__} on {corpus.source} "
+            f"({len(splits.train):,} train / {len(splits.val):,} validation tokens, {tok.kind} vocabulary "
+            f"{tok.vocab_size}) on {trainer.device}")
+        return trainer.fit()
+
+
+# model_type → the recipe a run records (``run["recipe"]``): what resume and eval dispatch on
+RECIPES = {"decoder": "language-model", "encoder": "masked-lm", "seq2seq": "translation"}
+
+
+def run_recipe(run: dict) -> str:
+    """The recipe a run's metadata names (runs from before ``recipe`` was recorded: inferred)."""
+    if "recipe" in run:
+        return run["recipe"]
+    return "translation" if run.get("task") == "translation" else RECIPES.get(run.get("model_type"), "language-model")
+
+
+def _run_corpus(run: dict, data: str | Path | None, directory: Path, fix: str) -> Corpus:
+    """``data`` if given, else the text the run trained on (its recorded path), named clearly when it is gone."""
+    if data is None and run.get("data") not in (None, BUNDLED) and not Path(run["data"]).exists():
+        raise FileNotFoundError(f"{directory} trained on {run['data']}, which is not there any more; {fix}")
+    return read_corpus(data if data is not None else run.get("data"))
 
 
 def usable_cores() -> int:
@@ -908,24 +960,6 @@ def fastest_cpu_settings(model_config: ModelConfig, batch_size: int, context: in
     return fastest, best
 
 
-def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a directory that holds another run, unless told to replace it (under torchrun the
-    first process deletes it; the others wait for it when they join the process group)."""
-    previous = [p for p in (out_dir / "latest", *out_dir.glob("step-*")) if p.exists()] if out_dir.is_dir() else []
-    if not previous:
-        return
-    if not overwrite:
-        raise ValueError(f"{out_dir} already holds a training run; continue it with --resume {out_dir}, "
-                         "or pick another --out")
-    if process_rank()[0] != 0:
-        return
-    for path in (*previous, out_dir / "metrics.csv", out_dir / "loss.png"):
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def _make_trainer(model, tok: Tokenizer, corpus: Corpus, config: TrainConfig, out_dir, run_info: dict,
                   say) -> tuple[Trainer, TokenSplits]:
     context = config.context or model.config.max_seq_len
@@ -953,58 +987,72 @@ def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path 
 
     ``overrides`` may move where it stops (max_steps, time_budget), not its learning-rate schedule: steps beyond
     the schedule's end run at its final learning rate (see ``TrainConfig``).
-    """
+
+    The run directory is claimed first (see ``claim_run_directory``): a run still training there is refused, and
+    what a killed save left is tidied before the checkpoint is chosen."""
     say = print_fn or say_once
     overrides = dict(overrides or {})
     fixed = sorted(set(overrides) - set(RESUMABLE_OPTIONS))
     if fixed:
         raise ValueError(f"--resume continues a run with its saved settings; {', '.join(fixed)} cannot change "
                          f"(only {', '.join(RESUMABLE_OPTIONS)} can); drop them or start a new run")
-    state, directory = load_trainer_state(path)
-    model, tok, _ = load_checkpoint(directory)
-    config = TrainConfig(**{**state["train_config"], **overrides})
-    run = state["run"]
-    if run.get("task") == "translation":  # a parallel-file run: its batches come from qkv.translation
-        from .translation import resume_translation
+    run_dir = Path(out_dir) if out_dir is not None else run_directory_of(path)
+    with claim_run_directory(run_dir, resuming=True, primary=process_rank()[0] == 0):
+        state, directory = load_trainer_state(path)
+        model, tok, _ = load_checkpoint(directory)
+        config = TrainConfig(**{**state["train_config"], **overrides})
+        run = state["run"]
+        if run_recipe(run) == "translation":  # a parallel-file run: its batches come from qkv.translation
+            from .translation import resume_translation
 
-        return resume_translation(model, tok, state, directory, config, data=data, out_dir=out_dir, print_fn=say)
-    corpus = read_corpus(data if data is not None else run["data"])
-    if corpus.sha256 != run["data_sha256"]:
-        raise ValueError(f"the data {corpus.source} differs from the text this run trained on "
-                         f"({run['data']}); pass the same --data to resume, or start a new run")
-    trainer, _ = _make_trainer(model.train(), tok, corpus, config, out_dir or directory.parent, run, say)
-    trainer.load_state_dict(state)
-    trainer.last_checkpoint = directory
-    say(f"resuming {directory} at step {trainer.step} ({trainer.elapsed:.1f} s on the clock)")
-    return trainer.fit()
+            return resume_translation(model, tok, state, directory, config, data=data, out_dir=run_dir,
+                                      print_fn=say)
+        corpus = _run_corpus(run, data, directory, "pass --data with the same text to resume")
+        if corpus.sha256 != run["data_sha256"]:
+            raise ValueError(f"the data {corpus.source} differs from the text this run trained on "
+                             f"({run['data']}); pass the same --data to resume, or start a new run")
+        trainer, _ = _make_trainer(model.train(), tok, corpus, config, run_dir, run, say)
+        trainer.load_state_dict(state)
+        trainer.last_checkpoint = directory
+        say(f"resuming {directory} at step {trainer.step} ({trainer.elapsed:.1f} s on the clock)")
+        return trainer.fit()
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, split: str = "val",
                         batch_size: int = 32, context: int | None = None, max_batches: int = 10_000) -> dict:
-    """Loss (nats per predicted token) and perplexity exp(loss) of a checkpoint on a text.
+    """Loss (nats per predicted token, no label smoothing) and perplexity exp(loss) of a checkpoint.
 
-    ``data`` defaults to the text the run trained on; ``split`` "val" takes its last 10%, "all" the whole text.
+    Dispatches on the recipe the run recorded. A language model or masked LM: on a text, ``data`` defaulting to
+    the one the run trained on; ``split`` "val" takes its last 10%, "all" the whole text. A translation run: the
+    target-side loss on its validation pairs, rebuilt from the split saved with it (``data``: another parallel
+    file, split the same way; "all": every pair of the file).
     """
     if split not in ("val", "all"):
         raise ValueError(f"split={split!r} is not one of val, all")
     model, tok, directory = load_checkpoint(checkpoint)
-    if data is None:
-        try:
-            data = load_trainer_state(directory)[0]["run"]["data"]
-        except (FileNotFoundError, KeyError):
-            data = None  # a checkpoint without training state: the bundled corpus
-    corpus = read_corpus(data)
+    run = read_run_info(directory)  # {} for a checkpoint without training state: the bundled corpus
+    if run_recipe(run) == "translation":
+        if context is not None:
+            raise ValueError(f"{directory} is a translation run, evaluated on whole sentence pairs; drop --context")
+        from .translation import validation_pair_batches  # registers the seq2seq objective too
+
+        batches, source = validation_pair_batches(run, tok, model.config.max_seq_len, directory, data=data,
+                                                  split=split, max_batches=max_batches)
     if model.model_type not in OBJECTIVES:
         raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")
     objective = OBJECTIVES[model.model_type](tok, TrainConfig())
-    context = context or model.config.max_seq_len
-    if context > model.config.max_seq_len:
-        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.config.max_seq_len}; "
-                         "lower --context")
-    splits = load_tokens(corpus, tok)
-    tokens = splits.val if split == "val" else np.concatenate([splits.train, splits.val])
-    batches = WindowBatches(tokens, context + objective.window_extra, batch_size,
-                            name="validation" if split == "val" else "text").fixed(max_batches)
+    if run_recipe(run) != "translation":
+        corpus = _run_corpus(run, data, directory, "pass --data with the text to evaluate on")
+        context = context or model.config.max_seq_len
+        if context > model.config.max_seq_len:
+            raise ValueError(f"context={context} is longer than the model's max_seq_len="
+                             f"{model.config.max_seq_len}; lower --context")
+        splits = load_tokens(corpus, tok)
+        tokens = splits.val if split == "val" else np.concatenate([splits.train, splits.val])
+        batches = WindowBatches(tokens, context + objective.window_extra, batch_size,
+                                name="validation" if split == "val" else "text").fixed(max_batches)
+        source = corpus.source
     loss = evaluate(model, objective, batches)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sum(b.numel() for b in batches),
-            "data": corpus.source, "split": split, "checkpoint": str(directory)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "tokens": sum(objective.tokens_in(b) for b in batches), "data": source, "split": split,
+            "checkpoint": str(directory)}

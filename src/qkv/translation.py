@@ -29,19 +29,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import claim_run_directory, read_run_info, resolve_checkpoint
 from .config import ModelConfig
 from .generate import generate_seq2seq, right_pad
 from .losses import IGNORE_INDEX, cross_entropy
 from .models import Transformer
 from .tasks import EOS, TASKS
 from .tokenizers import Tokenizer
-from .train import OBJECTIVES, Objective, TrainConfig, Trainer, TrainResult, _claim_out_dir, say_once
+from .train import OBJECTIVES, Objective, TrainConfig, Trainer, TrainResult, process_rank, run_recipe, say_once
 
 __all__ = ["PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN", "ParallelCorpus", "read_parallel", "Splits", "split_by_source",
            "references_by_source", "train_shared_bpe", "encode_pairs", "Seq2SeqBatch", "pad_batch",
            "TokenBatches", "Seq2SeqObjective", "translate", "corpus_scores", "evaluate_bleu", "BleuResult",
            "TranslationData", "prepare", "translation_train_config", "train_translation", "resume_translation",
-           "held_out_test_split", "bleu_report", "average_checkpoints"]
+           "held_out_test_split", "validation_pair_batches", "bleu_report", "average_checkpoints"]
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2: the layout of qkv.tasks as well
@@ -514,46 +515,67 @@ def train_translation(data: str | Path, model_config: ModelConfig, config: Train
     say = print_fn or say_once
     config = config or translation_train_config()
     out_dir = Path(out_dir)
-    _claim_out_dir(out_dir, overwrite)
-    prepared = prepare(data, max_seq_len=model_config.max_seq_len, vocab_size=model_config.vocab_size,
-                       max_tokens=max_tokens, n_test=n_test, n_valid=n_valid, split_seed=split_seed,
-                       seed=config.seed)
-    tok = prepared.tokenizer
-    say(prepared.corpus.report())
-    say(f"split by source sentence (seed {split_seed}): {prepared.splits.describe()}")
-    if prepared.dropped:
-        say(f"left out {prepared.dropped:,} pair(s) longer than max_seq_len={model_config.max_seq_len} tokens")
-    model_config = model_config.replace(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    torch.manual_seed(config.seed)
-    model = Transformer(model_config)
-    run_info = {"task": "translation", "data": str(Path(data).resolve()), "data_sha256": prepared.corpus.sha256,
-                "split_seed": split_seed, "n_test": n_test, "n_valid": n_valid, "max_tokens": max_tokens,
-                "model_type": "seq2seq", "tokenizer": "bpe"}
-    trainer = Trainer(model, tok, prepared.train, prepared.valid, config, out_dir,
-                      objective=Seq2SeqObjective(tok, config), run_info=run_info, print_fn=say)
-    say(f"training a {model.num_parameters():,}-parameter Transformer ({model_config.n_encoder_layers}+"
-        f"{model_config.n_decoder_layers} layers, d_model {model_config.d_model}, {model_config.norm_position}-LN) "
-        f"on {len(prepared.train):,} batches of <= {max_tokens} tokens per side, shared BPE vocabulary "
-        f"{tok.vocab_size:,}")
-    return trainer.fit()
+    with claim_run_directory(out_dir, overwrite=overwrite, primary=process_rank()[0] == 0):
+        prepared = prepare(data, max_seq_len=model_config.max_seq_len, vocab_size=model_config.vocab_size,
+                           max_tokens=max_tokens, n_test=n_test, n_valid=n_valid, split_seed=split_seed,
+                           seed=config.seed)
+        tok = prepared.tokenizer
+        say(prepared.corpus.report())
+        say(f"split by source sentence (seed {split_seed}): {prepared.splits.describe()}")
+        if prepared.dropped:
+            say(f"left out {prepared.dropped:,} pair(s) longer than max_seq_len={model_config.max_seq_len} tokens")
+        model_config = model_config.replace(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+                                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        torch.manual_seed(config.seed)
+        model = Transformer(model_config)
+        run_info = {"recipe": "translation", "task": "translation", "data": str(Path(data).resolve()),
+                    "data_sha256": prepared.corpus.sha256, "split_seed": split_seed, "n_test": n_test,
+                    "n_valid": n_valid, "max_tokens": max_tokens, "model_type": "seq2seq", "tokenizer": "bpe"}
+        trainer = Trainer(model, tok, prepared.train, prepared.valid, config, out_dir,
+                          objective=Seq2SeqObjective(tok, config), run_info=run_info, print_fn=say)
+        say(f"training a {model.num_parameters():,}-parameter Transformer ({model_config.n_encoder_layers}+"
+            f"{model_config.n_decoder_layers} layers, d_model {model_config.d_model}, "
+            f"{model_config.norm_position}-LN) on {len(prepared.train):,} batches of <= {max_tokens} tokens per "
+            f"side, shared BPE vocabulary {tok.vocab_size:,}")
+        return trainer.fit()
 
 
 def held_out_test_split(checkpoint: str | Path) -> tuple[list[Pair], dict]:
     """The test pairs a translation checkpoint was held out from, rebuilt from the settings saved with it."""
-    from .checkpoint import STATE_JSON, resolve_checkpoint
-
     directory = resolve_checkpoint(checkpoint)
-    state_path = directory / STATE_JSON
-    run = json.loads(state_path.read_text()).get("run", {}) if state_path.is_file() else {}
-    if run.get("task") != "translation":
-        raise ValueError(f"{directory} was not trained by the translation recipe (no split settings in "
-                         f"{STATE_JSON}); pass a checkpoint written by `qkv train --data PARALLEL_FILE`")
-    corpus = read_parallel(run["data"])
-    if corpus.sha256 != run["data_sha256"]:
-        raise ValueError(f"{run['data']} changed since {directory} was trained; the test split cannot be rebuilt")
-    splits = split_by_source(corpus.pairs, n_test=run["n_test"], n_valid=run["n_valid"], seed=run["split_seed"])
+    run = read_run_info(directory)
+    splits = _split_of_run(run, directory)
     return splits.test, run
+
+
+def _split_of_run(run: dict, directory: Path, data: str | Path | None = None) -> Splits:
+    """The train / validation / test split a translation run made, rebuilt from its saved settings (``data``:
+    another parallel file, split the same way)."""
+    if run_recipe(run) != "translation":
+        raise ValueError(f"{directory} was not trained by the translation recipe (no split settings in its "
+                         "trainer state); pass a checkpoint written by `qkv train --data PARALLEL_FILE`")
+    corpus = read_parallel(data if data is not None else run["data"])
+    if data is None and corpus.sha256 != run["data_sha256"]:
+        raise ValueError(f"{run['data']} changed since {directory} was trained; its split cannot be rebuilt")
+    return split_by_source(corpus.pairs, n_test=run["n_test"], n_valid=run["n_valid"], seed=run["split_seed"])
+
+
+def validation_pair_batches(run: dict, tokenizer: Tokenizer, max_seq_len: int, directory: Path, *,
+                            data: str | Path | None = None, split: str = "val", max_batches: int = 10_000
+                            ) -> tuple[list[Seq2SeqBatch], str]:
+    """The batches ``qkv eval`` scores a translation run on → (batches, where the pairs came from).
+
+    ``split="val"``: the run's validation pairs, batched as training batched them (``max_tokens`` per side);
+    ``"all"``: every pair of the file. Pairs longer than ``max_seq_len`` are left out, as in training."""
+    source = data if data is not None else run.get("data")
+    if split == "val":
+        pairs = _split_of_run(run, directory, data).valid
+    else:
+        pairs = read_parallel(source).pairs
+    src, tgt, _ = encode_pairs(tokenizer, pairs, max_seq_len)
+    batches = TokenBatches(src, tgt, run.get("max_tokens", 2048), pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                           name="validation" if split == "val" else "evaluation")
+    return batches.fixed(max_batches), str(source)
 
 
 def average_checkpoints(run_dir: str | Path, n: int) -> tuple[Transformer, Tokenizer, list[Path]]:

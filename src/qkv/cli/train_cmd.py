@@ -9,11 +9,16 @@ from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from qkv.config import PRESETS, ModelConfig
-from qkv.train import TrainConfig
+from qkv.config import ACTIVATIONS, NORM_POSITIONS, NORMS, PRESETS, ModelConfig
+from qkv.positions import POSITIONAL_KINDS
+from qkv.train import PARALLELS, PRECISIONS, SCHEDULES, TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out", "batch_tokens", "test_size", "valid_size", "split_seed")
+# The allowed values of the fields that take one of a few words, shown by --help (the dataclasses check them,
+# with a message that says more than argparse's "invalid choice")
+CHOICES = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS, "positional": POSITIONAL_KINDS,
+           "schedule": SCHEDULES, "dtype": PRECISIONS, "parallel": PARALLELS}
 
 
 def _add_field(group: argparse._ArgumentGroup, field: Field, section: str) -> None:
@@ -26,8 +31,9 @@ def _add_field(group: argparse._ArgumentGroup, field: Field, section: str) -> No
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{section} field {field.name}",
                            **common)
     else:
-        group.add_argument(flag, type=kind, metavar=type_name.upper(), help=f"{section} field {field.name}",
-                           **common)
+        choices = CHOICES.get(field.name)
+        metavar = "{" + ",".join(choices) + "}" if choices else type_name.upper()
+        group.add_argument(flag, type=kind, metavar=metavar, help=f"{section} field {field.name}", **common)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "learning rate")
     p.add_argument("--config", metavar="FILE", help="a TOML file of options (flat, or [model] / [train] tables)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; also a TOML key)")
     seq2seq = p.add_argument_group("translation (an encoder-decoder preset; --data a source<TAB>target file or a "
                                    "Tatoeba zip)")
     seq2seq.add_argument("--batch-tokens", type=int, default=argparse.SUPPRESS,
@@ -93,6 +99,9 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     model_keys, train_keys = ModelConfig.field_names(), TrainConfig.field_names()
     for key, value in flat.items():
         key = key.replace("-", "_")
+        if key == "threads":  # not a field of a run: how this process runs it
+            out["run"]["threads"] = _threads(value, f"{path}: threads")
+            continue
         section = ("run" if key in RUN_KEYS else "model" if key in model_keys else
                    "train" if key in train_keys else None)
         if section is None:
@@ -102,6 +111,12 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{path}: unknown option {key!r}; {hint}")
         out[section][key] = value
     return out
+
+
+def _threads(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} = {value!r} must be a positive whole number of CPU threads, e.g. 2")
+    return value
 
 
 def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -149,12 +164,16 @@ def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], tra
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qkv.checkpoint import CheckpointNotSaved
     from qkv.train import TrainingDiverged, TrainingInterrupted, resume, say_once, train
 
     options = collect(args)
     run_opts, model_opts, train_opts = options["run"], options["model"], options["train"]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = run_opts.pop("threads", None)
+    if args.threads is not None:  # the flag wins over the file
+        threads = _threads(args.threads, "--threads")
+    if threads:
+        torch.set_num_threads(threads)
     try:
         if args.resume:
             fixed = [f"--{k.replace('_', '-')}" for k in (*run_opts, *model_opts) if k not in ("data", "out")]
@@ -183,9 +202,14 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"qkv train: interrupted: {err}", file=sys.stderr)
         return 130
+    except CheckpointNotSaved as err:  # a full disk: the message says which checkpoint the run kept
+        print(f"qkv train: error: {err}", file=sys.stderr)
+        return 1
     out = result.checkpoint.parent
     say_once(f"done: step {result.step}, validation loss {result.val_loss:.4f} "
              f"(perplexity {torch.tensor(result.val_loss).exp():.2f}) after {result.elapsed:.1f} s, "
              f"{result.tokens_per_s:,.0f} tokens/s")
-    say_once(f"checkpoint {result.checkpoint}; metrics {out / 'metrics.csv'}; loss curve {out / 'loss.png'}")
+    curve = (f"loss curve {result.loss_curve}" if result.loss_curve is not None else
+             "no loss curve (it needs matplotlib: pip install 'qkv[viz]')")
+    say_once(f"checkpoint {result.checkpoint}; metrics {out / 'metrics.csv'}; {curve}")
     return 0
