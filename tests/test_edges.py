@@ -567,6 +567,33 @@ def test_generation_values_out_of_range(flags, expected, ckpt, capsys, observe):
     assert expected in observe(cli_error(capsys, argv))
 
 
+@row("CLI", "more new tokens than the context holds, `--no-sliding-window` (`--max-new-tokens 500`, max_seq_len 128)")
+def test_generating_past_the_context_without_a_window_is_refused_before_any_output(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["generate", "--checkpoint", ckpt["decoder"], "the", "--no-sliding-window",
+                                         "--max-new-tokens", "500"]))
+    assert "lower max_new_tokens to at most 126" in message
+    assert capsys.readouterr().out == ""
+
+
+@row("CLI", "more new tokens than the context holds, by default (`--max-new-tokens 300`, max_seq_len 128; was: "
+            "exit 2 after echoing the prompt)")
+def test_generating_past_the_context_slides_a_window(ckpt, capsys, observe):
+    assert main(["generate", "--checkpoint", str(ckpt["decoder"]), "the", "--max-new-tokens", "300", "--seed",
+                 "0", "--temperature", "1", "--min-new-tokens", "300"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    observe("exit 0: the prompt and 300 new tokens, each predicted from a window of the last 128")
+    assert text.startswith("the") and len(text) - 3 > 128  # fewer characters than tokens: <bos> prints as nothing
+
+
+@row("API", "`generate(model, ids, max_new_tokens=500)` past max_seq_len 128")
+def test_the_generate_function_refuses_past_the_context_unless_asked_to_slide(ckpt, observe):
+    from qkv.generation import generate as generate_ids
+
+    model, _ = qkv.load(ckpt["decoder"])
+    message = observe(api_error(ValueError, lambda: generate_ids(model, torch.tensor([[1, 2]]), 500)))
+    assert "sliding_window=True" in message
+
+
 @row("CLI", "`qkv generate` with an encoder-only checkpoint")
 def test_generating_with_an_encoder_is_refused(ckpt, capsys, observe):
     message = observe(cli_error(capsys, ["generate", "--checkpoint", ckpt["encoder"], "the"]))

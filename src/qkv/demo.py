@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import qkv
+from qkv.attention import causal_mask
 from qkv.config import ModelConfig
 from qkv.data import read_corpus
 from qkv.generation import generate_text
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     entropy = -(weights * weights.clamp_min(1e-9).log()).sum(-1).mean(-1)  # per head: how focused it is
     head = int(entropy.argmin())
     pieces = tokenizer.pieces(SAMPLE_SENTENCE)
-    picture = save_figure(attention_heatmap(weights[head], pieces,
-                                            title=f"layer {layer}, head {head} (the most focused head)"),
+    picture = save_figure(attention_heatmap(weights[head], pieces, mask=causal_mask(len(pieces)),
+                                            title=f"layer {layer}, head {head} (the most focused head; "
+                                                  "counting from 0)"),
                           out / "attention.png")
     print(f"\nwrote {out / 'loss.png'} (loss curve), {picture} (layer {layer}, head {head} on "
           f"{SAMPLE_SENTENCE!r}), checkpoint {result.checkpoint}")
