@@ -339,3 +339,75 @@ def test_multi_head_attention_rejects_bad_shapes() -> None:
         mha(torch.randn(2, 3, 12))
     with pytest.raises(ValueError, match=r"context of shape \(batch, src_seq, 16\), got \(2, 16\)"):
         mha(torch.randn(2, 3, 16), torch.randn(2, 16))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The formula is the reference; every kernel the dispatcher may pick gives its result.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_formula_is_softmax_of_scaled_scores_times_values_term_by_term() -> None:
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, n, 4, generator=gen, dtype=torch.float64) for n in (3, 5, 5))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])[:, None, None, :]
+    bias = torch.randn(1, 3, 3, 5, generator=gen, dtype=torch.float64)
+    out, weights = attention.attention(q, k, v, mask, bias=bias)
+    for b, h, i in [(0, 0, 0), (1, 2, 1), (1, 1, 2)]:  # one query at a time, with the math module
+        visible = [j for j in range(5) if mask[b, 0, 0, j]]
+        s = {j: float(q[b, h, i] @ k[b, h, j]) / 4**0.5 + float(bias[0, h, i, j]) for j in visible}
+        z = sum(torch.tensor(s[j]).exp() for j in visible)
+        expected_w = [float(torch.tensor(s[j]).exp() / z) if j in s else 0.0 for j in range(5)]
+        assert torch.allclose(weights[b, h, i], torch.tensor(expected_w, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(out[b, h, i], sum(expected_w[j] * v[b, h, j] for j in range(5)), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_every_kernel_equals_the_formula(case: str) -> None:
+    gen = torch.Generator().manual_seed(12)
+    kwargs = _mask_case(case, gen)
+    q, k, v = (torch.randn(B, H, n, D, generator=gen) for n in (T, S, S))
+    mask = kwargs.get("mask")
+    if kwargs.get("causal"):
+        mask = causal_mask(T, S) if mask is None else mask & causal_mask(T, S)
+    reference, reference_w = attention.attention(q, k, v, mask, bias=kwargs.get("bias"))
+    fused, none = scaled_dot_product_attention(q, k, v, need_weights=False, **kwargs)
+    explicit, weights = scaled_dot_product_attention(q, k, v, need_weights=True, **kwargs)
+    assert none is None and max_err(fused, reference) <= ATOL and max_err(explicit, reference) <= ATOL
+    assert max_err(weights, reference_w) <= ATOL
+    # The CPU-bf16 rule's explicit kernel, asked for no weights (what MultiHeadAttention takes there):
+    low = [t.bfloat16() for t in (q, k, v)]
+    bias = kwargs.get("bias")
+    out, _ = attention._dispatch(*low, kwargs.get("mask"), bool(kwargs.get("causal")), None, 0.0, False,
+                                 None if bias is None else bias.bfloat16(), speed_rules=True)
+    expected, _ = attention.attention(*low, mask, bias=None if bias is None else bias.bfloat16())
+    assert max_err(out.float(), expected.float()) <= 0.05  # bf16 rounding of the two orders of operations
+
+
+def test_grouped_key_value_heads_equal_the_formula_with_each_head_repeated() -> None:
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 6, 5, 8, generator=gen)
+    k, v = (torch.randn(2, 2, 5, 8, generator=gen) for _ in range(2))  # 2 key/value heads, 3 query heads each
+    mask = padding_mask(torch.tensor([[1] * 5, [1] * 3 + [0] * 2]))
+    reference, _ = attention.attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask & causal_mask(5))
+    for need_weights in (False, True):
+        out, _ = attention._dispatch(q, k, v, mask, True, None, 0.0, need_weights, None, speed_rules=True)
+        assert max_err(out, reference) <= ATOL, need_weights
+
+
+def test_blocks_read_one_frozen_inputs_object_and_refuse_unknown_arguments() -> None:
+    from dataclasses import FrozenInstanceError
+
+    from qkv import ModelConfig
+    from qkv.blocks import AttentionInputs, DecoderBlock, EncoderBlock
+
+    config = ModelConfig.preset("tiny-encoder", d_model=32, d_ff=64)
+    x = torch.randn(2, 5, 32)
+    inputs = AttentionInputs(mask=padding_mask(torch.tensor([[1] * 5, [1] * 3 + [0] * 2])))
+    with pytest.raises(FrozenInstanceError):
+        inputs.causal = True  # type: ignore[misc]
+    with pytest.raises(TypeError):  # an encoder block has no cross-attention: a context is an error, not ignored
+        EncoderBlock(config)(x, inputs, context=x)
+    with pytest.raises(ValueError, match="pass the encoder output as context"):
+        DecoderBlock(config)(x, inputs)
+    out, _, _ = DecoderBlock(config)(x, AttentionInputs(causal=True, context=x, context_mask=inputs.mask))
+    assert out.shape == x.shape

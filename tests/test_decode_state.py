@@ -8,6 +8,7 @@ import torch
 
 from qkv import ModelConfig
 from qkv.attention import causal_mask
+from qkv.blocks import AttentionInputs
 from qkv.decode_state import ROLLING_POSITIONALS
 from qkv.models import DecoderLM, Transformer
 from qkv.positions import POSITIONAL_KINDS
@@ -149,7 +150,8 @@ def _sliding_window_forward(model: DecoderLM, ids: torch.Tensor) -> torch.Tensor
     band = causal_mask(n) & (torch.arange(n)[None, :] > torch.arange(n)[:, None] - window)  # i - window < j <= i
     pe = model.embed.positional
     x = model.embed(ids, torch.zeros_like(positions))  # these encodings add nothing to the embeddings
-    x, _, _ = model.layers(x, mask=band, rotate=pe.rotary(positions, n), bias=pe.attention_bias(n, n, ids.device))
+    inputs = AttentionInputs(mask=band, rotate=pe.rotary(positions, n), bias=pe.attention_bias(n, n, ids.device))
+    x, _, _ = model.layers(x, inputs)
     return model.logits(x)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "scaled_dot_product_attention",
+    "attention",
     "causal_mask",
     "padding_mask",
     "check_mask",
@@ -88,6 +89,30 @@ def to_torch_mha_mask(mask: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------------------
 # The formula.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, bias: Tensor | None = None,
+              scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k) + bias, masked) V, line by line → (output, weights): the reference.
+
+    The kernels below must give its result; the tests hold them to it. ``mask`` is boolean, True = may attend,
+    broadcastable to the scores ``(..., queries, keys)``; ``bias`` an additive term (ALiBi).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., queries, keys): q_i · k_j / sqrt(d_k)
+    if bias is not None:
+        scores = scores + bias  # ALiBi: -m · |i - j|
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # a key the query may not see gets weight 0
+    weights = torch.softmax(scores, dim=-1)  # each row sums to 1 ...
+    if mask is not None:  # ... except a query that may see no key at all: zeros, not the NaN of softmax(-inf)
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return torch.matmul(weights, v), weights  # (..., queries, d_v): the weighted sum of the values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public function: its inputs checked, then computed by a kernel.
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -169,8 +194,13 @@ def scaled_dot_product_attention(
     (before dropout) come back too. A query that may attend to no key at all gets an output of zeros.
     """
     mask = _check_inputs(q, k, v, mask, bias)
-    return _attention(q, k, v, mask, causal, scale, dropout_p, need_weights, bias)
+    return _dispatch(q, k, v, mask, causal, scale, dropout_p, need_weights, bias)
 
+
+# --------------------------------------------------------------------------------------------------------------
+# The kernels, and the rules that choose one. Each computes `attention` above; each rule is there for a measured
+# reason.
+# --------------------------------------------------------------------------------------------------------------
 
 # On the CPU in bf16, PyTorch's fused kernel is slower than the explicit formula for short sequences: training
 # steps of the benchmark's shapes ran 1.4x (context 64) and 1.1x (context 256) faster explicitly (fp32: no
@@ -190,56 +220,73 @@ def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and n_keys <= CPU_BF16_EXPLICIT_MAX_KEYS
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
-               dropout_p: float, need_weights: bool, bias: Tensor | None,
-               explicit: bool = False, grouped: bool = False) -> tuple[Tensor, Tensor | None]:
-    """:func:`scaled_dot_product_attention` without its input checks, for callers that built q, k, v
-    themselves (``MultiHeadAttention``: the checks would cost a decoding step about 8%). ``explicit``: compute
-    the formula step by step even when the weights are not wanted (default: only when they are). ``grouped``: k
-    and v hold fewer heads than q, each serving a group of query heads (the fused kernel only)."""
+def _dispatch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
+              dropout_p: float, need_weights: bool, bias: Tensor | None, *,
+              speed_rules: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`attention` (with ``causal`` and dropout) by the fastest kernel that gives its result; inputs are
+    not checked (``MultiHeadAttention`` built q, k, v itself: the checks would cost a decoding step about 8%).
+
+    ``speed_rules``: also apply the rules measured on the model's shapes (the CPU-bf16 one); k and v may then
+    hold fewer heads than q, each serving a group of query heads (grouped-query attention).
+    """
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    explicit = explicit or need_weights
+    # Rule 1: only the explicit kernel returns the weights. Rule 2: on the CPU in bf16 it is also the faster one.
+    explicit = need_weights or (speed_rules and _explicit_is_faster(q, n_keys))
+    # Rule 3: grouped-query attention shares key/value heads inside the fused kernel; elsewhere they are copied.
+    groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] != q.shape[-3] else 1
+    if groups > 1 and (explicit or not SDPA_GROUPS):
+        k, v, groups = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3), 1
     # A query may end up with no key at all only through a caller's mask, or a causal mask with more queries
     # than keys; only then do its weights need zeroing after the softmax.
     rows_may_be_empty = mask is not None or (causal and n_queries > n_keys)
-
+    # Rule 4: causal never materialises a (queries, keys) mask when the fused kernel's is_causal can do it.
     if causal and n_queries == 1 and n_keys >= 1:
         causal = False  # the one (last) query may see every key
     if causal and (mask is not None or bias is not None or explicit or n_queries != n_keys):
         cm = causal_mask(n_queries, n_keys, device=q.device)
         mask = cm if mask is None else mask & cm
         causal = False
+    if explicit:
+        out, weights = _explicit(q, k, v, mask, bias, scale, dropout_p, rows_may_be_empty)
+        return out, weights if need_weights else None
+    return _fused(q, k, v, mask, causal, bias, scale, dropout_p, groups > 1), None
 
-    if not explicit:
-        attn_mask = mask
-        if bias is not None:
-            attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-        if attn_mask is not None and attn_mask.dim() < 2:  # the kernel wants (queries, keys) at least
-            attn_mask = attn_mask.expand(n_queries, n_keys)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale,
-            **({"enable_gqa": True} if grouped else {}),
-        )
-        if mask is not None:
-            out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-        return out, None
 
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (..., n_queries, n_keys); scaling q is cheaper
+def _fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, bias: Tensor | None, scale: float,
+           dropout_p: float, grouped: bool) -> Tensor:
+    """PyTorch's fused kernel (flash attention on a GPU): the (queries, keys) weights are never stored."""
+    attn_mask = mask
+    if bias is not None:  # the kernel takes one float mask: the bias, with -inf where the bool mask hides
+        attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    if attn_mask is not None and attn_mask.dim() < 2:  # the kernel wants (queries, keys) at least
+        attn_mask = attn_mask.expand(q.shape[-2], k.shape[-2])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
+                                         scale=scale, **({"enable_gqa": True} if grouped else {}))
+    if mask is not None:  # a query that may see no key: zeros (the kernel gives NaN)
+        out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return out
+
+
+def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float,
+              dropout_p: float, rows_may_be_empty: bool) -> tuple[Tensor, Tensor]:
+    """:func:`attention` with two measured changes, and dropout on the weights → (output, weights before dropout)."""
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # scaling q (queries x d_k) is cheaper than the scores
     if bias is not None:
         scores = scores + bias
     hidden = None if mask is None else ~mask
     if hidden is not None:
-        # Added, not filled in: the mask-sized (0 | minimum) tensor costs the backward pass nothing, where
-        # masked_fill would mask the (..., queries, keys) gradient once more (bf16 training steps 3-4% faster
-        # at context 256). A finite minimum (not -inf) keeps a fully masked row finite; it is zeroed below.
+        # Rule 5, the additive mask: added, not filled in. The mask-sized (0 | minimum) tensor costs the backward
+        # pass nothing, where masked_fill would mask the (..., queries, keys) gradient once more (bf16 training
+        # steps 3-4% faster at context 256). A finite minimum (not -inf) keeps a fully masked row finite; such a
+        # row is zeroed below.
         minimum = torch.finfo(scores.dtype).min
         scores = scores + torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(hidden, minimum)
     weights = torch.softmax(scores, dim=-1)
     if hidden is not None and rows_may_be_empty:
         weights = weights.masked_fill(hidden, 0.0)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    return torch.matmul(dropped, v), weights if need_weights else None
+    return torch.matmul(dropped, v), weights
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -431,17 +478,11 @@ class MultiHeadAttention(nn.Module):
                     cache.set_static(k, v)
                 else:
                     k, v = cache.append(k, v)
-        explicit = _explicit_is_faster(q, k.shape[-2])
-        grouped = self.n_kv_heads != self.n_heads  # grouped-query attention: each key/value head serves a group
-        if grouped and (explicit or need_weights or not SDPA_GROUPS):
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            grouped = False
         if mask is not None or bias is not None:  # q, k, v are built here; only what callers pass needs checks
-            every_head = k[:, :1].expand(-1, self.n_heads, -1, -1) if grouped else k  # a view, for the shapes
+            every_head = k[:, :1].expand(-1, self.n_heads, -1, -1)  # a view, for the shapes
             mask = _check_inputs(q, every_head, every_head, mask, bias)
-        out, weights = _attention(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
-                                  need_weights, bias, explicit=explicit, grouped=grouped)
+        out, weights = _dispatch(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
+                                 need_weights, bias, speed_rules=True)
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # Concat(head_1..head_h)
         return self.out(out), weights

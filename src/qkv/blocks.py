@@ -1,8 +1,13 @@
-"""The layers a Transformer stacks: feed-forward, norms, residual sublayers, encoder and decoder blocks."""
+"""The layers a Transformer stacks: feed-forward, norms, residual sublayers, encoder and decoder blocks.
+
+What one forward pass gives every block (masks, positions acting inside attention, caches) travels as one frozen
+:class:`AttentionInputs`, built once by the model: Stack → block → attention, no loose keyword arguments.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +16,32 @@ from torch import Tensor, nn
 from .attention import KVCache, MultiHeadAttention
 from .config import ModelConfig
 
-__all__ = ["FeedForward", "RMSNorm", "make_norm", "EncoderBlock", "DecoderBlock", "Stack"]
+__all__ = ["AttentionInputs", "FeedForward", "RMSNorm", "make_norm", "EncoderBlock", "DecoderBlock", "Stack"]
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The per-forward inputs every block's attention reads, built once per forward pass by the model.
+
+    - ``mask``: bool, True = may attend, broadcastable to (batch, heads, queries, keys) (padding: (batch, 1, 1, keys));
+    - ``causal``: each query sees only keys at or before its own position (aligned bottom-right with a cache);
+    - ``rotate``: RoPE's rotation of queries and keys (batch, heads, seq, d_k), or None;
+    - ``bias``: an additive score term, ALiBi's (1, heads, queries, keys), or None;
+    - ``need_weights``: return each layer's attention weights;
+    - ``caches`` / ``cross_caches``: one KVCache per block (decoding), or None;
+    - ``context`` / ``context_mask``: the encoder output (batch, source, d_model) and its (batch, 1, 1, source)
+      mask, for a decoder block's cross-attention.
+    """
+
+    mask: Tensor | None = None
+    causal: bool = False
+    rotate: Callable[[Tensor], Tensor] | None = None
+    bias: Tensor | None = None
+    need_weights: bool = False
+    caches: Sequence[KVCache] | None = None
+    cross_caches: Sequence[KVCache] | None = None
+    context: Tensor | None = None
+    context_mask: Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -86,23 +116,22 @@ class EncoderBlock(nn.Module):
             h = self.dropout(h)
         return x + h if self.pre_norm else norm(x + h)
 
-    def self_attention(self, x: Tensor, mask: Tensor | None, causal: bool, need_weights: bool, rotate, bias,
-                       cache: KVCache | None) -> tuple[Tensor, Tensor | None]:
+    def self_attention(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None
+                       ) -> tuple[Tensor, Tensor | None]:
         weights = []
 
         def attend(h: Tensor) -> Tensor:
-            out, w = self.self_attn(h, mask=mask, causal=causal, need_weights=need_weights, rotate=rotate,
-                                    bias=bias, cache=cache)
+            out, w = self.self_attn(h, mask=inputs.mask, causal=inputs.causal, need_weights=inputs.need_weights,
+                                    rotate=inputs.rotate, bias=inputs.bias, cache=cache)
             weights.append(w)
             return out
 
         return self.residual(x, self.self_attn_norm, attend), weights[0]
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
-                rotate=None, bias: Tensor | None = None, cache: KVCache | None = None,
-                **_: object) -> tuple[Tensor, Tensor | None, None]:
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None
+                ) -> tuple[Tensor, Tensor | None, None]:
         """x (batch, seq, d_model) → (x, self-attention weights or None, None)."""
-        x, w = self.self_attention(x, mask, causal, need_weights, rotate, bias, cache)
+        x, w = self.self_attention(x, inputs, cache)
         return self.residual(x, self.ffn_norm, self.ffn), w, None
 
 
@@ -123,21 +152,19 @@ class DecoderBlock(EncoderBlock):
             )
             self.cross_attn_norm = make_norm(config)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = True, need_weights: bool = False,
-                rotate=None, bias: Tensor | None = None, cache: KVCache | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None,
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None,
                 cross_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """→ (x, masked self-attention weights, cross-attention weights); weights are None unless requested."""
-        x, self_w = self.self_attention(x, mask, causal, need_weights, rotate, bias, cache)
+        x, self_w = self.self_attention(x, inputs, cache)
         cross_w = None
         if self.cross_attn is not None:
-            if context is None and (cross_cache is None or not cross_cache.static):
+            if inputs.context is None and (cross_cache is None or not cross_cache.static):
                 raise ValueError("this decoder block cross-attends: pass the encoder output as context")
             found = []
 
             def cross(h: Tensor) -> Tensor:
-                out, w = self.cross_attn(h, context, mask=context_mask, need_weights=need_weights,
-                                         cache=cross_cache)
+                out, w = self.cross_attn(h, inputs.context, mask=inputs.context_mask,
+                                         need_weights=inputs.need_weights, cache=cross_cache)
                 found.append(w)
                 return out
 
@@ -154,19 +181,17 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(make_block() for _ in range(n_layers))
         self.norm = make_norm(config) if config.use_final_norm else None
 
-    def forward(self, x: Tensor, *, caches: list[KVCache] | None = None,
-                cross_caches: list[KVCache] | None = None, need_weights: bool = False,
-                **kwargs) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """→ (hidden states, self-attention weights per layer, cross-attention weights per layer)."""
         self_weights, cross_weights = [], []
+        caches, cross_caches = inputs.caches, inputs.cross_caches
         for i, layer in enumerate(self.layers):
-            extra = {}
-            if caches is not None:
-                extra["cache"] = caches[i]
-            if cross_caches is not None:
-                extra["cross_cache"] = cross_caches[i]
-            x, sw, cw = layer(x, need_weights=need_weights, **extra, **kwargs)
-            if need_weights:
+            cache = None if caches is None else caches[i]
+            if cross_caches is None:
+                x, sw, cw = layer(x, inputs, cache)
+            else:
+                x, sw, cw = layer(x, inputs, cache, cross_caches[i])
+            if inputs.need_weights:
                 self_weights.append(sw)
                 if cw is not None:
                     cross_weights.append(cw)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, check_mask, padding_mask
-from .blocks import DecoderBlock, EncoderBlock, Stack, make_norm
+from .blocks import AttentionInputs, DecoderBlock, EncoderBlock, Stack, make_norm
 from .config import ModelConfig
 from .decode_state import DecodeState
 from .positions import PositionalEncoding, build_positional
@@ -131,10 +131,16 @@ class _Model(nn.Module):
                              f"{tuple(attention_mask.shape)} (True at real tokens, False at padding)")
         return padding_mask(attention_mask)
 
-    def _attend_args(self, positions: Tensor, n_queries: int, n_keys: int) -> dict:
-        """Per-forward inputs of the positional encoding that act inside attention (RoPE, ALiBi)."""
+    def _inputs(self, positions: Tensor, n_queries: int, n_keys: int, *, mask: Tensor | None = None,
+                causal: bool = False, need_weights: bool = False, caches: list[KVCache] | None = None,
+                cross_caches: list[KVCache] | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, limit: int | None = None) -> AttentionInputs:
+        """What every block of this forward pass reads, with what the positional encoding does inside attention
+        (RoPE's rotation of queries and keys, ALiBi's distance bias); ``limit`` bounds ``positions``."""
         pe = self.embed.positional
-        return {"rotate": pe.rotary(positions), "bias": pe.attention_bias(n_queries, n_keys, positions.device)}
+        return AttentionInputs(mask=mask, causal=causal, rotate=pe.rotary(positions, limit),
+                               bias=pe.attention_bias(n_queries, n_keys, positions.device), need_weights=need_weights,
+                               caches=caches, cross_caches=cross_caches, context=context, context_mask=context_mask)
 
     # -- output ---------------------------------------------------------------------------------------------
     def output_weight(self) -> Tensor:
@@ -208,7 +214,8 @@ class _Model(nn.Module):
                            cross_caches=cross, device=weight.device)
 
     def _decode_step(self, stack: Stack, ids: Tensor, mask: Tensor | None, state: DecodeState, need_weights: bool,
-                     name: str, **cross) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                     name: str, context: Tensor | None = None, context_mask: Tensor | None = None
+                     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Feed the new tokens ``ids`` (batch, t) through ``stack`` with the state's caches → (hidden, weights)."""
         b, t = ids.shape
         if not state.checked:  # the first call checks; later steps skip the checks
@@ -224,7 +231,7 @@ class _Model(nn.Module):
         if state.length + t > state.capacity:  # past the context: slide the window
             if t > 1:  # one token at a time, so each sees the window it would see alone
                 outs = [self._decode_step(stack, ids[:, i : i + 1], None if mask is None else mask[:, i : i + 1],
-                                          state, need_weights, name, **cross) for i in range(t)]
+                                          state, need_weights, name, context, context_mask) for i in range(t)]
                 return torch.cat([o[0] for o in outs], 1), [w for o in outs for w in o[1]], [
                     w for o in outs for w in o[2]]
             if state.free(state.length + t - state.capacity) and not state.rolls:
@@ -234,14 +241,13 @@ class _Model(nn.Module):
                     mask = torch.cat([torch.ones_like(old_ids, dtype=torch.bool) if old_mask is None else old_mask,
                                       torch.ones_like(ids, dtype=torch.bool) if mask is None else mask], 1)
                 x, sw, cw = self._decode_step(stack, torch.cat([old_ids, ids], 1), mask, state, need_weights,
-                                              name, **cross)
+                                              name, context, context_mask)
                 return x[:, -t:], sw, cw
         positions = state.add(ids, mask)
-        pe = self.embed.positional
         x = self.embed(ids, positions)
-        return stack(x, mask=state.key_mask(), causal=True, caches=state.caches, need_weights=need_weights,
-                     rotate=pe.rotary(positions, state.fed), bias=pe.attention_bias(t, state.length, ids.device),
-                     **cross)
+        return stack(x, self._inputs(positions, t, state.length, mask=state.key_mask(), causal=True,
+                                     need_weights=need_weights, caches=state.caches, limit=state.fed,
+                                     cross_caches=state.cross_caches, context=context, context_mask=context_mask))
 
 
 class Encoder(_Model):
@@ -263,8 +269,8 @@ class Encoder(_Model):
         b, t = ids.shape
         positions = self._positions(ids, 0, positions)
         x = self.embed(ids, positions, token_type_ids)
-        x, weights, _ = self.layers(x, mask=self._key_mask(attention_mask, b, t, "attention_mask"),
-                                    need_weights=return_attention, **self._attend_args(positions, t, t))
+        x, weights, _ = self.layers(x, self._inputs(positions, t, t, need_weights=return_attention,
+                                                    mask=self._key_mask(attention_mask, b, t, "attention_mask")))
         return (x, weights) if return_attention else x
 
 
@@ -303,10 +309,9 @@ class DecoderLM(_Model):
         past = cache[0].length if cache else 0
         positions = self._positions(ids, past, positions)
         x = self.embed(ids, positions)
-        x, weights, _ = self.layers(
-            x, mask=self._key_mask(attention_mask, b, past + t, "attention_mask"), causal=True, caches=cache,
-            need_weights=return_attention, **self._attend_args(positions, t, past + t),
-        )
+        x, weights, _ = self.layers(x, self._inputs(
+            positions, t, past + t, mask=self._key_mask(attention_mask, b, past + t, "attention_mask"), causal=True,
+            caches=cache, need_weights=return_attention))
         out = x if return_hidden else self.logits(x)
         return (out, weights) if return_attention else out
 
@@ -335,8 +340,9 @@ class Transformer(_Model):
         b, s = src_ids.shape
         positions = self._positions(src_ids, 0, None)
         x = self.embed(src_ids, positions)
-        x, weights, _ = self.encoder(x, mask=self._key_mask(src_attention_mask, b, s, "src_attention_mask"),
-                                     need_weights=return_attention, **self._attend_args(positions, s, s))
+        x, weights, _ = self.encoder(x, self._inputs(
+            positions, s, s, mask=self._key_mask(src_attention_mask, b, s, "src_attention_mask"),
+            need_weights=return_attention))
         return (x, weights) if return_attention else x
 
     def decode(self, tgt_ids: Tensor, memory: Tensor | None, src_attention_mask: Tensor | None = None,
@@ -358,9 +364,8 @@ class Transformer(_Model):
                                      "memory=model.encode(src_ids, src_attention_mask)")
                 state.source_mask = self._key_mask(src_attention_mask, state.batch, memory.shape[1],
                                                    "src_attention_mask")
-            x, self_w, cross_w = self._decode_step(
-                self.decoder, tgt_ids, tgt_attention_mask, state, return_attention, "tgt_ids",
-                context=memory if first else None, context_mask=state.source_mask, cross_caches=state.cross_caches)
+            x, self_w, cross_w = self._decode_step(self.decoder, tgt_ids, tgt_attention_mask, state, return_attention,
+                                                   "tgt_ids", memory if first else None, state.source_mask)
             logits = self.logits(x)
             return (logits, self_w, cross_w) if return_attention else logits
         self._check_ids(tgt_ids, "tgt_ids")
@@ -369,12 +374,11 @@ class Transformer(_Model):
         positions = self._positions(tgt_ids, past, positions)
         src_len = memory.shape[1] if memory is not None else cross_cache[0].length
         x = self.embed(tgt_ids, positions)
-        x, self_w, cross_w = self.decoder(
-            x, mask=self._key_mask(tgt_attention_mask, b, past + t, "tgt_attention_mask"), causal=True,
-            context=memory, context_mask=self._key_mask(src_attention_mask, b, src_len, "src_attention_mask"),
-            caches=cache, cross_caches=cross_cache, need_weights=return_attention,
-            **self._attend_args(positions, t, past + t),
-        )
+        x, self_w, cross_w = self.decoder(x, self._inputs(
+            positions, t, past + t, mask=self._key_mask(tgt_attention_mask, b, past + t, "tgt_attention_mask"),
+            causal=True, context=memory, context_mask=self._key_mask(src_attention_mask, b, src_len,
+                                                                      "src_attention_mask"),
+            caches=cache, cross_caches=cross_cache, need_weights=return_attention))
         logits = self.logits(x)
         return (logits, self_w, cross_w) if return_attention else logits
 
