@@ -64,8 +64,8 @@ class WithoutScale(PositionalEncoding):
     def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         return self.inner.embed(x, positions)
 
-    def rotary(self, positions: Tensor) -> Callable[[Tensor], Tensor]:
-        rotate, factor = self.inner.rotary(positions), self.factor
+    def rotary(self, positions: Tensor, limit: int | None = None) -> Callable[[Tensor], Tensor]:
+        rotate, factor = self.inner.rotary(positions, limit), self.factor
         if rotate is None:
             return lambda x: x * factor
         return lambda x: rotate(x) * factor
