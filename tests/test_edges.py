@@ -607,6 +607,123 @@ def test_translating_with_a_decoder_is_refused(ckpt, capsys, observe):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The explorer's server (qkv serve), over plain HTTP on a loopback port
+# ---------------------------------------------------------------------------------------------------------------
+
+KEY = "edge-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def served(ckpt):
+    pytest.importorskip("fastapi")
+    from qkv.serve import Explorer, make_server
+
+    model, tokenizer = qkv.load(ckpt["decoder"])
+    explorer = Explorer(model, tokenizer, search_root=ckpt["decoder"].parent, max_text_chars=100)
+    with make_server(explorer, api_key=KEY) as server:
+        yield server
+
+
+def http(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         token: str | None = KEY) -> tuple[int, str]:
+    """(status, the answer's "error" message or body) of one request on its own connection."""
+    import http.client
+
+    conn = http.client.HTTPConnection(*server.server_address, timeout=30)
+    sent = {"Content-Type": "application/json"} if body is not None else {}
+    sent.update({"Authorization": f"Bearer {token}"} if token else {})
+    conn.request(method, path, body=body, headers={**sent, **(headers or {})})
+    response = conn.getresponse()
+    payload = response.read().decode()
+    conn.close()
+    try:
+        return response.status, json.loads(payload)["error"]
+    except (ValueError, KeyError, TypeError):
+        return response.status, payload
+
+
+def raw_http(server, request: bytes) -> str:
+    """The status line the server answers a hand-written request with."""
+    import socket
+
+    with socket.create_connection(server.server_address, timeout=30) as conn:
+        conn.sendall(request)
+        return conn.recv(4096).decode(errors="replace").splitlines()[0]
+
+
+def answered(status: int, message: str) -> str:
+    return f"HTTP {status}: {message}"
+
+
+@row("server", "an API call without the token")
+def test_an_api_call_without_the_token_is_refused(served, observe):
+    status, message = http(served, "GET", "/api/info", token=None)
+    assert status == 401 and "Authorization: Bearer" in observe(answered(status, message))
+
+
+@row("server", "the cross-site `POST /api/load` a web page can send (Content-Type text/plain, Origin of another "
+               "site; was: the model switched to any local path)")
+def test_the_cross_site_load_request_is_refused(served, observe):
+    status, message = http(served, "POST", "/api/load", b'{"checkpoint": "/"}', token=None,
+                           headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert status in (401, 403, 415) and observe(answered(status, message))
+    status, message = http(served, "POST", "/api/load", b'{"checkpoint": "/"}',
+                           headers={"Origin": "http://evil.example"})  # even with the token
+    assert status == 403 and "may not call this explorer" in message
+
+
+@row("server", "a request naming another Host (DNS rebinding)")
+def test_a_host_not_on_the_allow_list_is_refused(served, observe):
+    status, message = http(served, "GET", "/api/info", headers={"Host": "evil.example"})
+    assert status == 403 and "--allowed-hosts" in observe(answered(status, message))
+
+
+@row("server", "a POST whose body is not sent as application/json")
+def test_a_post_that_is_not_json_is_refused(served, observe):
+    status, message = http(served, "POST", "/api/attention", b'{"text": "the"}',
+                           headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in observe(answered(status, message))
+
+
+@row("server", "`/api/load` of a directory that is no checkpoint (was: its first file names listed)")
+def test_loading_a_directory_that_is_no_checkpoint_names_none_of_its_files(served, ckpt, observe):
+    folder = ckpt["decoder"].parent / "not-a-checkpoint"
+    folder.mkdir(exist_ok=True)
+    (folder / "secret-notes.txt").write_text("private")
+    status, message = http(served, "POST", "/api/load", json.dumps({"checkpoint": str(folder)}).encode())
+    assert status == 400 and "secret-notes" not in observe(answered(status, message))
+
+
+@row("server", "a body that is not valid JSON")
+def test_a_body_that_is_not_json_is_a_400(served, observe):
+    status, message = http(served, "POST", "/api/attention", b'{"text": ')
+    assert status == 400 and "not valid JSON" in observe(answered(status, message))
+
+
+@row("server", "a text longer than the explorer's `--max-text-chars` (100 here)")
+def test_a_text_past_the_explorers_limit_is_a_413(served, observe):
+    status, message = http(served, "POST", "/api/attention", json.dumps({"text": "the " * 60}).encode())
+    assert status == 413 and "at most 100" in observe(answered(status, message))
+
+
+@row("server", "`GET /api/generate?temperature=-1` (a bad generation value)")
+def test_a_bad_generation_value_is_a_400_before_the_stream(served, observe):
+    status, message = http(served, "GET", "/api/generate?text=the&temperature=-1")
+    assert status == 400 and "temperature" in observe(answered(status, message))
+
+
+@row("server", "`Content-Length: -1` or `Content-Length: abc` (was: a thread held, or the body parsed as the "
+               "next request)")
+def test_a_malformed_content_length_is_a_400(served, observe):
+    for length in (b"-1", b"abc"):
+        head = (b"POST /api/attention HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n{}")
+        line = raw_http(served, head)
+        assert line.startswith("HTTP/1.1 400"), line
+    observe(f"the connection is answered `{line}` and closed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training data and options
 # ---------------------------------------------------------------------------------------------------------------
 
