@@ -238,3 +238,13 @@ def test_the_first_step_checks_its_inputs() -> None:
             model(torch.full((2, 4), VOCAB), decode_state=state)
         with pytest.raises(TypeError, match="float masks are not accepted"):
             model(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4), decode_state=state)
+
+
+def test_logits_to_keep_computes_the_output_layer_for_the_last_positions_only() -> None:
+    model = decoder("rope")
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(ids)
+        assert max_err(model(ids, logits_to_keep=1), full[:, -1:]) <= ATOL  # a (1, d) matmul rounds differently
+        state = model.new_decode_state(2)
+        assert max_err(model(ids, decode_state=state, logits_to_keep=2), full[:, -2:]) <= ATOL

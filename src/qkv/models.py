@@ -290,8 +290,11 @@ class DecoderLM(_Model):
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
                 cache: list[KVCache] | None = None, decode_state: DecodeState | None = None,
-                return_attention: bool = False, return_hidden: bool = False):
+                return_attention: bool = False, return_hidden: bool = False, logits_to_keep: int = 0):
         """ids (batch, seq) → logits (batch, seq, vocab) [, attention per layer].
+
+        ``logits_to_keep=n`` computes the output layer for the last n positions only (batch, n, vocab): a
+        prompt's prefill needs only its last one (0, the default: every position).
 
         With ``decode_state`` (from ``new_decode_state()``), ids are the *new* tokens only (the prompt, then one
         token per step), ``attention_mask`` covers those same tokens (left padding of the prompt), and the
@@ -302,8 +305,16 @@ class DecoderLM(_Model):
         if decode_state is not None:
             x, weights, _ = self._decode_step(self.layers, ids, attention_mask, decode_state, return_attention,
                                               "ids")
-            out = x if return_hidden else self.logits(x)
-            return (out, weights) if return_attention else out
+        else:
+            x, weights = self._forward(ids, attention_mask, positions, cache, return_attention)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        out = x if return_hidden else self.logits(x)
+        return (out, weights) if return_attention else out
+
+    def _forward(self, ids: Tensor, attention_mask: Tensor | None, positions: Tensor | None,
+                 cache: list[KVCache] | None, return_attention: bool) -> tuple[Tensor, list[Tensor]]:
+        """The forward pass without a decode state → (hidden states, attention weights per layer)."""
         self._check_ids(ids)
         b, t = ids.shape
         past = cache[0].length if cache else 0
@@ -312,8 +323,7 @@ class DecoderLM(_Model):
         x, weights, _ = self.layers(x, self._inputs(
             positions, t, past + t, mask=self._key_mask(attention_mask, b, past + t, "attention_mask"), causal=True,
             caches=cache, need_weights=return_attention))
-        out = x if return_hidden else self.logits(x)
-        return (out, weights) if return_attention else out
+        return x, weights
 
 
 class Transformer(_Model):
