@@ -248,3 +248,15 @@ def test_logits_to_keep_computes_the_output_layer_for_the_last_positions_only() 
         assert max_err(model(ids, logits_to_keep=1), full[:, -1:]) <= ATOL  # a (1, d) matmul rounds differently
         state = model.new_decode_state(2)
         assert max_err(model(ids, decode_state=state, logits_to_keep=2), full[:, -2:]) <= ATOL
+
+
+def test_reorder_leaves_the_callers_source_mask_alone() -> None:
+    model = seq2seq("sinusoidal")
+    src = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(10))
+    src_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    given = src_mask.clone()
+    with torch.no_grad():
+        state = model.new_decode_state(2)
+        model.decode(torch.ones(2, 1, dtype=torch.long), model.encode(src, src_mask), src_mask, decode_state=state)
+        state.reorder(torch.tensor([1, 1]))
+    assert torch.equal(src_mask, given)

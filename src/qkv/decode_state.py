@@ -92,7 +92,7 @@ class DecodeState:
         return positions
 
     def free(self, n: int) -> bool:
-        """Drop the ``n`` oldest positions of every row → whether a real token was among them.
+        """Drop the ``n`` oldest positions of every row → whether a real token may have been among them.
 
         Raises ValueError when the state may not slide (``sliding_window=False``, or allocated for fewer than
         ``max_seq_len`` positions)."""
@@ -104,7 +104,8 @@ class DecodeState:
                              f"{self.max_seq_len}, and the decode state was created with sliding_window=False; "
                              "generate fewer tokens, or pass sliding_window=True to keep the last "
                              f"{self.max_seq_len} tokens")
-        dropped_real = self.mask is None or bool(self.mask[:, :n].any())
+        # Only a re-encoding state needs to know (a device sync): were the dropped slots all padding?
+        dropped_real = self.rolls or self.mask is None or bool(self.mask[:, :n].any())
         keep = self.length - n
         for name in ("ids", "mask"):
             t = getattr(self, name)

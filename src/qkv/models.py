@@ -372,8 +372,8 @@ class Transformer(_Model):
                 if memory is None:
                     raise ValueError("the first decode step with a decode state needs the encoder output: pass "
                                      "memory=model.encode(src_ids, src_attention_mask)")
-                state.source_mask = self._key_mask(src_attention_mask, state.batch, memory.shape[1],
-                                                   "src_attention_mask")
+                source_mask = self._key_mask(src_attention_mask, state.batch, memory.shape[1], "src_attention_mask")
+                state.source_mask = None if source_mask is None else source_mask.clone()  # reorder writes in place
             x, self_w, cross_w = self._decode_step(self.decoder, tgt_ids, tgt_attention_mask, state, return_attention,
                                                    "tgt_ids", memory if first else None, state.source_mask)
             logits = self.logits(x)
