@@ -87,20 +87,31 @@ def test_every_docs_page_is_reachable_from_the_readme():
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_every_code_quote_points_at_its_symbol(page):
-    text = page.read_text(encoding="utf-8")
-    wrong = []
-    for path, line, symbol in QUOTE.findall(text):
-        source = (ROOT / path)
-        lines = source.read_text(encoding="utf-8").splitlines() if source.is_file() else []
-        name = symbol.split(".")[-1]
-        if not 1 <= int(line) <= len(lines) or name not in lines[int(line) - 1]:
-            wrong.append(f"{path}:{line} {symbol}")
-    for path, first, last, body in EXCERPT.findall(text):
-        lines = (ROOT / path).read_text(encoding="utf-8").splitlines()[int(first) - 1: int(last)]
-        if textwrap.dedent("\n".join(lines)).strip() != textwrap.dedent(body).strip():
-            wrong.append(f"excerpt {path}:{first}-{last}")
+    wrong = _wrong_quotes(page.read_text(encoding="utf-8"))
     assert not wrong, (f"{_rel(page)}: quotes that no longer match the code: {wrong}; "
                        "run `python tests/test_docs.py --refresh` and check the result")
+
+
+def _source(path: str, rev: str | None = None) -> list[str]:
+    """The lines of a repository file, as in the working tree or (``rev``) as committed; [] if absent."""
+    if rev is None:
+        file = ROOT / path
+        return file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return shown.stdout.splitlines() if shown.returncode == 0 else []
+
+
+def _wrong_quotes(text: str, rev: str | None = None) -> list[str]:
+    wrong = []
+    for path, line, symbol in QUOTE.findall(text):
+        lines = _source(path, rev)
+        if not 1 <= int(line) <= len(lines) or symbol.split(".")[-1] not in lines[int(line) - 1]:
+            wrong.append(f"{path}:{line} {symbol}")
+    for path, first, last, body in EXCERPT.findall(text):
+        lines = _source(path, rev)[int(first) - 1: int(last)]
+        if textwrap.dedent("\n".join(lines)).strip() != textwrap.dedent(body).strip():
+            wrong.append(f"excerpt {path}:{first}-{last}")
+    return wrong
 
 
 def _marked_blocks() -> list[tuple[str, int, str, str]]:
@@ -155,8 +166,9 @@ def test_the_reference_pages_are_rendered_from_the_code_as_it_is():
 
 
 # -- keeping quotes current ----------------------------------------------------------------------------------------
-def _definition_line(lines: list[str], symbol: str) -> int | None:
-    """1-based line where ``symbol`` (``Class.method`` or ``name``) is defined, else first mentioned."""
+def _definition_line(lines: list[str], symbol: str, *, mention: bool = False) -> int | None:
+    """1-based line where ``symbol`` (``Class.method`` or ``name``) is defined; with ``mention``, else the line
+    that first names it."""
     *parents, name = symbol.split(".")
     start = 0
     for parent in parents:
@@ -164,13 +176,11 @@ def _definition_line(lines: list[str], symbol: str) -> int | None:
         if found is None:
             return None
         start = found
-    definition = re.compile(rf"\s*(?:async def|def|class) {name}\b|\s*{name}\s*[:=]")
-    for pattern in (definition, re.compile(rf"\b{name}\b")):
-        found = next((i for i in range(start, len(lines)) if pattern.match(lines[i]) or
-                      (pattern is not definition and pattern.search(lines[i]))), None)
-        if found is not None:
-            return found + 1
-    return None
+    definition = re.compile(rf"\s*(?:async def|def|class) {name}\b|\s*{name}\s*(?::[^=]+)?=")
+    found = next((i for i in range(start, len(lines)) if definition.match(lines[i])), None)
+    if found is None and mention:
+        found = next((i for i in range(start, len(lines)) if re.search(rf"\b{name}\b", lines[i])), None)
+    return None if found is None else found + 1
 
 
 def _find_excerpt(lines: list[str], body: str) -> tuple[int, int] | None:
@@ -182,28 +192,46 @@ def _find_excerpt(lines: list[str], body: str) -> tuple[int, int] | None:
     return None
 
 
-def refresh() -> int:
-    """Re-point every quote at its symbol's current line; report those that cannot be found (exit 1)."""
+def _python_files(rev: str | None) -> list[str]:
+    if rev is None:
+        return sorted(str(p.relative_to(ROOT)) for top in ("src/qkv", "tests") for p in (ROOT / top).rglob("*.py"))
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "src/qkv", "tests"], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    return [p for p in listed.stdout.splitlines() if p.endswith(".py")]
+
+
+def refresh(rev: str | None = None) -> int:
+    """Re-point every quote at the line where its symbol (or excerpt) now is, in the file it names or, when that
+    file only re-exports it, in the file that defines it; report the ones not found (exit status 1)."""
     lost = []
+    files = _python_files(rev)
+
+    def locate(path: str, find) -> tuple[str, object] | None:
+        for candidate in [path] + [f for f in files if f != path]:
+            found = find(_source(candidate, rev))
+            if found is not None:
+                return candidate, found
+        return None
+
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
 
         def quote(match: re.Match, page: Path = page) -> str:
-            path, line, symbol = match.groups()
-            source = ROOT / path
-            found = _definition_line(source.read_text().splitlines(), symbol) if source.is_file() else None
-            if found is None:
+            path, _, symbol = match.groups()
+            where = (locate(path, lambda lines: _definition_line(lines, symbol))
+                     or locate(path, lambda lines: _definition_line(lines, symbol, mention=True)))
+            if where is None:
                 lost.append(f"{_rel(page)}: {path} {symbol}")
                 return match.group(0)
-            return f"`{path}:{found} {symbol}`"
+            return f"`{where[0]}:{where[1]} {symbol}`"
 
         def excerpt(match: re.Match, page: Path = page) -> str:
             path, first, last, body = match.groups()
-            found = _find_excerpt((ROOT / path).read_text().splitlines(), body)
-            if found is None:
+            where = locate(path, lambda lines: _find_excerpt(lines, body))
+            if where is None:
                 lost.append(f"{_rel(page)}: excerpt {path}:{first}-{last}")
                 return match.group(0)
-            return f"```python\n# {path}:{found[0]}-{found[1]}\n{body}```"
+            return f"```python\n# {where[0]}:{where[1][0]}-{where[1][1]}\n{body}```"
 
         new = EXCERPT.sub(excerpt, QUOTE.sub(quote, text))
         if new != text:
@@ -214,7 +242,21 @@ def refresh() -> int:
     return 1 if lost else 0
 
 
+def check(rev: str | None = None) -> int:
+    """Exit status 1, naming them, if quotes do not match the code (the working tree, or ``rev`` as committed)."""
+    wrong = [f"{_rel(page)}: {q}" for page in PAGES for q in _wrong_quotes(page.read_text(encoding="utf-8"), rev)]
+    for item in wrong:
+        print(f"does not match: {item}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--refresh"]:
-        sys.exit("usage: python tests/test_docs.py --refresh")
-    sys.exit(refresh())
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Keep the docs' code quotes pointing at the code.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--refresh", action="store_true", help="re-point every quote at its symbol's line")
+    action.add_argument("--check", action="store_true", help="only report the quotes that do not match")
+    parser.add_argument("--rev", help="read the code as committed at this git revision (default: the working tree)")
+    args = parser.parse_args()
+    sys.exit(refresh(args.rev) if args.refresh else check(args.rev))

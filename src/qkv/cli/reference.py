@@ -116,7 +116,7 @@ def _first_paragraph(cls: type) -> str:
 def render_config() -> str:
     """docs/reference/config.md: the fields of ModelConfig, TrainConfig, GenerationConfig, and the presets."""
     from ..config import PRESETS, ModelConfig
-    from ..generate import GenerationConfig
+    from ..generation import GenerationConfig
     from ..train import TrainConfig
 
     lines = ["# Configuration reference", "",
@@ -124,7 +124,7 @@ def render_config() -> str:
              "(`tests/test_docs.py` checks that it is current). Every field is also a `qkv train` flag "
              "(`d_model` → `--d-model`) and a key of its `--config` TOML file.", ""]
     for cls, home in ((ModelConfig, "qkv.ModelConfig"), (TrainConfig, "qkv.train.TrainConfig"),
-                      (GenerationConfig, "qkv.generate.GenerationConfig")):
+                      (GenerationConfig, "qkv.generation.GenerationConfig")):
         lines += [f"## `{home}`", "", _first_paragraph(cls), "", *_fields_table(cls), ""]
     lines += ["## Presets", "", "`ModelConfig.preset(name, **overrides)`: the fields each preset sets "
               "(the rest keep the defaults above).", "", "| preset | fields |", "|---|---|"]
