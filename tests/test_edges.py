@@ -36,8 +36,64 @@ TEXT = "the cat sat on the mat."
 # test name → (where, case); filled by @row in the order the tests are written, which is the document's order
 ROWS: dict[str, tuple[str, str]] = {}
 OBSERVED: dict[str, str] = {}
-# rows whose test lives in another file, with its message: (where, case, observed, "tests/file.py::test")
-ELSEWHERE: list[tuple[str, str, str, str]] = []
+# rows whose test lives in another file (it needs a subprocess, training, or a reference library), with the message
+# or behaviour observed there: (where, case, observed, "tests/file.py::test")
+ELSEWHERE: list[tuple[str, str, str, str]] = [
+    ("API", "gradient accumulation over micro-batches holding unequal numbers of masked tokens (masked LM)",
+     "each micro-batch weighs by its predicted tokens: relative gradient difference to one batch < 1e-5 "
+     "(was 0.38)", "tests/test_accumulation.py::test_masked_lm_micro_batches_weigh_by_their_masked_tokens"),
+    ("API", "gradient accumulation over token-budget batches (seq2seq)",
+     "relative gradient difference to one batch < 1e-5 (was 0.11)",
+     "tests/test_accumulation.py::test_seq2seq_token_budget_batches_weigh_by_their_target_tokens"),
+    ("API", "two torchrun processes x 2 accumulated micro-batches (DDP and FSDP)",
+     "counts all-reduced: relative gradient difference to one process with one batch 1.0e-7 (was 0.295)",
+     "tests/test_distributed.py::test_two_processes_accumulating_masked_lm_take_the_one_batch_step_over_all_masked_tokens"),
+    ("CLI", "SIGTERM to a two-process torchrun training",
+     "every process stops at one agreed step; one checkpoint is saved",
+     "tests/test_distributed.py::test_sigterm_to_torchrun_stops_every_process_at_one_step_with_one_checkpoint"),
+    ("API", "right-padded prompts (`right_pad`'s output) given to `generate`",
+     "each row continues from its last real token: the same new tokens as the row alone (was: `[0, 0, ...]`)",
+     "tests/test_generate.py::test_right_padded_prompts_continue_each_row_from_its_last_real_token"),
+    ("API", "a model whose weights make the next-token logits NaN or infinite, sampled",
+     "ValueError: the model's next-token logits hold NaN or infinity (rows [0]): its weights or activations are "
+     "not finite; check the weights with torch.isfinite, or run in float32 if a bfloat16/float16 model overflows",
+     "tests/test_generate.py::test_non_finite_logits_are_one_clear_error_in_every_mode"),
+    ("API", "top-k with logits tied at the k-th value",
+     "the lower indices are kept, as the docstring says (was: the higher ones)",
+     "tests/test_generate.py::test_top_k_breaks_ties_by_the_lower_index"),
+    ("CLI", "a SentencePiece-style (Metaspace) tokenizer: the space at the seam of prompt and continuation",
+     "kept (`The capital is Paris.`; was `isParis.`); the prompt gets the tokenizer's BOS, greedy ids equal "
+     "transformers'", "tests/test_generation_text.py::test_text_helpers_and_cli_keep_the_space_at_the_seam"),
+    ("API", "a typed special-token string (`<|endoftext|>`, `<|im_end|>`) inside user text",
+     "encoded as text, never as the special id; round-trips through the default decode",
+     "tests/test_generation_text.py::test_a_typed_special_token_string_in_a_prompt_stays_text"),
+    ("CLI", "`qkv train --resume RUN --max-steps <larger>` after a finished cosine run",
+     "the extra steps run at the run's final learning rate (was: a jump from 4.8e-4 to 9.75e-4)",
+     "tests/test_train.py::test_continuing_a_finished_cosine_run_stays_at_its_final_learning_rate"),
+    ("CLI", "a second `qkv train` into a run directory still training (`--resume`, or `--out` with --overwrite)",
+     "exit 2: qkv train: error: …/run is in use by process 6218 on vm (since 2026-12-06 08:14:10 UTC), which "
+     "is training in it; wait for it to finish or stop it, or pick another --out",
+     "tests/test_runs.py::test_a_run_still_training_is_refused_naming_its_process_and_a_killed_ones_lock_is_taken_over"),
+    ("CLI", "SIGKILL at any point of a save or before the first metrics row, then `--resume`",
+     "the run continues and ends with the weights and metrics of a run never killed (was: `KeyError: 'step'`)",
+     "tests/test_runs.py::test_a_run_killed_at_any_point_continues_and_ends_as_if_never_killed"),
+    ("CLI", "`--resume` and `qkv eval` from another working directory (a relative --data)",
+     "the data is found (its absolute path is recorded with its sha256)",
+     "tests/test_runs.py::test_resume_and_eval_find_the_data_from_another_directory"),
+    ("API", "checkpoint files under umask 022, and `.tmp` folders a kill left behind",
+     "files 0644, folders 0755 (was 0600/0700); leftovers deleted when the run directory is next claimed",
+     "tests/test_checkpoint.py::test_checkpoint_files_and_folders_get_the_modes_the_umask_gives"),
+    ("CLI", "`qkv eval --checkpoint <translation run>` without `--bleu`",
+     "the target-side validation loss on the run's validation pairs (was: the zip read as text)",
+     "tests/test_runs.py::test_eval_of_a_translation_run_reports_its_validation_loss_without_bleu"),
+    ("CLI", "disk full (a file-size limit) while `qkv train` saves a checkpoint",
+     "exit 1: qkv train: error: could not save checkpoint …/run/step-000002 (File too large); the run is kept as "
+     "it was at …/run/step-000001: free some space, then continue it with --resume …/run",
+     "tests/test_runs.py::test_a_save_that_cannot_write_names_the_checkpoint_kept_in_one_line"),
+    ("CLI", "SIGINT (Ctrl-C) during `qkv train`",
+     "exit 130: qkv train: interrupted: SIGINT at step 1: saved checkpoint …/step-000001; continue with "
+     "`qkv train --resume …`", "tests/test_train_cli.py::test_sigint_saves_a_loadable_checkpoint_and_the_run_resumes"),
+]
 
 
 def row(where: str, case: str):
@@ -49,11 +105,12 @@ def row(where: str, case: str):
 
 @pytest.fixture
 def observe(request, tmp_path_factory):
-    """Record the message a test observed, for the document (temporary folders shown as ``…/``)."""
+    """Record the message a test observed, for the document (temporary folders shown as ``…``, loopback ports
+    as ``PORT``, so that the document does not change from run to run)."""
     root = re.compile(re.escape(str(tmp_path_factory.getbasetemp())) + r"/[^/\s]+")
 
     def record(message: str) -> str:
-        OBSERVED[request.node.name] = root.sub("…", message)
+        OBSERVED[request.node.name] = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", root.sub("…", message))
         return message
     return record
 
