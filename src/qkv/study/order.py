@@ -155,7 +155,7 @@ def order_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
     """Train masked-LM encoders and causal LMs with each encoding, measure (a), (b), (c), write
     ``<out_dir>/order/``; → the result with tables ``permutation``, ``shuffled words``, ``dog bites man``."""
     s = settings or (QUICK if quick else FULL)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(out_dir) / "order"
     sentences = english_sentences(data)
     rng = random.Random(seed)
@@ -250,6 +250,7 @@ def order_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
     result.figures = [_plot_gaps(shuffle_rows, out / "shuffled-gap.png"),
                       _plot_pair(distributions, tokenizer, out / "dog-bites-man.png")]
     result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
     write_result(result, out)
     return result
 

@@ -120,7 +120,7 @@ def positions_study(*, quick: bool = False, out_dir: str | Path = "runs/study", 
     against evaluation length, and loss against position inside the 8L window.
     """
     s = settings or (QUICK if quick else FULL)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(out_dir) / "positions"
     tokenizer, splits = shakespeare()
     longest = MULTIPLES[-1] * s.context
@@ -185,6 +185,7 @@ def positions_study(*, quick: bool = False, out_dir: str | Path = "runs/study", 
     result.figures = [_plot_lengths(long_rows, sliding_rows, lengths, s.context, out / "perplexity-vs-length.png"),
                       _plot_positions(curves, s.context, out / "loss-vs-position.png")]
     result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
     write_result(result, out)
     return result
 
@@ -203,6 +204,12 @@ COLOURS = {"sinusoidal": "tab:blue", "learned": "tab:orange", "rope": "tab:green
            "none": "tab:purple"}
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def _plot_lengths(long_rows: list[dict], sliding_rows: list[dict], lengths: list[int], context: int,
                   path: Path) -> Path:
     plt = pyplot()
@@ -218,6 +225,10 @@ def _plot_lengths(long_rows: list[dict], sliding_rows: list[dict], lengths: list
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n}\n({n // context}L)" if n > context else f"{n}\n(L)" for n in lengths])
     ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ticks = [t * 10.0 ** e for e in range(-1, 5) for t in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)]
+    ax.set_yticks([t for t in ticks if low <= t <= high], [f"{t:g}" for t in ticks if low <= t <= high])
+    ax.yaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
     ax.set_xlabel("evaluation context (tokens, one long window)")
     ax.set_ylabel("validation perplexity (log scale)")
     ax.set_title(f"Length extrapolation: trained on {context}-token windows")
@@ -236,7 +247,8 @@ def _plot_positions(curves: dict[str, Tensor], context: int, path: Path, smooth:
         x = torch.arange(len(smoothed)) + (smooth - 1) / 2
         ax.plot(x.tolist(), smoothed.tolist(), color=COLOURS[kind], label=kind, linewidth=1.8)
     ax.axvline(context, color="grey", linestyle=":", linewidth=1)
-    ax.text(context, ax.get_ylim()[1], " training context L", va="top", fontsize=9, color="grey")
+    low, high = ax.get_ylim()
+    ax.text(context, low + 0.03 * (high - low), " end of the training context L", fontsize=9, color="grey")
     ax.set_xlabel("position inside the window (tokens)")
     ax.set_ylabel("validation loss (nats per token)")
     ax.set_title(f"Where each encoding breaks: loss at each position (mean of {smooth})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ class StudyResult:
     figures: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
     seconds: float = 0.0  # wall time of the whole study
+    cpu_seconds: float = 0.0  # CPU time of this process over the study (wall time inflates on a busy machine)
 
     def table(self, name: str) -> list[dict[str, Any]]:
         return self.tables[name]
@@ -85,8 +87,9 @@ def write_result(result: StudyResult, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     result.out_dir = out_dir
     settings = "; ".join(f"{k} {format_value(v)}" for k, v in result.settings.items())
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     parts = [f"# {result.title}", "", f"Settings: {settings}.", "",
-             f"Wall time {result.seconds:.0f} s.", ""]
+             f"Wall time {result.seconds:.0f} s, CPU time {result.cpu_seconds:.0f} s{load}.", ""]
     for name, rows in result.tables.items():
         parts += [f"## {name}", ""]
         if name in result.captions:

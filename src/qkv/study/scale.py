@@ -158,7 +158,7 @@ def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
     s = settings or (QUICK if quick else FULL)
     if bf16 is not None:
         s = dataclasses.replace(s, bf16=bf16)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(out_dir) / "scale"
     inits = {"qkv (std 0.02)": 0.02, "paper (Xavier)": s.d_model ** -0.5}
     dtypes = ("fp32", "bf16") if s.bf16 else ("fp32",)
@@ -237,6 +237,7 @@ def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
     result.figures = [_plot_init(init_rows, s, out / "saturation-vs-dk.png"),
                       _plot_training(curves, s, out / "training-loss.png")]
     result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
     write_result(result, out)
     return result
 
@@ -293,6 +294,7 @@ def _plot_init(rows: list[dict], s: ScaleSettings, path: Path) -> Path:
     axes[0].legend(fontsize=9)
     axes[0].set_ylim(bottom=0)
     axes[1].set_ylim(0, 1.02)
+    axes[2].set_ylim(bottom=0)
     fig.suptitle("Attention at initialisation (q, k, v entries N(0, 1)): without the scale the softmax saturates",
                  fontsize=12)
     return save_figure(fig, path)
@@ -301,11 +303,12 @@ def _plot_init(rows: list[dict], s: ScaleSettings, path: Path) -> Path:
 def _plot_training(curves: dict[str, list[float]], s: ScaleSettings, path: Path, smooth: int = 10) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colours = {"qkv (std 0.02)": ("tab:blue", "tab:cyan"), "paper (Xavier)": ("tab:red", "tab:orange")}
+    colours = {"qkv (std 0.02)": "tab:blue", "paper (Xavier)": "tab:red"}
     for label, losses in curves.items():
         init, dtype, scale = label.split(", ")
-        colour = colours[init][0 if scale.startswith("with ") else 1]
-        style = "-" if dtype == "fp32" else ":"
+        colour = colours[init]
+        style = ("-" if scale.startswith("with ") else "--") if dtype == "fp32" else (
+            "-." if scale.startswith("with ") else ":")
         values = torch.tensor(losses)
         if len(values) >= smooth:
             values = torch.nn.functional.avg_pool1d(values.view(1, 1, -1), smooth, stride=1).view(-1)
@@ -315,7 +318,7 @@ def _plot_training(curves: dict[str, list[float]], s: ScaleSettings, path: Path,
             ax.plot([len(losses) - 1], [values[-1].item()], "x", color=colour, markersize=10)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"training loss (nats per character, mean of {smooth} steps)")
-    ax.set_title(f"Training with and without 1/sqrt(d_k): d_k = {s.d_k}, lr {s.lr}")
+    ax.set_title(f"Training with (solid) and without (dashed) 1/sqrt(d_k): d_k = {s.d_k}, lr {s.lr}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
