@@ -46,3 +46,17 @@ def test_qkv_info_prints_component_and_total_counts() -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "unknown preset 'vaswani-bsae'" in lines[0] and "did you mean 'vaswani-base'" in lines[0]
+
+
+def test_every_command_comes_from_the_static_table_in_help_order() -> None:
+    import argparse
+
+    from qkv.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)  # nothing skipped, nothing added behind the table's back
+    # the commands CONVENTIONS names, each its own module qkv.cli.<name>_cmd
+    assert {"info", "train", "generate", "eval", "translate", "embed", "show", "explain", "serve", "bench"} <= set(
+        COMMANDS)
+    assert all(module.__name__ == f"qkv.cli.{name}_cmd" for name, module in COMMANDS.items())

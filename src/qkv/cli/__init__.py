@@ -1,4 +1,5 @@
-"""The ``qkv`` command. Each command lives in its own module here with ``add_parser`` and ``run``.
+"""The ``qkv`` command. Each command lives in its own module here with ``add_parser`` and ``run``; the flags
+several commands share are defined once in ``qkv.cli.options``.
 
 Errors a user can fix (bad values, missing files, unknown tokens) print one line on stderr, naming the problem
 and the fix, and exit with status 2. ``QKV_DEBUG=1`` shows the full traceback instead.
@@ -7,27 +8,47 @@ and the fix, and exit with status 2. ``QKV_DEBUG=1`` shows the full traceback in
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-__all__ = ["main", "COMMANDS"]
+from . import (
+    bench_cmd,
+    embed_cmd,
+    eval_cmd,
+    explain_cmd,
+    generate_cmd,
+    info_cmd,
+    serve_cmd,
+    show_cmd,
+    study_cmd,
+    train_cmd,
+    translate_cmd,
+)
 
-# command name → module under qkv.cli; a module that is not there yet is skipped.
-COMMANDS = ["info", "train", "generate", "eval", "translate", "embed", "show", "explain", "serve", "bench", "study"]
+__all__ = ["main", "COMMANDS", "build_parser"]
+
+# command name → its module (``add_parser(sub)`` adds its flags, ``run(args)`` calls the library), in the order
+# ``qkv --help`` lists them. A command is here or it does not exist: a module that fails to import is an error.
+COMMANDS = {
+    "info": info_cmd,
+    "train": train_cmd,
+    "generate": generate_cmd,
+    "eval": eval_cmd,
+    "translate": translate_cmd,
+    "embed": embed_cmd,
+    "show": show_cmd,
+    "explain": explain_cmd,
+    "serve": serve_cmd,
+    "bench": bench_cmd,
+    "study": study_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkv", description="The Transformer, every formula as code.")
     parser.add_argument("--version", action="version", version=f"qkv {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"qkv.cli.{name}_cmd")
-        except ModuleNotFoundError as err:
-            if err.name == f"qkv.cli.{name}_cmd":
-                continue
-            raise
+    for module in COMMANDS.values():
         module.add_parser(sub)
     return parser
 

@@ -10,6 +10,8 @@ import argparse
 import importlib.util
 import os
 
+from .options import add_device, add_threads, use_threads
+
 SUITES = ("training", "attention", "generate", "all")
 
 
@@ -21,10 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, one run each: seconds, for smoke tests")
     p.add_argument("--compile", action="store_true",
                    help="also train qkv under torch.compile (an extra row; compiling takes a minute or more)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for every contender (default: every core this process may use)")
+    add_threads(p, every_core=True, help="torch threads for every contender (default: every core this process "
+                                         "may use)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per contender; the median is shown")
-    p.add_argument("--device", default="cpu", help="where the training benchmark runs (cpu, cuda, ...)")
+    add_device(p, default="cpu", help="where the training benchmark runs (cpu, cuda, ...)")
     p.add_argument("--bf16", action="store_true",
                    help="train every contender under bf16 autocast on the CPU too, against a bf16 matmul peak "
                         "(pays on CPUs with AVX512_BF16 or AMX; on an accelerator bf16 is the default)")
@@ -57,16 +59,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qkv.devices import resolve_device
-    from qkv.train import usable_cores
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
     device = resolve_device(args.device)
     suites = ("training", "attention", "generate") if args.suite == "all" else (args.suite,)
     require_contenders(suites)
-    torch.set_num_threads(args.threads or usable_cores())  # set here, for the benchmark only, never on import
+    use_threads(args.threads, every_core=True)  # for the benchmark only, never on import
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"qkv bench: torch {torch.__version__}, {torch.get_num_threads()} threads{load}", flush=True)
     for suite in suites:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from .options import add_checkpoint, load_checkpoint, text_lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "L2-normalised (as sentence-transformers models such as all-MiniLM-L6-v2 do). Texts come "
                     "as arguments or one per line on stdin.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a qkv checkpoint or a Hugging Face BERT / GPT-2 directory")
+    add_checkpoint(p)
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: one per line on stdin)")
     p.add_argument("--similarity", action="store_true", help="print the cosine similarity of every pair instead")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
@@ -27,28 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def read_texts(args: argparse.Namespace) -> list[str]:
-    """The positional texts, else the non-empty lines of stdin."""
-    if args.texts:
-        return list(args.texts)
-    if sys.stdin is None or sys.stdin.isatty():
-        raise ValueError("no text given; pass texts as arguments or pipe them in, one per line")
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        raise ValueError("stdin held no text; pipe in one text per line")
-    return texts
-
-
 def run(args: argparse.Namespace) -> int:
     from qkv.interop.bert import embed_texts
-    from qkv.loading import load
 
     if args.precision < 0:
         raise ValueError(f"--precision={args.precision} must be >= 0")
-    texts = read_texts(args)
-    model, tokenizer = load(args.checkpoint)
-    if tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer; add its tokenizer.json to the directory")
+    texts = text_lines(args.texts)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     vectors = embed_texts(model, tokenizer, texts, pooling=args.pooling,
                           normalize=args.normalize or args.similarity)
     digits = args.precision

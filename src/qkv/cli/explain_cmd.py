@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from .options import add_checkpoint, first_line, load_checkpoint
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,8 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "by its weight, and their sum, which is checked against the head's output in the model's "
                     "own forward pass.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a qkv checkpoint or a pretrained (Hugging Face GPT-2 / BERT) directory")
+    add_checkpoint(p)
     p.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
     p.add_argument("--layer", type=int, required=True, help="the layer (0-based; negative counts from the end)")
     p.add_argument("--head", type=int, required=True, help="the head (0-based; negative counts from the end)")
@@ -40,12 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from qkv.explain import TOLERANCE, explain_head, find_token
     from qkv.viz import attention_kinds, encode_input
 
-    from .show_cmd import load_model, read_text
-
     if args.dims < 0:
         raise ValueError(f"--dims={args.dims} must be >= 0 (0 shows every entry)")
-    text = read_text(args.text)
-    model, tokenizer = load_model(args.checkpoint)
+    text = first_line(args.text)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     kind = args.kind or attention_kinds(model)[0]
     queries, _ = encode_input(model, tokenizer, text, args.target).labels_for(kind)
     token = find_token(queries, args.token)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from qkv.positions import POSITIONAL_KINDS
+
+from .options import add_checkpoint, add_picture, first_line, load_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "both axes: one row per layer, one column per head. An encoder-decoder "
                                     "gives three pictures: encoder self-attention, decoder masked "
                                     "self-attention and cross-attention.")
-    a.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a qkv checkpoint, a Hugging Face GPT-2 / BERT / LLaMA directory, or a LLaMA .gguf file")
+    add_checkpoint(a)
     a.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
     a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the model's own translation)")
     a.add_argument("--layer", type=int, help="draw only this layer (negative counts from the end)")
@@ -33,10 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--token", help="highlight one query token: its index or its text (e.g. it)")
     a.add_argument("--kind", choices=["encoder", "decoder_self", "cross"],
                    help="encoder-decoder only: draw one kind of attention (default: all three)")
-    a.add_argument("--out", default="runs/show/attention.png", metavar="PNG",
-                   help="where to write the picture (default runs/show/attention.png; an encoder-decoder adds "
-                        "-encoder, -decoder_self, -cross to the name)")
-    a.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
+    add_picture(a, "runs/show/attention.png", "where to write the picture (default runs/show/attention.png; an "
+                "encoder-decoder adds -encoder, -decoder_self, -cross to the name)")
     a.set_defaults(run=run_attention)
 
     s = what.add_parser("positions", help="a positional encoding's table and its dot product against distance",
@@ -44,43 +42,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "dimensions) and how two positions relate as a function of their distance. "
                                     "Takes the encoding a checkpoint uses, or one by kind.")
     source = s.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="DIR", help="draw the encoding this model uses (trained tables)")
+    add_checkpoint(source, required=False, help="draw the encoding this model uses (trained tables)")
     source.add_argument("--positional", default=None, choices=[*POSITIONAL_KINDS, "all"],
                         help="draw a stand-alone encoding of this kind, or all of them (default: sinusoidal)")
     s.add_argument("--positions", type=int, default=64, help="how many positions to draw (default 64)")
     s.add_argument("--d-model", type=int, default=128, help="with --positional: the model width (default 128)")
     s.add_argument("--heads", type=int, default=8, help="with --positional: heads, for RoPE and ALiBi (default 8)")
-    s.add_argument("--out", default="runs/show/positions.png", metavar="PNG",
-                   help="where to write the picture (default runs/show/positions.png; several encodings add "
-                        "-KIND to the name)")
-    s.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
+    add_picture(s, "runs/show/positions.png", "where to write the picture (default runs/show/positions.png; "
+                "several encodings add -KIND to the name)")
     s.set_defaults(run=run_positions)
 
 
 def _suffixed(path: Path, suffix: str) -> Path:
     return path.with_name(f"{path.stem}-{suffix}{path.suffix or '.png'}")
-
-
-def read_text(text: str | None) -> str:
-    """The positional text, else the first non-empty line of stdin."""
-    if text is not None:
-        return text
-    if sys.stdin is None or sys.stdin.isatty():
-        raise ValueError("no text given; pass the text as an argument or pipe it in")
-    for line in sys.stdin:
-        if line.strip():
-            return line.rstrip("\n")
-    raise ValueError("stdin held no text; pipe in a line of text")
-
-
-def load_model(checkpoint: str):
-    """``qkv.load`` with the checks every picture command needs."""
-    from qkv.loading import load
-
-    model, tokenizer = load(checkpoint)
-    if tokenizer is None:
-        raise ValueError(f"{checkpoint} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
-    return model, tokenizer
 
 
 def _pick(spec: str) -> tuple[int, int]:
@@ -99,8 +73,8 @@ def run_attention(args: argparse.Namespace) -> int:
     if args.pick and (args.layer is not None or args.head is not None):
         raise ValueError("--pick names layer and head itself; leave out --layer and --head")
     picks = [_pick(p) for p in args.pick]
-    text = read_text(args.text)
-    model, tokenizer = load_model(args.checkpoint)
+    text = first_line(args.text)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     found = attention_maps(model, tokenizer, text, args.target)
     kinds = [found.kind(args.kind)] if args.kind else found.kinds
     out = Path(args.out)
@@ -125,7 +99,7 @@ def run_positions(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.checkpoint:
-        model, _ = load_model(args.checkpoint)
+        model, _ = load_checkpoint(args.checkpoint)
         encodings = {model.config.positional: model.embed.positional}
         where = f" of {args.checkpoint}"
     else:

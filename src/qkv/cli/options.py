@@ -1,0 +1,118 @@
+"""The flags several ``qkv`` commands share, each defined once: the same name, type, default and meaning wherever it
+appears (``--checkpoint``, ``--threads``, ``--device``, ``--dtype``, a picture's ``--out`` and ``--dpi``), and the
+one way input text is read (the arguments, else stdin). A command adds a flag with ``add_*`` and turns its value
+into a library argument with the function beside it; what the command does stays in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+__all__ = ["CHECKPOINT_HELP", "add_checkpoint", "load_checkpoint", "add_threads", "use_threads", "check_threads",
+           "add_device", "add_dtype", "load_dtype", "add_picture", "first_line", "text_lines", "stdin_lines"]
+
+CHECKPOINT_HELP = ("a qkv checkpoint or run directory, a Hugging Face GPT-2 / BERT / LLaMA directory, or a LLaMA "
+                   ".gguf file")
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = True, help: str = CHECKPOINT_HELP) -> None:
+    """``--checkpoint DIR``: the model the command loads with ``qkv.load``."""
+    parser.add_argument("--checkpoint", required=required, metavar="DIR", help=help)
+
+
+def load_checkpoint(checkpoint: str, *, dtype=None):
+    """``qkv.load(checkpoint)`` for a command that reads text: the model and its tokenizer, which must be there."""
+    from qkv.loading import load
+
+    model, tokenizer = load(checkpoint, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
+    return model, tokenizer
+
+
+def add_threads(parser: argparse.ArgumentParser, *, every_core: bool = False, help: str | None = None) -> None:
+    """``--threads N``: torch's CPU threads for this command (default: torch's choice, or every usable core)."""
+    default = "every core this process may use" if every_core else "torch's choice"
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help=help or f"CPU threads for torch (default: {default})")
+
+
+def check_threads(value: object, where: str = "--threads") -> int:
+    """A thread count: a positive whole number, else ``ValueError`` naming ``where`` it came from."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} = {value!r} must be a positive whole number of CPU threads, e.g. 2")
+    return value
+
+
+def use_threads(threads: int | None, *, every_core: bool = False) -> int:
+    """Set torch's CPU threads for this command, never at import: ``threads`` when given, else every core this
+    process may use (``every_core``), else torch's own choice. → the threads torch will use."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(check_threads(threads))
+    elif every_core:
+        from qkv.train import usable_cores
+
+        torch.set_num_threads(usable_cores())
+    return torch.get_num_threads()
+
+
+def add_device(parser: argparse.ArgumentParser, *, default: str = "auto", help: str | None = None) -> None:
+    """``--device NAME``, checked by ``qkv.devices.resolve_device`` when the command runs."""
+    parser.add_argument("--device", default=default, metavar="NAME",
+                        help=help or f"where to run: auto (a GPU when there is one), cpu, cuda, cuda:N or mps "
+                                     f"(default {default})")
+
+
+DTYPES = {"fp32": None, "bf16": "bfloat16"}  # None: the weights as loaded (float32 for qkv's checkpoints)
+
+
+def add_dtype(parser: argparse.ArgumentParser, *, help: str) -> None:
+    """``--dtype {fp32,bf16}``: the precision of the weights once loaded (default fp32)."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help=help)
+
+
+def load_dtype(name: str):
+    """The ``dtype`` argument of ``qkv.load`` for a ``--dtype`` value: ``torch.bfloat16`` for bf16, None for fp32."""
+    import torch
+
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+def add_picture(parser: argparse.ArgumentParser, default_out: str, out_help: str) -> None:
+    """``--out PNG`` and ``--dpi``: where a picture goes and its resolution (checked by ``qkv.viz.save_figure``)."""
+    parser.add_argument("--out", default=default_out, metavar="PNG", help=out_help)
+    parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
+
+
+def first_line(text: str | None) -> str:
+    """The positional text, else the first non-empty line of stdin."""
+    if text is not None:
+        return text
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no text given; pass the text as an argument or pipe it in")
+    for line in sys.stdin:
+        if line.strip():
+            return line.rstrip("\n")
+    raise ValueError("stdin held no text; pipe in a line of text")
+
+
+def text_lines(texts: list[str]) -> list[str]:
+    """The positional texts, else the non-empty lines of stdin (one text a line)."""
+    if texts:
+        return list(texts)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no text given; pass texts as arguments or pipe them in, one per line")
+    lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not lines:
+        raise ValueError("stdin held no text; pipe in one text per line")
+    return lines
+
+
+def stdin_lines() -> Iterator[str]:
+    """stdin's lines, lazily (each is answered before the next is read), without their line ends."""
+    for line in sys.stdin:
+        yield line.rstrip("\r\n")
