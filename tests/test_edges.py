@@ -398,6 +398,14 @@ def test_a_checkpoint_missing_a_file_names_it(ckpt, tmp_path, observe):
     assert "missing tokenizer.json" in api_error(FileNotFoundError, lambda: qkv.load(directory))
 
 
+@row("API", "a checkpoint whose config.json is not JSON (was: \"not a checkpoint qkv can load\", listing its files)")
+def test_a_config_that_is_not_json_is_called_damaged(ckpt, tmp_path, observe):
+    directory = damaged(ckpt, tmp_path)
+    (directory / "config.json").write_text('{"format": "qkv", ')
+    message = observe(api_error(ValueError, lambda: qkv.load(directory)))
+    assert "config.json is not valid JSON" in message and "damaged" in message
+
+
 @row("API", "a checkpoint written by a newer qkv (format_version 99)")
 def test_a_checkpoint_from_a_newer_qkv_asks_for_an_upgrade(ckpt, tmp_path, observe):
     directory = damaged(ckpt, tmp_path)

@@ -6,6 +6,7 @@ function ``(Path, device) -> Loaded``; the first whose test passes loads the dir
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -72,6 +73,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     if pickles:
         raise ValueError(f"{path} holds pickled weights ({', '.join(pickles)}); qkv loads only safetensors, which "
                          "cannot run code: convert the weights to model.safetensors first")
+    config = path / "config.json"
+    if config.is_file():  # no loader could read what kind of model it describes: say why, not "unsupported"
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"{config} is not valid JSON ({err}); the checkpoint is damaged: use an earlier one, "
+                             "or restore config.json") from None
     known = ", ".join(name for name, _, _ in LOADERS)
     raise ValueError(f"{path} is not a checkpoint qkv can load (found: {', '.join(found) or 'nothing'}); "
                      f"supported: {known}")
