@@ -1,8 +1,9 @@
-"""The reference pages ``docs/reference/cli.md`` and ``docs/reference/config.md``, rendered from the code.
+"""The reference pages ``docs/reference/{cli,config,modules}.md``, rendered from the code.
 
-Every ``qkv`` command's ``--help`` (as argparse prints it, 100 columns wide) and every field of ``ModelConfig``,
+Every ``qkv`` command's ``--help`` (as argparse prints it, 100 columns wide); every field of ``ModelConfig``,
 ``TrainConfig`` and ``GenerationConfig`` (type, default and the comment beside it in the source), plus the model
-presets. Nothing here is written by hand, so the pages cannot drift from the code::
+presets; every module of the package with the first sentence of its docstring. Nothing here is written by
+hand, so the pages cannot drift from the code::
 
     python -m qkv.cli.reference            # rewrite docs/reference/*.md from the code
     python -m qkv.cli.reference --check    # exit 1, naming the stale page, if a page differs from the code
@@ -13,6 +14,7 @@ presets. Nothing here is written by hand, so the pages cannot drift from the cod
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import inspect
@@ -133,7 +135,34 @@ def render_config() -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGES = {"cli.md": render_cli, "config.md": render_config}
+def _summary(path: Path, limit: int = 160) -> str:
+    """The first sentence of a module's docstring (read from its source: nothing is imported), at most ``limit``
+    characters, cut at a word."""
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    sentence = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return sentence.replace("|", "\\|")
+
+
+def render_modules() -> str:
+    """docs/reference/modules.md: every module of the package, one line each, from its docstring."""
+    package = Path(__file__).resolve().parents[1]
+    lines = ["# Module reference", "",
+             "Generated from the code by `python -m qkv.cli.reference`; do not edit by hand "
+             "(`tests/test_docs.py` checks that it is current). Each module's line is the first sentence of its "
+             "docstring. How the modules depend on each other: [layers](../design/layers.md).", "",
+             "| module | what it holds |", "|---|---|"]
+    for path in sorted(package.rglob("*.py"), key=lambda p: (p.parent != package, str(p))):
+        if path.name == "__main__.py" or "__pycache__" in path.parts:
+            continue
+        name = ".".join(("qkv", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        lines.append(f"| `{name}` | {_summary(path)} |")
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"cli.md": render_cli, "config.md": render_config, "modules.md": render_modules}
 
 
 def _reference_dir() -> Path:
