@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_checkpoint, add_threads, use_threads
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a text",
                        description="Mean cross-entropy per predicted token (nats) and perplexity = exp(loss) of "
                                    "a checkpoint, on the validation split of a text (default: the text it "
                                    "trained on) or on the whole text (--split all).")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
+    add_checkpoint(p, help="a checkpoint or run directory")
     p.add_argument("--data", help="a text file or folder (default: the text the run trained on)")
     p.add_argument("--split", choices=["val", "all"], default="val",
                    help="val: the last 10%% of the text (default); all: the whole text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--context", type=int, help="tokens per window (default: the model's max_seq_len)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_threads(p)
     bleu = p.add_argument_group("translation (a checkpoint trained on a parallel file)")
     bleu.add_argument("--bleu", action="store_true",
                       help="corpus BLEU (sacrebleu, 13a) and chrF on the held-out test split, detokenized output "
@@ -34,12 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from qkv.train import evaluate_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     if args.bleu:
         from qkv.translation import bleu_report
 

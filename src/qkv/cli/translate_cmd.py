@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .options import add_checkpoint, add_threads, stdin_lines, use_threads
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,28 +13,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "with beam search (GNMT length penalty) or greedy decoding (--beam 1). One "
                                    "translation is printed per line, in the input order.")
     p.add_argument("text", nargs="*", help="sentences to translate (default: read stdin, one sentence a line)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
+    add_checkpoint(p, help="a checkpoint or run directory")
     p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4, as in the paper)")
     p.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha (default 0.6)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together (default 64)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_threads(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from qkv.loading import load
     from qkv.models import Transformer
     from qkv.translation import translate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     model, tokenizer = load(args.checkpoint)
     if not isinstance(model, Transformer):
         raise TypeError(f"{args.checkpoint} holds a {type(model).__name__}, not an encoder-decoder Transformer; "
                         "translate with a checkpoint trained by `qkv train vaswani-small --data PARALLEL_FILE`")
-    lines = args.text if args.text else [line.rstrip("\n") for line in sys.stdin]
+    lines = args.text if args.text else list(stdin_lines())  # blank lines kept: one output line per input line
     keep = [i for i, line in enumerate(lines) if line.strip()]
     out = [""] * len(lines)
     for i, translation in zip(keep, translate(model, tokenizer, [lines[i].strip() for i in keep], beam=args.beam,
