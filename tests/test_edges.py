@@ -836,9 +836,9 @@ def test_training_values_outside_their_ranges(tmp_path, capsys, observe):
             "ignored, -1 a `RuntimeError` traceback)")
 def test_a_thread_count_that_is_not_positive_is_refused_by_every_command(ckpt, capsys, observe):
     message = observe(cli_error(capsys, ["translate", "--checkpoint", ckpt["seq2seq"], "--threads", "-1", "the"]))
-    assert "--threads = -1 must be a positive whole number" in message
-    assert "--threads = 0" in cli_error(capsys, ["eval", "--checkpoint", ckpt["decoder"], "--threads", "0"])
-    assert "--threads = 0" in cli_error(capsys, ["bench", "attention", "--quick", "--threads", "0"])
+    assert "--threads=-1 must be a positive whole number" in message
+    assert "--threads=0" in cli_error(capsys, ["eval", "--checkpoint", ckpt["decoder"], "--threads", "0"])
+    assert "--threads=0" in cli_error(capsys, ["bench", "attention", "--quick", "--threads", "0"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

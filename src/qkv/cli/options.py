@@ -42,7 +42,7 @@ def add_threads(parser: argparse.ArgumentParser, *, every_core: bool = False, he
 def check_threads(value: object, where: str = "--threads") -> int:
     """A thread count: a positive whole number, else ``ValueError`` naming ``where`` it came from."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} = {value!r} must be a positive whole number of CPU threads, e.g. 2")
+        raise ValueError(f"{where}={value!r} must be a positive whole number of CPU threads, e.g. 2")
     return value
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_threads, check_threads, use_threads
+
 STUDY_HELP = {
     "positions": "length extrapolation: perplexity at L, 2L, 4L, 8L for sinusoidal, learned, RoPE, ALiBi, none",
     "order": "'dog bites man': permutation, shuffled words and the causal-mask leak, with and without positions",
@@ -23,9 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (what the tests run)")
     p.add_argument("--out", default="runs/study", help="folder for the results (default: runs/study)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: every core this process may use; on a busy machine 1 is "
-                        "often faster)")
+    add_threads(p, every_core=True, help="torch threads (default: every core this process may use; on a busy "
+                                         "machine 1 is often faster)")
     p.add_argument("--data", default=None,
                    help="order study only: a Tatoeba zip or english<TAB>other file (default: "
                         "data/tatoeba-fra-eng-2017-09-29.zip)")
@@ -36,18 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from qkv.study import STUDIES
-    from qkv.train import usable_cores
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of cores to use")
+    if args.threads is not None:
+        check_threads(args.threads)  # checked with the other flags, before any work
     if args.data is not None and args.study != "order":
         raise ValueError(f"--data is read by the order study only; leave it out for {args.study}")
     if args.bf16 and args.study != "scale":
         raise ValueError(f"--bf16 is read by the scale study only; leave it out for {args.study}")
-    torch.set_num_threads(args.threads or usable_cores())  # for this command only, never on import
+    use_threads(args.threads, every_core=True)  # for this command only, never on import
     extra = {"data": args.data} if args.study == "order" else {"bf16": True} if args.bf16 else {}
     result = STUDIES[args.study](quick=args.quick, out_dir=args.out, seed=args.seed,
                                  progress=not args.no_progress, **extra)
