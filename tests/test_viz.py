@@ -198,6 +198,8 @@ def test_alibi_curves_are_minus_slope_times_distance():
         curve = data.curves[f"head {h}"]
         defined = ~curve.isnan()
         assert torch.allclose(curve[defined], -slopes[h] * data.distances[defined].abs().double(), atol=1e-6)
+    encoding = encoding_for_kind("alibi", n_positions=32, n_heads=8)  # the table is head 0's bias, as the model adds
+    assert torch.equal(data.table, encoding.attention_bias(32, 32, torch.device("cpu"))[0, 0])
 
 
 @pytest.mark.parametrize("kind", POSITIONAL_KINDS)
