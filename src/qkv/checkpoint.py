@@ -18,6 +18,8 @@ One process at a time trains in a run directory: :func:`claim_run_directory` hol
 its holder in ``.lock-owner``; claiming also puts back a checkpoint whose replacement never arrived and deletes
 the ``.*.tmp`` leftovers of a killed save. ``QKV_FAULT=<point>[@N]`` (tests only) makes the process exit at once,
 as SIGKILL would, the N-th time it reaches a named point (:data:`FAULT_POINTS`).
+
+:func:`average_checkpoints` averages the weights of a run's newest checkpoints (the paper's last-5 average).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PIC
            "save_run_checkpoint", "write_atomic", "resolve_checkpoint", "check_checkpoint_dir", "load_checkpoint",
            "load_trainer_state", "flatten_state", "unflatten_state", "is_qkv_checkpoint", "claim_run_directory",
            "run_directory_of", "read_run_info", "RunDirectoryInUse", "CheckpointNotSaved", "fault_point",
-           "FAULT_POINTS"]
+           "FAULT_POINTS", "average_checkpoints"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -409,3 +411,19 @@ def load_trainer_state(path: str | Path) -> tuple[dict, Path]:
     check_checkpoint_dir(directory, need_state=True)
     meta = json.loads((directory / STATE_JSON).read_text())
     return unflatten_state(meta, load_file(str(directory / STATE_TENSORS))), directory
+
+
+def average_checkpoints(run_dir: str | Path, n: int) -> tuple[torch.nn.Module, Tokenizer, list[Path]]:
+    """The paper's checkpoint averaging: θ = (1/n) Σ θ_i over the newest ``n`` checkpoints of a run directory."""
+    run_dir = Path(run_dir)
+    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / WEIGHTS).is_file())[-n:]
+    if len(steps) < n:
+        raise ValueError(f"{run_dir} holds {len(steps)} checkpoint(s), fewer than --average {n}; train with "
+                         f"--keep-checkpoints {n} or average fewer")
+    model, tokenizer, _ = load_checkpoint(steps[-1])
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.state_dict().items()}
+    for step in steps:
+        for k, v in load_file(str(step / WEIGHTS)).items():
+            total[k] += v.double()
+    model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in total.items()})
+    return model.eval(), tokenizer, steps

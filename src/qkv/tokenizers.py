@@ -14,7 +14,9 @@ from typing import Any
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "UnknownTokenError", "decode_continuation", "SEAM_CONTEXT"]
+__all__ = ["Tokenizer", "UnknownTokenError", "decode_continuation", "SEAM_CONTEXT", "BPE_VOCAB_SIZE"]
+
+BPE_VOCAB_SIZE = 1024  # the byte-level BPE vocabulary size when none is given (Tokenizer.bpe, qkv train)
 
 
 class UnknownTokenError(ValueError):
@@ -50,7 +52,7 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def bpe(cls, text: str | Iterable[str], vocab_size: int = 1024, special_tokens: Iterable[str] = (), *,
+    def bpe(cls, text: str | Iterable[str], vocab_size: int = BPE_VOCAB_SIZE, special_tokens: Iterable[str] = (), *,
             min_frequency: int = 2) -> Tokenizer:
         """Byte-level BPE (GPT-2's scheme) trained on ``text``: start from the 256 bytes, merge the most frequent
         adjacent pair until the vocabulary holds ``vocab_size`` tokens. Any Unicode text encodes; nothing is unknown.

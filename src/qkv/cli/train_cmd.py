@@ -11,7 +11,8 @@ from typing import Any
 
 from qkv.config import ACTIVATIONS, NORM_POSITIONS, NORMS, PRESETS, ModelConfig
 from qkv.positions import POSITIONAL_KINDS
-from qkv.train import PARALLELS, PRECISIONS, SCHEDULES, TrainConfig
+from qkv.tokenizers import BPE_VOCAB_SIZE
+from qkv.training import PARALLELS, PRECISIONS, SCHEDULES, TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out", "batch_tokens", "test_size", "valid_size", "split_seed")
@@ -47,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=argparse.SUPPRESS,
                    help="a text file or a folder of text files (default: the bundled tiny Shakespeare)")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default=argparse.SUPPRESS,
-                   help="char (default) or byte-level bpe (its size: --vocab-size, default 1024)")
+                   help=f"char (default) or byte-level bpe (its size: --vocab-size, default {BPE_VOCAB_SIZE})")
     p.add_argument("--model-type", choices=["decoder", "encoder", "seq2seq"], default=argparse.SUPPRESS,
                    help="decoder: next-token LM; encoder: masked LM; seq2seq: translation on a parallel --data "
                         "file (default: what the preset's layers imply)")
@@ -132,16 +133,18 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _is_seq2seq(run_opts: dict[str, Any], model_opts: dict[str, Any]) -> bool:
+    from qkv.recipes import recipe_for
+
     if "model_type" in run_opts:
         return run_opts["model_type"] == "seq2seq"
     config = ModelConfig.preset(run_opts.get("preset", "tiny-decoder"), **model_opts)
-    return bool(config.n_encoder_layers and config.n_decoder_layers)
+    return recipe_for(config) == "translation"
 
 
 def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], train_opts: dict[str, Any],
                        overwrite: bool):
     """An encoder-decoder trains on a parallel file (``qkv.translation``), with the paper's training defaults."""
-    from qkv.translation import train_translation, translation_train_config
+    from qkv.recipes.translation import train_translation, translation_train_config
 
     preset = run_opts.get("preset", "tiny-decoder")
     if "data" not in run_opts:
@@ -150,10 +153,10 @@ def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], tra
     if run_opts.get("tokenizer", "bpe") != "bpe":
         raise ValueError("translation uses a shared BPE vocabulary (its size: --vocab-size); drop --tokenizer")
     model_config = ModelConfig.preset(preset, **model_opts)
-    if "vocab_size" not in model_opts and model_config.vocab_size < 1024:
+    if "vocab_size" not in model_opts and model_config.vocab_size < BPE_VOCAB_SIZE:
         # a preset sized for the synthetic tasks (tiny-seq2seq: 32) is too small for byte-level BPE, which needs
         # its 256 bytes first: the shared vocabulary takes the BPE default instead, as the decoder path does
-        model_config = model_config.replace(vocab_size=1024)
+        model_config = model_config.replace(vocab_size=BPE_VOCAB_SIZE)
     options = {"batch_tokens": "max_tokens", "test_size": "n_test", "valid_size": "n_valid",
                "split_seed": "split_seed"}
     return train_translation(run_opts["data"], model_config, translation_train_config(**train_opts),
@@ -165,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qkv.checkpoint import CheckpointNotSaved
-    from qkv.train import TrainingDiverged, TrainingInterrupted, resume, say_once, train
+    from qkv.recipes import resume
+    from qkv.recipes.language_model import train_language_model as train
+    from qkv.training import TrainingDiverged, TrainingInterrupted, say_once
 
     options = collect(args)
     run_opts, model_opts, train_opts = options["run"], options["model"], options["train"]
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                                  "vocabulary from the text: drop --vocab-size or add --tokenizer bpe")
             model_config = ModelConfig.preset(preset, **model_opts)
             if tokenizer == "bpe" and "vocab_size" not in model_opts:
-                model_config = model_config.replace(vocab_size=1024)
+                model_config = model_config.replace(vocab_size=BPE_VOCAB_SIZE)
             result = train(model_config, TrainConfig(**train_opts), data=run_opts.get("data"),
                            out_dir=run_opts.get("out", f"runs/{preset}"), tokenizer=tokenizer,
                            model_type=run_opts.get("model_type"), overwrite=args.overwrite)

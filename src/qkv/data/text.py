@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import write_atomic
-from .tokenizers import Tokenizer
+from ..checkpoint import write_atomic
+from ..tokenizers import Tokenizer
 
 __all__ = ["BUNDLED", "Corpus", "read_corpus", "token_dtype", "encode_to_file", "TokenSplits", "load_tokens",
-           "WindowBatches", "cache_dir", "left_pad", "right_pad"]
+           "WindowBatches", "cache_dir"]
 
 BUNDLED = "tinyshakespeare"
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
@@ -153,32 +152,3 @@ class WindowBatches:
         n = max(1, min(n_batches * self.batch_size, len(self.tokens) // self.window))
         starts = np.linspace(0, len(self.tokens) - self.window, n).astype(np.int64)
         return [self._gather(starts[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
-
-
-# Padding a batch of token-id lists: decoder prompts on the left, encoder inputs and targets on the right.
-
-
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
-    """Token-id lists of different lengths → (ids, attention_mask), both (batch, longest); mask True = real."""
-    if not sequences:
-        raise ValueError("no sequences to pad; give at least one prompt")
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            cols = slice(longest - len(seq), longest) if left else slice(0, len(seq))
-            ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, cols] = True
-    return ids, mask
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Pad on the left: every prompt's last token lands in the last column, so all rows predict their next
-    token at the same step (decoder prompts)."""
-    return _pad(sequences, pad_id, left=True)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Pad on the right: every row starts at position 0 (encoder inputs, teacher-forced targets)."""
-    return _pad(sequences, pad_id, left=False)

@@ -1,0 +1,145 @@
+"""Scoring trained checkpoints: the loss and perplexity of any run, and BLEU/chrF of a translation run.
+
+- :func:`evaluate_checkpoint`: mean cross-entropy per predicted token and perplexity, on the batches the run's
+  recipe rebuilds (a text's windows, or a translation run's validation pairs): what ``qkv eval`` prints;
+- :func:`corpus_scores`, :func:`evaluate_bleu`, :func:`bleu_report`: corpus BLEU (sacrebleu, 13a) and chrF of
+  detokenized translations against every raw reference of the held-out test split: ``qkv eval --bleu``.
+
+This module sits above :mod:`qkv.recipes`: it rebuilds a run's data through the recipe the run recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import average_checkpoints, load_checkpoint, read_run_info
+from .data import Pair, references_by_source
+from .loading import load
+from .models import Transformer
+from .recipes import RECIPES, run_recipe
+from .recipes.translation import held_out_test_split, translate
+from .tokenizers import Tokenizer
+from .training import OBJECTIVES, TrainConfig, mean_loss, say_once
+
+__all__ = ["evaluate_checkpoint", "BleuResult", "corpus_scores", "evaluate_bleu", "bleu_report"]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, split: str = "val",
+                        batch_size: int = 32, context: int | None = None, max_batches: int = 10_000) -> dict:
+    """Loss (nats per predicted token, no label smoothing) and perplexity exp(loss) of a checkpoint.
+
+    Dispatches on the recipe the run recorded. A language model or masked LM: on a text, ``data`` defaulting to
+    the one the run trained on; ``split`` "val" takes its last 10%, "all" the whole text. A translation run: the
+    target-side loss on its validation pairs, rebuilt from the split saved with it (``data``: another parallel
+    file, split the same way; "all": every pair of the file).
+    """
+    if split not in ("val", "all"):
+        raise ValueError(f"split={split!r} is not one of val, all")
+    model, tok, directory = load_checkpoint(checkpoint)
+    run = read_run_info(directory)  # {} for a checkpoint without training state: the bundled corpus
+    if model.model_type not in OBJECTIVES:
+        raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")
+    objective = OBJECTIVES[model.model_type](tok, TrainConfig())
+    batches, source = RECIPES[run_recipe(run)].evaluation_batches(
+        model, tok, objective, run, directory, data=data, split=split, batch_size=batch_size, context=context,
+        max_batches=max_batches)
+    loss = mean_loss(model, objective, batches)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "tokens": sum(objective.tokens_in(b) for b in batches), "data": source, "split": split,
+            "checkpoint": str(directory)}
+
+
+@dataclass
+class BleuResult:
+    """Corpus BLEU and chrF of one decoding over a test set, with the hypotheses."""
+
+    bleu: float
+    chrf: float
+    signature: str
+    sources: list[str]
+    references: list[list[str]]
+    hypotheses: list[str]
+    beam: int
+    seconds: float
+
+    def summary(self) -> str:
+        how = "greedy" if self.beam == 1 else f"beam {self.beam}"
+        return (f"BLEU {self.bleu:.2f}  chrF {self.chrf:.2f}  ({how}, {len(self.sources):,} sentences, "
+                f"{self.seconds:.0f} s; {self.signature})")
+
+    def to_json(self) -> str:
+        return json.dumps({"bleu": self.bleu, "chrf": self.chrf, "signature": self.signature, "beam": self.beam,
+                           "sentences": len(self.sources), "seconds": self.seconds}, indent=2)
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, float, str]:
+    """(corpus BLEU with sacrebleu's default 13a tokenization, chrF, BLEU signature); any number of references
+    per sentence."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ImportError("BLEU needs sacrebleu: pip install 'qkv[bleu]'") from None
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+    most = max((len(r) for r in references), default=1)
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(most)]
+    bleu = sacrebleu.metrics.BLEU()
+    score = bleu.corpus_score(list(hypotheses), streams)
+    chrf = sacrebleu.metrics.CHRF().corpus_score(list(hypotheses), streams)
+    return score.score, chrf.score, str(bleu.get_signature())
+
+
+def evaluate_bleu(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[Pair], *, beam: int = 4,
+                  alpha: float = 0.6, limit: int | None = None, batch_size: int = 64) -> BleuResult:
+    """Translate each distinct source of ``pairs`` and score corpus BLEU/chrF against all its references."""
+    sources, references = references_by_source(pairs)
+    if limit is not None:
+        sources, references = sources[:limit], references[:limit]
+    start = time.perf_counter()
+    hypotheses = translate(model, tokenizer, sources, beam=beam, alpha=alpha, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    bleu, chrf, signature = corpus_scores(hypotheses, references)
+    return BleuResult(bleu, chrf, signature, sources, references, hypotheses, beam, seconds)
+
+
+def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha: float = 0.6,
+                limit: int | None = None, samples: int = 10, report: str | Path | None = None,
+                average: int | None = None, print_fn=None) -> list[BleuResult]:
+    """Score a translation checkpoint on its held-out test split, once per beam size; print the scores and
+    ``samples`` example translations (source, output, references). ``report`` also writes them as JSON.
+    ``average`` scores the average of the run directory's newest ``average`` checkpoints instead."""
+    say = print_fn or say_once
+    if average:
+        model, tokenizer, steps = average_checkpoints(checkpoint, average)
+        say(f"averaging {len(steps)} checkpoints: {', '.join(p.name for p in steps)}")
+    else:
+        model, tokenizer = load(checkpoint)
+    if not isinstance(model, Transformer):
+        raise TypeError(f"{checkpoint} holds a {type(model).__name__}; BLEU needs an encoder-decoder Transformer "
+                        "trained with `qkv train vaswani-small --data PARALLEL_FILE`")
+    test, run = held_out_test_split(checkpoint)
+    results = []
+    for beam in beams:
+        result = evaluate_bleu(model, tokenizer, test, beam=beam, alpha=alpha, limit=limit)
+        say(f"{'greedy' if beam == 1 else f'beam {beam} (alpha {alpha})'}: {result.summary()}")
+        results.append(result)
+    best = results[-1]
+    for i in range(min(samples, len(best.sources))):
+        say(f"  EN  {best.sources[i]}\n  MT  {best.hypotheses[i]}\n  REF {' | '.join(best.references[i])}")
+    if report is not None:
+        Path(report).write_text(json.dumps({
+            "checkpoint": str(checkpoint), "averaged": average or 1,
+            "test": {"data": run["data"], "split_seed": run["split_seed"], "sentences": len(best.sources)},
+            "scores": [json.loads(r.to_json()) for r in results],
+            "translations": [{"source": s, "references": refs, **{f"beam{r.beam}": r.hypotheses[i]
+                                                                  for r in results}}
+                             for i, (s, refs) in enumerate(zip(best.sources, best.references, strict=True))],
+        }, indent=1, ensure_ascii=False) + "\n")
+    return results

@@ -1,0 +1,117 @@
+"""The language-model recipes: a text → a tokenizer trained on it → token windows → a decoder (next token) or an
+encoder (masked LM) → the trainer.
+
+``train_language_model`` starts a run; ``LANGUAGE_MODEL`` and ``MASKED_LM`` are the recipes ``qkv.recipes``
+dispatches on to resume or evaluate one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..data import Corpus, TokenSplits, WindowBatches, load_tokens, read_corpus
+from ..models import build_model, model_class_for
+from ..tokenizers import BPE_VOCAB_SIZE, Tokenizer
+from ..training import MASK_TOKEN, OBJECTIVES, Objective, TrainConfig, Trainer, TrainResult, say_once
+from .runs import Recipe, absolute_source, check_data_unchanged, claim_new_run, recipe_for, recorded_data
+
+__all__ = ["BPE_VOCAB_SIZE", "build_tokenizer", "train_language_model", "LANGUAGE_MODEL", "MASKED_LM"]
+
+
+def build_tokenizer(corpus: Corpus, kind: str, model_type: str, bpe_vocab_size: int | None) -> Tokenizer:
+    """A tokenizer trained on ``corpus``: "char" or byte-level "bpe" (``bpe_vocab_size`` tokens, default
+    ``BPE_VOCAB_SIZE``); masked-LM models get a mask token."""
+    special = [MASK_TOKEN] if model_type == "encoder" else []
+    if kind == "char":
+        return Tokenizer.char(corpus.text, special_tokens=special)
+    if kind == "bpe":
+        return Tokenizer.bpe(corpus.text, vocab_size=bpe_vocab_size or BPE_VOCAB_SIZE, special_tokens=special)
+    raise ValueError(f"tokenizer={kind!r} is not one of char, bpe")
+
+
+def train_language_model(model_config: ModelConfig | None = None, config: TrainConfig | None = None, *,
+                         data: str | Path | None = None, out_dir: str | Path = "runs/train", tokenizer: str = "char",
+                         model_type: str | None = None, overwrite: bool = False,
+                         print_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a model from scratch on ``data`` (default: the bundled tiny Shakespeare); checkpoints go to ``out_dir``.
+
+    ``model_config.vocab_size`` is the BPE vocabulary size to train; a character tokenizer sets its own. An
+    ``out_dir`` that already holds a run is refused unless ``overwrite`` (its checkpoints and metrics are deleted).
+    """
+    say = print_fn or say_once
+    config = config or TrainConfig()
+    model_config = model_config or ModelConfig.preset("tiny-decoder")
+    model_type = model_type or model_class_for(model_config).model_type
+    recipe = recipe_for(model_config, model_type)
+    if recipe not in (LANGUAGE_MODEL.name, MASKED_LM.name):
+        raise ValueError(f"a {recipe} run trains on a parallel file, not on a text: use "
+                         "qkv.recipes.translation.train_translation (qkv train PRESET --data PARALLEL_FILE)")
+    with claim_new_run(out_dir, overwrite=overwrite):
+        corpus = read_corpus(data)
+        tok = build_tokenizer(corpus, tokenizer, model_type, model_config.vocab_size)
+        model_config = model_config.replace(vocab_size=tok.vocab_size)
+        torch.manual_seed(config.seed)
+        model = build_model(model_config, model_type)
+        run_info = {"recipe": recipe, "data": absolute_source(corpus.source), "data_sha256": corpus.sha256,
+                    "tokenizer": tokenizer, "model_type": model_type}
+        trainer, splits = _trainer(model, tok, corpus, config, out_dir, run_info, say)
+        say(f"training a {model.num_parameters():,}-parameter {type(model).__name__} on {corpus.source} "
+            f"({len(splits.train):,} train / {len(splits.val):,} validation tokens, {tok.kind} vocabulary "
+            f"{tok.vocab_size}) on {trainer.device}")
+        return trainer.fit()
+
+
+def _context(model, context: int | None, fix: str) -> int:
+    """Tokens per window: ``context``, or the model's max_seq_len; never longer than it."""
+    context = context or model.config.max_seq_len
+    if context > model.config.max_seq_len:
+        raise ValueError(f"context={context} is longer than max_seq_len={model.config.max_seq_len}; {fix}")
+    return context
+
+
+def _trainer(model, tok: Tokenizer, corpus: Corpus, config: TrainConfig, out_dir, run_info: dict,
+             say) -> tuple[Trainer, TokenSplits]:
+    """The trainer of a language-model run: random windows of the first 90% of the tokens, fixed windows of the
+    last 10% to validate."""
+    context = _context(model, config.context, "lower --context or raise --max-seq-len")
+    objective = OBJECTIVES[model.model_type](tok, config)
+    splits = load_tokens(corpus, tok, val_fraction=config.val_fraction)
+    window = context + objective.window_extra
+    train_data = WindowBatches(splits.train, window, config.batch_size, seed=config.seed, name="train")
+    val_data = WindowBatches(splits.val, window, config.batch_size, seed=config.seed, name="validation")
+    trainer = Trainer(model, tok, train_data, val_data, config, out_dir, objective=objective, run_info=run_info,
+                      print_fn=say)
+    return trainer, splits
+
+
+def _trainer_for_run(model, tokenizer: Tokenizer, run: dict, config: TrainConfig, *, data: str | Path | None,
+                     out_dir: str | Path, say, directory: Path) -> Trainer:
+    fix = "pass --data with the same text to resume"
+    corpus = read_corpus(recorded_data(run, data, directory, fix))
+    check_data_unchanged(corpus.sha256, corpus.source, run, "pass the same --data to resume, or start a new run")
+    return _trainer(model, tokenizer, corpus, config, out_dir, run, say)[0]
+
+
+def _evaluation_batches(model, tokenizer: Tokenizer, objective: Objective, run: dict, directory: Path, *,
+                        data: str | Path | None, split: str, batch_size: int, context: int | None,
+                        max_batches: int) -> tuple[list, str]:
+    """Windows of the text (``data``, default the run's): its last 10% (``split="val"``) or all of it."""
+    corpus = read_corpus(recorded_data(run, data, directory, "pass --data with the text to evaluate on"))
+    context = _context(model, context, "lower --context")
+    splits = load_tokens(corpus, tokenizer)
+    tokens = splits.val if split == "val" else np.concatenate([splits.train, splits.val])
+    batches = WindowBatches(tokens, context + objective.window_extra, batch_size,
+                            name="validation" if split == "val" else "text").fixed(max_batches)
+    return batches, corpus.source
+
+
+LANGUAGE_MODEL = Recipe("language-model", "decoder", functools.partial(train_language_model, model_type="decoder"),
+                        _trainer_for_run, _evaluation_batches)
+MASKED_LM = Recipe("masked-lm", "encoder", functools.partial(train_language_model, model_type="encoder"),
+                   _trainer_for_run, _evaluation_batches)

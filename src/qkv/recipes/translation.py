@@ -1,0 +1,244 @@
+"""The translation recipe: the encoder-decoder Transformer of "Attention Is All You Need" at laptop scale.
+
+A parallel file → a split by source sentence (:mod:`qkv.data.parallel`) → one shared byte-level BPE vocabulary
+trained on the training split → length-bucketed token batches → a ``Transformer`` trained with the paper's
+settings (``translation_train_config``) → checkpoints that remember the split, so ``qkv eval --bleu`` scores the
+held-out test sentences (:mod:`qkv.evaluation`). :func:`translate` decodes sentences greedily or with beam
+search (:func:`qkv.generation.generate_seq2seq`).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import read_run_info, resolve_checkpoint
+from ..config import ModelConfig
+from ..data import (
+    Pair,
+    ParallelCorpus,
+    Seq2SeqBatch,
+    Splits,
+    TokenBatches,
+    encode_pairs,
+    read_parallel,
+    right_pad,
+    split_by_source,
+)
+from ..generation import generate_seq2seq
+from ..models import Transformer
+from ..tokenizers import Tokenizer
+from ..training import Objective, Seq2SeqObjective, TrainConfig, Trainer, TrainResult, say_once
+from .runs import Recipe, absolute_source, check_data_unchanged, claim_new_run, recorded_data, run_recipe
+
+__all__ = ["PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN", "SPECIAL_TOKENS", "train_shared_bpe", "TranslationData",
+           "prepare", "translation_train_config", "train_translation", "held_out_test_split", "split_of_run",
+           "validation_pair_batches", "translate", "TRANSLATION"]
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2: the layout of qkv.tasks as well
+
+
+def train_shared_bpe(pairs: Sequence[Pair], vocab_size: int = 8000) -> Tokenizer:
+    """One byte-level BPE vocabulary for both languages, trained on both sides of ``pairs``.
+
+    Text is NFC-normalised (a precomposed "é" and "e" + combining acute become one form) and nothing else: no
+    lower-casing, accents kept. Byte-level means any character encodes, so decode(encode(s)) == NFC(s).
+    Special tokens: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2.
+    """
+    from tokenizers import normalizers
+
+    if not pairs:
+        raise ValueError("cannot train a vocabulary on no sentence pairs")
+    text = (unicodedata.normalize("NFC", side) + "\n" for pair in pairs for side in pair)
+    tokenizer = Tokenizer.bpe(text, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tokenizer.backend.normalizer = normalizers.NFC()
+    ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert ids == [0, 1, 2], f"special tokens landed at {ids}, expected [0, 1, 2]"
+    return tokenizer
+
+
+@dataclass
+class TranslationData:
+    """Everything training needs from a parallel file. The test split is held here only to be *kept out*: the
+    vocabulary and the batches are built from ``splits.train`` and ``splits.valid`` alone."""
+
+    corpus: ParallelCorpus
+    splits: Splits
+    tokenizer: Tokenizer
+    train: TokenBatches
+    valid: TokenBatches
+    dropped: int  # training/validation pairs longer than the context
+
+
+def prepare(data: str | Path, *, max_seq_len: int, vocab_size: int = 8000, max_tokens: int = 2048,
+            n_test: int = 2000, n_valid: int = 1000, split_seed: int = 1234, seed: int = 1337,
+            tokenizer: Tokenizer | None = None) -> TranslationData:
+    """Read, split by source sentence, train the shared BPE on the training split, batch train and validation."""
+    corpus = read_parallel(data)
+    splits = split_by_source(corpus.pairs, n_test=n_test, n_valid=n_valid, seed=split_seed)
+    tok = tokenizer or train_shared_bpe(splits.train, vocab_size)
+    train_src, train_tgt, dropped_train = encode_pairs(tok, splits.train, max_seq_len)
+    valid_src, valid_tgt, dropped_valid = encode_pairs(tok, splits.valid or splits.train[:1], max_seq_len)
+    batches = dict(pad_id=tok.pad_id, bos_id=tok.bos_id)
+    return TranslationData(
+        corpus, splits, tok,
+        TokenBatches(train_src, train_tgt, max_tokens, seed=seed, name="train", **batches),
+        TokenBatches(valid_src, valid_tgt, max_tokens, seed=seed, name="validation", **batches),
+        dropped_train + dropped_valid,
+    )
+
+
+def translation_train_config(**overrides) -> TrainConfig:
+    """The paper's training: Adam(0.9, 0.98, eps 1e-9), no weight decay, no clipping, label smoothing 0.1, the
+    warm-up schedule lr = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5). (Dropout 0.1 is the model's.)
+
+    The paper warms up for 4000 steps of 25k-token batches over 100k steps; an hour on a CPU gives ~1500 steps of
+    2k-token batches, so the recipe warms up for 400 steps with factor 0.5: a peak of 1.6e-3 at d_model 256.
+    """
+    base = dict(schedule="noam", lr=0.5, warmup_steps=400, beta1=0.9, beta2=0.98, adam_eps=1e-9, weight_decay=0.0,
+                label_smoothing=0.1, grad_clip=None, eval_every=100)
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_translation(data: str | Path, model_config: ModelConfig, config: TrainConfig | None = None, *,
+                      out_dir: str | Path = "runs/translate", max_tokens: int = 2048, n_test: int = 2000,
+                      n_valid: int = 1000, split_seed: int = 1234, overwrite: bool = False,
+                      print_fn=None) -> TrainResult:
+    """Train an encoder-decoder ``Transformer`` on a parallel file; ``model_config.vocab_size`` is the size of the
+    shared BPE vocabulary to learn. Checkpoints (with the split's settings, for ``qkv eval --bleu``) go to
+    ``out_dir``."""
+    say = print_fn or say_once
+    config = config or translation_train_config()
+    out_dir = Path(out_dir)
+    with claim_new_run(out_dir, overwrite=overwrite):
+        prepared = prepare(data, max_seq_len=model_config.max_seq_len, vocab_size=model_config.vocab_size,
+                           max_tokens=max_tokens, n_test=n_test, n_valid=n_valid, split_seed=split_seed,
+                           seed=config.seed)
+        tok = prepared.tokenizer
+        say(prepared.corpus.report())
+        say(f"split by source sentence (seed {split_seed}): {prepared.splits.describe()}")
+        if prepared.dropped:
+            say(f"left out {prepared.dropped:,} pair(s) longer than max_seq_len={model_config.max_seq_len} tokens")
+        model_config = model_config.replace(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+                                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        torch.manual_seed(config.seed)
+        model = Transformer(model_config)
+        run_info = {"recipe": "translation", "task": "translation", "data": absolute_source(data),
+                    "data_sha256": prepared.corpus.sha256, "split_seed": split_seed, "n_test": n_test,
+                    "n_valid": n_valid, "max_tokens": max_tokens, "model_type": "seq2seq", "tokenizer": "bpe"}
+        trainer = Trainer(model, tok, prepared.train, prepared.valid, config, out_dir,
+                          objective=Seq2SeqObjective(tok, config), run_info=run_info, print_fn=say)
+        say(f"training a {model.num_parameters():,}-parameter Transformer ({model_config.n_encoder_layers}+"
+            f"{model_config.n_decoder_layers} layers, d_model {model_config.d_model}, "
+            f"{model_config.norm_position}-LN) on {len(prepared.train):,} batches of <= {max_tokens} tokens per "
+            f"side, shared BPE vocabulary {tok.vocab_size:,}")
+        return trainer.fit()
+
+
+def held_out_test_split(checkpoint: str | Path) -> tuple[list[Pair], dict]:
+    """The test pairs a translation checkpoint was held out from, rebuilt from the settings saved with it."""
+    directory = resolve_checkpoint(checkpoint)
+    run = read_run_info(directory)
+    splits = split_of_run(run, directory)
+    return splits.test, run
+
+
+def split_of_run(run: dict, directory: Path, data: str | Path | None = None) -> Splits:
+    """The train / validation / test split a translation run made, rebuilt from its saved settings (``data``:
+    another parallel file, split the same way)."""
+    if run_recipe(run) != "translation":
+        raise ValueError(f"{directory} was not trained by the translation recipe (no split settings in its "
+                         "trainer state); pass a checkpoint written by `qkv train --data PARALLEL_FILE`")
+    corpus = read_parallel(recorded_data(run, data, directory, "its split cannot be rebuilt without it"))
+    if data is None:
+        check_data_unchanged(corpus.sha256, corpus.source, run, "its split cannot be rebuilt; put the file it "
+                             "trained on back, or pass --data with another parallel file to split the same way")
+    return split_by_source(corpus.pairs, n_test=run["n_test"], n_valid=run["n_valid"], seed=run["split_seed"])
+
+
+def validation_pair_batches(run: dict, tokenizer: Tokenizer, max_seq_len: int, directory: Path, *,
+                            data: str | Path | None = None, split: str = "val", max_batches: int = 10_000
+                            ) -> tuple[list[Seq2SeqBatch], str]:
+    """The batches ``qkv eval`` scores a translation run on → (batches, where the pairs came from).
+
+    ``split="val"``: the run's validation pairs, batched as training batched them (``max_tokens`` per side);
+    ``"all"``: every pair of the file. Pairs longer than ``max_seq_len`` are left out, as in training."""
+    source = data if data is not None else run.get("data")
+    if split == "val":
+        pairs = split_of_run(run, directory, data).valid
+    else:
+        pairs = read_parallel(source).pairs
+    src, tgt, _ = encode_pairs(tokenizer, pairs, max_seq_len)
+    batches = TokenBatches(src, tgt, run.get("max_tokens", 2048), pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                           name="validation" if split == "val" else "evaluation")
+    return batches.fixed(max_batches), str(source)
+
+
+@torch.no_grad()
+def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], *, beam: int = 4,
+              alpha: float = 0.6, batch_size: int = 64) -> list[str]:
+    """Source sentences → detokenized translations, greedy (``beam=1``) or beam search (GNMT length penalty α).
+
+    Sentences are translated in batches of similar length; the output keeps the input order. A source longer
+    than the model's context is an error (never silently cut).
+    """
+
+    if beam < 1:
+        raise ValueError(f"beam={beam} must be >= 1 (1 = greedy)")
+    sentences = list(sentences)
+    if not sentences:
+        return []
+    limit = model.config.max_seq_len
+    eos = tokenizer.eos_id
+    encoded = [ids + [eos] for ids in tokenizer.encode_batch(sentences)]
+    for i, ids in enumerate(encoded):
+        if len(ids) > limit:
+            raise ValueError(f"sentence {i + 1} is {len(ids)} tokens long (with <eos>) and the model reads at most "
+                             f"max_seq_len={limit}; split it into shorter sentences")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            src, mask = right_pad([encoded[i] for i in chunk], tokenizer.pad_id)
+            targets = generate_seq2seq(model, src, mask, num_beams=beam, length_penalty=alpha,
+                                       bos_token_id=tokenizer.bos_id, eos_token_id=eos,
+                                       pad_token_id=tokenizer.pad_id)
+            for i, ids in zip(chunk, targets, strict=True):
+                out[i] = tokenizer.decode(ids)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _trainer_for_run(model: Transformer, tokenizer: Tokenizer, run: dict, config: TrainConfig, *,
+                     data: str | Path | None, out_dir: str | Path, say, directory: Path) -> Trainer:
+    """A saved translation run's trainer: the same split, vocabulary and batches."""
+    prepared = prepare(recorded_data(run, data, directory, "pass --data with the same file to resume"),
+                       max_seq_len=model.config.max_seq_len, max_tokens=run["max_tokens"], n_test=run["n_test"],
+                       n_valid=run["n_valid"], split_seed=run["split_seed"], seed=config.seed, tokenizer=tokenizer)
+    check_data_unchanged(prepared.corpus.sha256, prepared.corpus.source, run,
+                         "pass the same --data to resume, or start a new run")
+    return Trainer(model, tokenizer, prepared.train, prepared.valid, config, out_dir,
+                   objective=Seq2SeqObjective(tokenizer, config), run_info=run, print_fn=say)
+
+
+def _evaluation_batches(model: Transformer, tokenizer: Tokenizer, objective: Objective, run: dict, directory: Path,
+                        *, data: str | Path | None, split: str, batch_size: int, context: int | None,
+                        max_batches: int) -> tuple[list[Seq2SeqBatch], str]:
+    """What ``qkv eval`` scores a translation run on: whole sentence pairs (``validation_pair_batches``)."""
+    if context is not None:
+        raise ValueError(f"{directory} is a translation run, evaluated on whole sentence pairs; drop --context")
+    return validation_pair_batches(run, tokenizer, model.config.max_seq_len, directory, data=data, split=split,
+                                   max_batches=max_batches)
+
+
+TRANSLATION = Recipe("translation", "seq2seq", train_translation, _trainer_for_run, _evaluation_batches)

@@ -1,0 +1,170 @@
+"""Objectives: how a batch becomes a loss, one per model shape, in one registry.
+
+- ``NextToken`` (``DecoderLM``): L = -mean_t log P(x_{t+1} | x_≤t).
+- ``MaskedLM`` (``Encoder``): BERT's recipe, loss on the 15% chosen tokens only.
+- ``Seq2SeqObjective`` (``Transformer``): L = -mean_t log P(y_t | y_<t, x), teacher-forced.
+
+A batch source is anything with ``batch(index)`` (training batch number ``index``, a pure function of the index)
+and ``fixed(n_batches)`` (the evaluation batches); the objective turns what the source yields into a loss.
+``mean_loss`` is the loss per predicted token over a list of batches (what validation and ``qkv eval`` report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..data.parallel import Seq2SeqBatch
+from ..losses import IGNORE_INDEX, cross_entropy
+from ..tokenizers import Tokenizer
+from .distributed import all_reduce
+from .options import TrainConfig
+
+__all__ = ["MASK_TOKEN", "BatchSource", "Objective", "NextToken", "MaskedLM", "Seq2SeqObjective", "OBJECTIVES",
+           "mean_loss", "evaluate"]
+
+MASK_TOKEN = "<mask>"
+
+
+class BatchSource(Protocol):
+    def batch(self, index: int) -> Any: ...
+    def fixed(self, n_batches: int) -> list[Any]: ...
+
+
+class Objective:
+    """How a batch becomes a loss. ``window_extra``: tokens a text window needs beyond the model's context."""
+
+    window_extra = 0
+
+    def __init__(self, tokenizer: Tokenizer, config: TrainConfig):
+        self.tokenizer, self.config = tokenizer, config
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator, *,
+             reduction: str = "mean") -> tuple[Tensor, int]:
+        """→ (the loss over the predicted tokens, their mean or with ``reduction="sum"`` their sum; how many)."""
+        raise NotImplementedError
+
+    def predicted(self, batch: Any, generator: torch.Generator) -> int:
+        """How many tokens ``loss(model, batch, generator)`` predicts, known before the forward pass (gradient
+        accumulation divides every micro-batch's summed loss by the count of the whole optimizer step)."""
+        raise NotImplementedError
+
+    def tokens_in(self, batch: Any) -> int:
+        """How many tokens the model reads for this batch (for tokens/s)."""
+        return batch.shape[0] * (batch.shape[1] - self.window_extra)
+
+
+class NextToken(Objective):
+    """L = -mean_t log P(x_{t+1} | x_≤t): a window of T+1 tokens gives T inputs and their T successors."""
+
+    window_extra = 1
+
+    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean"):
+        ids = batch.to(self.device(model), non_blocking=True)
+        logits = model(ids[:, :-1])  # (batch, T, vocab)
+        return (cross_entropy(logits, ids[:, 1:], label_smoothing=self.config.label_smoothing, reduction=reduction),
+                self.predicted(batch, generator))
+
+    def predicted(self, batch: Tensor, generator) -> int:
+        return batch.shape[0] * (batch.shape[1] - 1)
+
+    @staticmethod
+    def device(model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+
+class MaskedLM(Objective):
+    """BERT: choose 15% of tokens; of those 80% → [MASK], 10% → a random token, 10% kept; predict the chosen."""
+
+    def __init__(self, tokenizer: Tokenizer, config: TrainConfig):
+        super().__init__(tokenizer, config)
+        if tokenizer.mask_id is None:
+            raise ValueError(f"masked-language modelling needs a mask token, and this {tokenizer.kind} tokenizer "
+                             f"has none; build it with special_tokens=[{MASK_TOKEN!r}]")
+
+    def choose(self, shape: torch.Size, generator: torch.Generator) -> Tensor:
+        """The positions to predict, (batch, T) bool: the first draw from ``generator``, at least one."""
+        chosen = torch.rand(shape, generator=generator) < self.config.mlm_probability
+        if not chosen.any():
+            chosen[0, 0] = True  # a batch with nothing to predict would give a 0/0 loss
+        return chosen
+
+    def predicted(self, batch: Tensor, generator: torch.Generator) -> int:
+        """The number of chosen tokens, drawn as ``corrupt`` draws them from a generator in the same state."""
+        return int(self.choose(batch.shape, generator).sum())
+
+    def corrupt(self, ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """ids (batch, T) → (inputs, chosen tokens replaced; targets: the chosen ids, IGNORE_INDEX elsewhere)."""
+        shape = ids.shape
+        chosen = self.choose(shape, generator)
+        how = torch.rand(shape, generator=generator)
+        random_ids = torch.randint(0, self.tokenizer.vocab_size, shape, generator=generator)
+        inputs = torch.where(chosen & (how < 0.8), self.tokenizer.mask_id, ids)
+        inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+        return inputs, torch.where(chosen, ids, IGNORE_INDEX)
+
+    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean"):
+        inputs, targets = self.corrupt(batch, generator)
+        count = int((targets != IGNORE_INDEX).sum())  # counted on the CPU: no wait for the device
+        device = NextToken.device(model)
+        hidden = model(inputs.to(device))  # (batch, T, d_model)
+        logits = getattr(model, "module", model).logits(hidden)  # the model itself under DistributedDataParallel
+        return cross_entropy(logits, targets.to(device), label_smoothing=self.config.label_smoothing,
+                             reduction=reduction), count
+
+
+class Seq2SeqObjective(Objective):
+    """L = -mean_t log P(y_t | y_<t, x): teacher forcing, label smoothing from the training options."""
+
+    def loss(self, model: nn.Module, batch: Seq2SeqBatch, generator: torch.Generator, *,
+             reduction: str = "mean") -> tuple[Tensor, int]:
+        count = self.predicted(batch, generator)  # counted on the CPU: no wait for the device
+        batch = batch.to(next(model.parameters()).device)
+        logits = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (batch, tgt_len, vocab)
+        return (cross_entropy(logits, batch.tgt_out, label_smoothing=self.config.label_smoothing,
+                              reduction=reduction), count)
+
+    def predicted(self, batch: Seq2SeqBatch, generator: torch.Generator) -> int:
+        """The real target tokens (``tgt_out`` is IGNORE_INDEX at padding)."""
+        return int(batch.tgt_mask.sum())
+
+    def tokens_in(self, batch: Seq2SeqBatch) -> int:
+        """Real (unpadded) source plus target tokens."""
+        return int(batch.src_mask.sum()) + int(batch.tgt_mask.sum())
+
+
+# model_type → its objective: the one registry, written out (``Trainer`` takes the model's by default)
+OBJECTIVES: dict[str, Callable[[Tokenizer, TrainConfig], Objective]] = {
+    "decoder": NextToken,
+    "encoder": MaskedLM,
+    "seq2seq": Seq2SeqObjective,
+}
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, objective: Objective, batches: list, *, seed: int = 0, bf16: bool = False,
+             share: tuple[int, int] = (0, 1)) -> float:
+    """Mean loss per predicted token over ``batches`` (model in eval mode; its mode is restored after).
+
+    ``share=(r, N)``: under torchrun, process r of N evaluates batches r, r + N, ... and the sums are added up
+    across the processes, so the mean is the one a single process computes."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device_type = NextToken.device(model).type
+    rank, world = share
+    for i in range(rank, len(batches), world):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = objective.loss(model, batches[i], torch.Generator().manual_seed(seed + i))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    if world > 1:
+        total, count = all_reduce([total, float(count)], "sum")
+    return total / max(count, 1)
+
+
+evaluate = mean_loss  # the name this function had before Trainer.validation_loss got its own
