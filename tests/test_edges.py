@@ -354,6 +354,14 @@ def test_embed_of_a_text_past_the_context_is_refused(ckpt, capsys, observe):
     assert "max_seq_len=128" in message and "shorten" in message
 
 
+@row("CLI", "`qkv embed --precision 1000000` (was: a million digits per number printed) or `-1`")
+def test_embed_prints_a_sensible_number_of_decimals(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["embed", "--checkpoint", ckpt["encoder"], "the cat", "--precision",
+                                         "1000000"]))
+    assert "[0, 17]" in message
+    assert "[0, 17]" in cli_error(capsys, ["embed", "--checkpoint", ckpt["encoder"], "the cat", "--precision", "-1"])
+
+
 @row("CLI", "`qkv embed` with nothing on stdin (only blank lines)")
 def test_embed_with_only_blank_lines_on_stdin(ckpt, capsys, monkeypatch, observe):
     import io

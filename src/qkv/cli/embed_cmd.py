@@ -30,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from qkv.interop.bert import embed_texts
 
-    if args.precision < 0:
-        raise ValueError(f"--precision={args.precision} must be >= 0")
+    if not 0 <= args.precision <= 17:  # 17 significant digits tell every float64 apart; more are noise
+        raise ValueError(f"--precision={args.precision} must lie in [0, 17] decimals")
     texts = text_lines(args.texts)
     model, tokenizer = load_checkpoint(args.checkpoint)
     vectors = embed_texts(model, tokenizer, texts, pooling=args.pooling,
