@@ -7,7 +7,6 @@ even when the absolute figures do not.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 
 from .options import add_device, add_threads, use_threads
@@ -33,31 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-# suite → the libraries it measures qkv against (import names), all in the ``bench`` extra
-CONTENDERS = {"training": ("transformers", "x_transformers"), "generate": ("transformers",)}
-
-
-def require_contenders(suites: tuple[str, ...]) -> None:
-    """Refuse before measuring anything when a suite's contenders are not installed, naming the extra."""
-    missing = sorted({m for s in suites for m in CONTENDERS.get(s, ()) if not _installed(m)})
-    if missing:
-        names = " and ".join(m.replace("_", "-") for m in missing)
-        needing = " and ".join(s for s in suites if set(CONTENDERS.get(s, ())) & set(missing))
-        raise ImportError(f"the {needing} benchmark compares qkv "
-                          f"with {names}, which this Python lacks: pip install 'qkv[bench]' (qkv bench attention "
-                          "needs neither)")
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a broken install, or a module set to None in sys.modules
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qkv.bench import require_contenders
     from qkv.devices import resolve_device
 
     if args.repeats < 1:
@@ -81,11 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
             print(format_attention_table(attention_benchmark(quick=args.quick, repeats=args.repeats)), flush=True)
         else:
-            try:
-                from qkv.bench.generation import format_generation_table, generation_benchmark
-            except ImportError:
-                print("Generation: qkv.bench.generation is not available in this version", flush=True)
-                continue
+            from qkv.bench.generation import format_generation_table, generation_benchmark
+
             rows = generation_benchmark(args.quick, threads=torch.get_num_threads(), repeats=args.repeats)
             print("Generation", flush=True)
             print(format_generation_table(rows), flush=True)
