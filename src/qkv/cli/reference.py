@@ -119,13 +119,13 @@ def render_config() -> str:
     """docs/reference/config.md: the fields of ModelConfig, TrainConfig, GenerationConfig, and the presets."""
     from ..config import PRESETS, ModelConfig
     from ..generation import GenerationConfig
-    from ..train import TrainConfig
+    from ..training import TrainConfig
 
     lines = ["# Configuration reference", "",
              "Generated from the code by `python -m qkv.cli.reference`; do not edit by hand "
              "(`tests/test_docs.py` checks that it is current). Every field is also a `qkv train` flag "
              "(`d_model` → `--d-model`) and a key of its `--config` TOML file.", ""]
-    for cls, home in ((ModelConfig, "qkv.ModelConfig"), (TrainConfig, "qkv.train.TrainConfig"),
+    for cls, home in ((ModelConfig, "qkv.ModelConfig"), (TrainConfig, "qkv.training.TrainConfig"),
                       (GenerationConfig, "qkv.generation.GenerationConfig")):
         lines += [f"## `{home}`", "", _first_paragraph(cls), "", *_fields_table(cls), ""]
     lines += ["## Presets", "", "`ModelConfig.preset(name, **overrides)`: the fields each preset sets "
