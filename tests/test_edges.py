@@ -488,6 +488,16 @@ def test_load_onto_a_device_this_torch_lacks(ckpt, observe):
     assert "CPU-only build" in message
 
 
+@needs_cpu_only_torch
+@row("CLI", "`qkv train --device cuda` on a CPU-only torch (was: `AssertionError: Torch not compiled with CUDA`)")
+def test_training_on_a_device_this_torch_lacks(tmp_path, capsys, observe):
+    (tmp_path / "t.txt").write_text(TEXT * 50)
+    message = observe(cli_error(capsys, ["train", "tiny-decoder", "--data", tmp_path / "t.txt", "--out",
+                                         tmp_path / "run", "--max-steps", "1", "--tokenizer", "char", "--d-model",
+                                         "16", "--n-heads", "2", "--max-seq-len", "16", "--device", "cuda"]))
+    assert "CPU-only build" in message
+
+
 @row("CLI", "a device name torch does not know: `--device gpu`")
 def test_an_unknown_device_name_lists_the_names(capsys, observe):
     message = observe(cli_error(capsys, ["bench", "training", "--quick", "--device", "gpu"]))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_run_checkpoint
+from ..devices import resolve_device
 from ..tokenizers import Tokenizer
 from .callbacks import Callback, default_callbacks
 from .distributed import (
@@ -80,8 +81,7 @@ class Trainer:
                  callbacks: Sequence[Callback] | None = None):
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.rank, self.world = process_rank()
-        self.device = torch.device(config.device if config.device != "auto" else
-                                   "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(config.device)  # "auto": CUDA when there is a GPU; a name torch lacks: one line
         if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         self.model = model.to(self.device).train()
