@@ -225,7 +225,7 @@ def test_page_is_served_by_qkv_and_fetches_nothing_from_elsewhere(served):
     assert status == 200 and b"/static/app.js" in page and b"/static/style.css" in page
     for name in STATIC_FILES:
         status, body = request(server, "GET", f"/static/{name}")
-        assert status == 200 and body == resources.files("qkv.viz").joinpath("static", name).read_bytes()
+        assert status == 200 and body == resources.files("qkv.serve").joinpath("static", name).read_bytes()
         text = body.decode()
         urls = re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"'`)]*", text)
         assert [u for u in urls if u != "http://www.w3.org/2000/svg"] == []  # the SVG namespace is a name only

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..generate import generate, stream
+from ..generation import generate, stream
 from ..models import DecoderLM
 
 __all__ = ["small_config", "gpt2_small_config", "hf_twin", "weight_read_limit", "generation_benchmark",

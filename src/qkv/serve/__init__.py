@@ -5,11 +5,11 @@ Jupyter locks its own server: a token on every API call, a Host allow-list, no c
 - ``qkv.serve.security``: the token, Host and Origin checks (``require_token``: the dependency a router takes);
 - ``qkv.serve.server``: ``make_server`` / ``serve``, uvicorn on a socket bound first.
 
-What the page asks is answered by ``qkv.viz.server.Explorer`` (re-exported here with the names that lived in
+What the page asks is answered by ``qkv.serve.explorer.Explorer`` (re-exported here with the names that lived in
 ``qkv.viz.server`` before the explorer moved onto FastAPI).
 """
 
-from ..viz.server import STATIC_FILES, Explorer, RequestError, find_checkpoints
+from .explorer import STATIC_FILES, Explorer, RequestError, find_checkpoints
 from .app import create_app
 from .security import Security, json_body, new_token, require_token
 from .server import ExplorerServer, make_server, serve

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..viz.server import STATIC_FILES, Explorer, RequestError
+from .explorer import STATIC_FILES, Explorer, RequestError
 from .security import GuardMiddleware, Security, json_body, require_token
 
 __all__ = ["create_app", "api", "pages"]
@@ -53,7 +53,7 @@ pages = APIRouter()
 def static_file(name: str, status: int = 200) -> Response:
     if name not in STATIC_FILES:
         raise RequestError(f"no file {name!r}", 404)
-    body = resources.files("qkv.viz").joinpath("static", name).read_bytes()
+    body = resources.files("qkv.serve").joinpath("static", name).read_bytes()
     return Response(body, status, media_type=f"{STATIC_FILES[name]}; charset=utf-8")
 
 

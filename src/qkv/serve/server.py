@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import uvicorn
 
-from ..viz.server import Explorer
+from .explorer import Explorer
 from .app import create_app
 from .security import new_token
 

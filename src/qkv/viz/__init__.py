@@ -1,5 +1,5 @@
 """Pictures of what a Transformer computes: attention maps and positional encodings (matplotlib), and the data
-behind them, which the web explorer (``qkv.viz.server``) shares. matplotlib is imported only when drawing."""
+behind them, which the web explorer (``qkv.serve``) shares. matplotlib is imported only when drawing."""
 
 from .heatmap import (
     attention_grid,

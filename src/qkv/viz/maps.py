@@ -76,7 +76,7 @@ def _with_specials(tokenizer: Tokenizer, text: str) -> list[int]:
 def _model_output(model: Transformer, tokenizer: Tokenizer, src_ids: list[int]) -> list[int] | None:
     """The encoder-decoder's own greedy output for the source (target ids, no start or end token), or None when
     the tokenizer has no start/end tokens to decode with."""
-    from ..generate import generate_seq2seq
+    from ..generation import generate_seq2seq
 
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         return None

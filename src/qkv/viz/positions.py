@@ -39,6 +39,7 @@ class PositionalPictureData:
     distances: Tensor  # (n,) the x axis of the curves
     curves: dict[str, Tensor]  # label → (n,) values, NaN where a reference position has no such distance
     curves_title: str
+    table_values: str = ""  # what a colour in the table means: the colour bar's label
 
 
 def encoding_for_kind(kind: str, *, n_positions: int = 128, d_model: int = 128, n_heads: int = 8
@@ -93,7 +94,8 @@ def positional_picture_data(encoding: PositionalEncoding, n_positions: int = 64)
         distances, curves = _by_distance(lambda i, j: table[j] @ table[i], n)
         return PositionalPictureData(kind, table, f"{kind} table: the vector added at each position",
                                      ("dimension", "position"), distances, curves,
-                                     "PE(i) · PE(i + d): dot product against distance d")
+                                     "PE(i) · PE(i + d): dot product against distance d",
+                                     "value added to the token's embedding")
     device = next((b.device for b in encoding.buffers()), torch.device("cpu"))
     positions = torch.arange(n, device=device)[None, :]
     rotate = encoding.rotary(positions)
@@ -105,7 +107,8 @@ def positional_picture_data(encoding: PositionalEncoding, n_positions: int = 64)
         return PositionalPictureData(kind, encoding.cos[:n].float().cpu(),
                                      "RoPE: cos(p · w_i), the rotation of each query/key pair",
                                      ("dimension of q and k", "position"), distances, curves,
-                                     "(R_i x) · (R_{i+d} x): score of one vector at two positions")
+                                     "(R_i x) · (R_{i+d} x): score of one vector at two positions",
+                                     "cos(p · w_i)")
     last = encoding.attention_bias(1, n, device)  # the last query's row: it sees every distance back to key 0
     if last is not None:  # ALiBi: a penalty per head, linear in distance
         last = last[0, :, 0].float().cpu()  # (heads, n): bias of query n-1 against key j
@@ -122,7 +125,8 @@ def positional_picture_data(encoding: PositionalEncoding, n_positions: int = 64)
         table = last[0, n - 1 - (i - j).abs()]
         return PositionalPictureData(kind, table, "ALiBi, head 0: bias added to score(query i, key j)",
                                      ("key position j", "query position i"), distances, curves,
-                                     "-m_h · |d|: the bias of each head against distance d")
+                                     "-m_h · |d|: the bias of each head against distance d",
+                                     "bias added to the attention score")
     return PositionalPictureData(kind, None, "no positional encoding: the model sees a bag of tokens",
                                  ("", ""), torch.arange(0), {}, "nothing depends on position")
 
@@ -142,7 +146,7 @@ def positions_figure(encoding: PositionalEncoding, n_positions: int = 64, *, tit
         left.set_xlabel(data.table_axes[0])
         left.set_ylabel(data.table_axes[1])
         left.set_title(data.table_title, fontsize=10)
-        fig.colorbar(image, ax=left, fraction=0.046, pad=0.04)
+        fig.colorbar(image, ax=left, fraction=0.046, pad=0.04).set_label(data.table_values)
         for label, values in data.curves.items():
             right.plot(data.distances.numpy(), values.numpy(), label=label, linewidth=1.2)
         right.axvline(0, color="grey", linewidth=0.5)

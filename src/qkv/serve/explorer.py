@@ -10,7 +10,7 @@ answers what the page of ``qkv serve`` asks (``qkv.serve`` puts it on the web, b
 
 Every request is checked (text length, token counts, layer/head/token ranges, max new tokens); a bad one raises
 ``RequestError`` with the HTTP status to answer and a message, never a stack trace. The static page files
-(``qkv/viz/static``: plain HTML, CSS, JavaScript and SVG written for qkv; nothing is fetched from elsewhere) are
+(``qkv/serve/static``: plain HTML, CSS, JavaScript and SVG written for qkv; nothing is fetched from elsewhere) are
 listed in ``STATIC_FILES``.
 """
 
@@ -28,14 +28,14 @@ from torch import nn
 from ..explain import explain_head
 from ..models import DecoderLM
 from ..tokenizers import Tokenizer
-from .maps import attention_kinds, attention_maps, encode_input
+from ..viz.maps import attention_kinds, attention_maps, encode_input
 
 if TYPE_CHECKING:
-    from ..generate import GenerationConfig
+    from ..generation import GenerationConfig
 
 __all__ = ["Explorer", "RequestError", "find_checkpoints", "STATIC_FILES"]
 
-# file under qkv/viz/static → its media type; token.html is the page that asks for the token
+# file under qkv/serve/static → its media type; token.html is the page that asks for the token
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
                 "token.html": "text/html"}
 
@@ -179,7 +179,7 @@ class Explorer:
 
     def check_generation(self, payload: dict) -> tuple[str, GenerationConfig]:
         """Validate a generation request before the stream starts → its GenerationConfig (prompt checked too)."""
-        from ..generate import GenerationConfig
+        from ..generation import GenerationConfig
 
         model, tokenizer = self._require_model()
         if not isinstance(model, DecoderLM):
@@ -204,8 +204,8 @@ class Explorer:
         return text, GenerationConfig(max_new_tokens=n_new, temperature=temperature)
 
     def generate(self, text: str, config: GenerationConfig) -> Iterator[dict]:
-        """Yield the continuation piece by piece (``qkv.generate.stream_text``), as each token is chosen."""
-        from ..generate import stream_text
+        """Yield the continuation piece by piece (``qkv.generation.stream_text``), as each token is chosen."""
+        from ..generation import stream_text
 
         model, tokenizer = self._require_model()
         pieces = stream_text(model, tokenizer, text, config=config)
