@@ -9,10 +9,11 @@ import os
 import signal
 
 import pytest
+from test_train import SMALL, _token_cache_in_tmp, small_text  # noqa: F401 (fixtures: the token cache, a text)
 
 from qkv import ModelConfig
 from qkv.checkpoint import read_run_info
-from qkv.data import Corpus, WindowBatches, load_tokens, read_corpus
+from qkv.data import Corpus, WindowBatches, load_tokens
 from qkv.models import DecoderLM
 from qkv.recipes import RECIPES, resume, train
 from qkv.recipes.translation import held_out_test_split, train_translation, translation_train_config
@@ -21,21 +22,8 @@ from qkv.training import Callback, StopOnSignal, TrainConfig, Trainer, TrainingI
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = read_corpus().text[:20_000]
 TINY = dict(d_model=32, n_heads=2, d_ff=64, max_seq_len=32)
 QUIET = dict(batch_size=4, eval_batches=1, progress=False, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _token_cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def small_text(tmp_path):
-    path = tmp_path / "small.txt"
-    path.write_text(SMALL)
-    return path
 
 
 class Recorder(Callback):
@@ -93,7 +81,7 @@ def test_a_signal_stops_the_run_after_its_step_and_every_callback_finishes_but_n
     assert signal.getsignal(signal.SIGINT) is before  # StopOnSignal put the handler back
 
 
-def test_train_and_resume_dispatch_on_the_recipe_the_run_records(small_text, tmp_path):
+def test_train_and_resume_dispatch_on_the_recipe_the_run_records(small_text, tmp_path):  # noqa: F811
     config = ModelConfig.preset("tiny-encoder", n_encoder_layers=1, **TINY)
     result = train("masked-lm", config, TrainConfig(max_steps=1, **QUIET), data=small_text, out_dir=tmp_path / "run",
                    print_fn=lambda _: None)
@@ -113,7 +101,7 @@ def test_train_and_resume_dispatch_on_the_recipe_the_run_records(small_text, tmp
         resume(tmp_path / "run", {"max_steps": 3}, print_fn=lambda _: None)
 
 
-def test_resume_refuses_a_text_that_changed_since_the_run_trained_on_it(small_text, tmp_path):
+def test_resume_refuses_a_text_that_changed_since_the_run_trained_on_it(small_text, tmp_path):  # noqa: F811
     config = ModelConfig.preset("tiny-decoder", n_decoder_layers=1, **TINY)
     train("language-model", config, TrainConfig(max_steps=1, **QUIET), data=small_text, out_dir=tmp_path / "run",
           print_fn=lambda _: None)
