@@ -60,3 +60,19 @@ def test_every_command_comes_from_the_static_table_in_help_order() -> None:
     assert {"info", "train", "generate", "eval", "translate", "embed", "show", "explain", "serve", "bench"} <= set(
         COMMANDS)
     assert all(module.__name__ == f"qkv.cli.{name}_cmd" for name, module in COMMANDS.items())
+
+
+def test_a_call_that_does_not_fit_its_function_is_a_bug_shown_with_its_traceback() -> None:
+    from qkv import ModelConfig
+    from qkv.cli import error_line, is_a_bug
+
+    def head(layer: int, *, kind: str = "encoder") -> None: ...
+
+    errors = []
+    for wrong in (lambda: head(0, mask=None), lambda: head(), lambda: head(0, 1), lambda: ModelConfig(dropout="x")):
+        try:
+            wrong()
+        except TypeError as err:
+            errors.append(err)
+    assert [is_a_bug(e) for e in errors] == [True, True, True, False]  # the last is the user's value, named
+    assert error_line(errors[-1]).startswith("ModelConfig field dropout='x' must be a number")

@@ -2,13 +2,15 @@
 several commands share are defined once in ``qkv.cli.options``.
 
 Errors a user can fix (bad values, missing files, unknown tokens) print one line on stderr, naming the problem
-and the fix, and exit with status 2. ``QKV_DEBUG=1`` shows the full traceback instead.
+and the fix, and exit with status 2. ``QKV_DEBUG=1`` shows the full traceback instead; so does a bug (a call that
+does not fit its function).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from . import (
@@ -71,10 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         print("qkv: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, ImportError, MemoryError) as err:
-        if os.environ.get("QKV_DEBUG"):
+        if os.environ.get("QKV_DEBUG") or is_a_bug(err):
             raise
         print(f"qkv {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+# Python's own words for a call that does not fit its function: a bug in qkv, never the user's input
+_WRONG_CALL = re.compile(r"\(\) (got an unexpected keyword argument|got multiple values for|missing \d+ required|"
+                         r"takes \d+ positional argument|takes from \d+ to \d+ positional)")
+
+
+def is_a_bug(err: BaseException) -> bool:
+    """A TypeError of a call that does not fit its function signature is qkv's bug: show its traceback, so that
+    it is reported, rather than one line that reads like a problem with the input."""
+    return isinstance(err, TypeError) and bool(_WRONG_CALL.search(str(err)))
 
 
 def error_line(err: BaseException) -> str:
