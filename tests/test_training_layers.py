@@ -16,12 +16,13 @@ from qkv.config import PRESETS
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # package → the qkv modules it must never import (at module level or inside a function)
+# (qkv.viz, qkv.serve, qkv.study, qkv.bench: the "looking inside" layer above recipes)
+ABOVE_RECIPES = ["qkv.evaluation", "qkv.viz", "qkv.serve", "qkv.study", "qkv.bench", "qkv.demo", "qkv.cli",
+                 "qkv.train", "qkv.translation"]
 FORBIDDEN = {
-    "qkv.data": ["qkv.training", "qkv.recipes", "qkv.evaluation", "qkv.generation", "qkv.generate", "qkv.cli",
-                 "qkv.train", "qkv.translation"],
-    "qkv.training": ["qkv.recipes", "qkv.evaluation", "qkv.generation", "qkv.generate", "qkv.cli", "qkv.train",
-                     "qkv.translation"],
-    "qkv.recipes": ["qkv.evaluation", "qkv.cli", "qkv.train", "qkv.translation"],
+    "qkv.data": ["qkv.training", "qkv.recipes", "qkv.generation", "qkv.generate", *ABOVE_RECIPES],
+    "qkv.training": ["qkv.recipes", "qkv.generation", "qkv.generate", *ABOVE_RECIPES],
+    "qkv.recipes": ABOVE_RECIPES,
     "qkv.evaluation": ["qkv.cli", "qkv.train", "qkv.translation"],
 }
 

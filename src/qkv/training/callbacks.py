@@ -10,6 +10,7 @@ first callback whose ``write`` takes it (a progress bar writes above itself), el
 from __future__ import annotations
 
 import csv
+import io
 import signal
 import sys
 import threading
@@ -191,22 +192,35 @@ def default_callbacks() -> list[Callback]:
     return [StopOnSignal(), MetricsLog(), ProgressBar(), LossCurve()]
 
 
-def plot_loss_curve(csv_path: str | Path, png_path: str | Path) -> Path:
-    """Training and validation loss against the trainer's clock, from metrics.csv."""
-    from ..viz import save_figure
-    from ..viz.heatmap import _pyplot
+def plot_loss_curve(csv_path: str | Path, png_path: str | Path, dpi: int = 120) -> Path:
+    """Training and validation loss against the trainer's clock, from metrics.csv → ``png_path``.
 
+    Drawn with matplotlib alone (``ImportError`` naming the extra without it): training sits below qkv.viz and
+    does not import it. The picture is written atomically, so a kill or a full disk never leaves half of one."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)  # no display needed
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise ImportError("the loss curve needs matplotlib: pip install 'qkv[viz]'") from None
     rows = list(csv.DictReader(Path(csv_path).open()))
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(float(r["elapsed_s"]), float(r[key])) for r in rows if r.get(key)]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=3)
-    ax.set_xlabel("seconds (trainer's clock)")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    if rows:
-        ax.set_title(f"{rows[-1]['step']} steps, {int(rows[-1]['tokens']):,} tokens")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, png_path)
+    try:
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            points = [(float(r["elapsed_s"]), float(r[key])) for r in rows if r.get(key)]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=3)
+        ax.set_xlabel("seconds (trainer's clock)")
+        ax.set_ylabel("cross-entropy (nats per token)")
+        if rows:
+            ax.set_title(f"{rows[-1]['step']} steps, {int(rows[-1]['tokens']):,} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        picture = io.BytesIO()
+        fig.savefig(picture, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    write_atomic(Path(png_path), picture.getvalue())
+    return Path(png_path)
