@@ -130,3 +130,33 @@ def test_a_typed_special_token_string_in_a_prompt_stays_text():
     assert generate_text(model, tokenizer, prompt, 8, temperature=0, stop_token_ids=()) == tokenizer.decode(new)
     markup = tokenizer.encode(prompt, markup=True)  # the model's own markup: the special ids, whole
     assert tokenizer.token_to_id("<|im_end|>") in markup and tokenizer.mask_id == markup[-1]
+
+
+def test_every_entry_prepares_its_inputs_once(monkeypatch):
+    """The inputs of a call are checked once (generate_text and stream_text used to prepare a second time to find
+    where the new tokens begin): count the calls of generation's one prepare, wherever it is imported."""
+    import qkv.generation.beam as beam
+    import qkv.generation.sampling as sampling
+    import qkv.generation.text as text
+    from qkv.generation.prompt import prepare
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return prepare(*args, **kwargs)
+
+    for module in (beam, sampling, text):
+        monkeypatch.setattr(module, "prepare", counted)
+    tokenizer = Tokenizer.char("abcdefgh ")
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_heads=2, d_ff=32,
+                                  n_decoder_layers=1, max_seq_len=32)).eval()
+    ids = torch.tensor([tokenizer.encode("abc")])
+    for call in (lambda: generate_text(model, tokenizer, ["abc", "de"], 5, stop_strings=["h"]),
+                 lambda: list(stream_text(model, tokenizer, "abc", 5)),
+                 lambda: generate_text(model, tokenizer, "abc", 5, num_beams=2),
+                 lambda: generate(model, ids, 5, num_beams=2), lambda: generate(model, ids, 5)):
+        calls.clear()
+        call()
+        assert len(calls) == 1
