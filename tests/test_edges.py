@@ -90,6 +90,14 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "exit 1: qkv train: error: could not save checkpoint …/run/step-000002 (File too large); the run is kept as "
      "it was at …/run/step-000001: free some space, then continue it with --resume …/run",
      "tests/test_runs.py::test_a_save_that_cannot_write_names_the_checkpoint_kept_in_one_line"),
+    ("CLI", "`qkv train --help`: the allowed values of each choice field",
+     "listed: `--positional {sinusoidal,learned,none,rope,alibi}`, `--norm-position`, `--schedule`, "
+     "`--activation`, `--dtype {auto,fp32,bf16}`, `--parallel {ddp,fsdp}`",
+     "tests/test_train_cli.py::test_help_shows_the_allowed_values_of_every_choice_field"),
+    ("CLI", "`qkv train` without matplotlib installed",
+     "trains, and prints `no loss curve (it needs matplotlib: pip install 'qkv[viz]')` instead of a loss.png path "
+     "it did not write",
+     "tests/test_train_cli.py::test_without_matplotlib_training_names_no_loss_curve_it_did_not_draw"),
     ("CLI", "SIGINT (Ctrl-C) during `qkv train`",
      "exit 130: qkv train: interrupted: SIGINT at step 1: saved checkpoint …/step-000001; continue with "
      "`qkv train --resume …`", "tests/test_train_cli.py::test_sigint_saves_a_loadable_checkpoint_and_the_run_resumes"),
@@ -848,6 +856,13 @@ def test_training_values_outside_their_ranges(tmp_path, capsys, observe):
     assert "max_steps=0" in cli_error(capsys, ["train", "tiny-decoder", "--data", data, "--out", tmp_path / "r",
                                                "--max-steps", "0"])
     assert "threads" in cli_error(capsys, train(tmp_path, data, "--threads", "0"))
+
+
+@row("CLI", "`threads = 0` or `threads = \"two\"` in a `qkv train --config` TOML file")
+def test_a_bad_thread_count_in_a_toml_file_names_the_file(tmp_path, capsys, observe):
+    (tmp_path / "run.toml").write_text('threads = "two"\n')
+    message = observe(cli_error(capsys, ["train", "--config", tmp_path / "run.toml", "--out", tmp_path / "run"]))
+    assert "run.toml: threads" in message and "positive whole number" in message
 
 
 @row("CLI", "`--threads 0` or `--threads -1` on `qkv eval` / `qkv translate` / `qkv bench` (was: 0 silently "
