@@ -129,7 +129,8 @@ def _environment(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("page,index,language,body", _marked_blocks(), ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("page,index,language,body", _marked_blocks(),
+                         ids=[f"{page}#{index}" for page, index, _, _ in _marked_blocks()])
 def test_the_marked_commands_and_snippets_run(page, index, language, body, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
