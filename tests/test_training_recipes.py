@@ -49,10 +49,10 @@ def tiny_trainer(tmp_path, callbacks, **options) -> Trainer:
     tok = Tokenizer.char(SMALL)
     model = DecoderLM(ModelConfig.preset("tiny-decoder", vocab_size=tok.vocab_size, n_decoder_layers=1, **TINY))
     tokens = load_tokens(Corpus(SMALL, "small"), tok)
-    train_data = WindowBatches(tokens.train, 33, 4, name="train")
-    val_data = WindowBatches(tokens.val, 33, 4, name="validation")
+    train_windows = WindowBatches(tokens.train, 33, 4, name="train")
+    val_windows = WindowBatches(tokens.val, 33, 4, name="validation")
     config = TrainConfig(**{**QUIET, "eval_every": 100, **options})
-    return Trainer(model, tok, train_data, val_data, config, tmp_path / "run", callbacks=callbacks,
+    return Trainer(model, tok, train_windows, val_windows, config, tmp_path / "run", callbacks=callbacks,
                    print_fn=lambda _: None)
 
 

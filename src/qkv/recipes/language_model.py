@@ -83,9 +83,9 @@ def _trainer(model, tok: Tokenizer, corpus: Corpus, config: TrainConfig, out_dir
     objective = OBJECTIVES[model.model_type](tok, config)
     splits = load_tokens(corpus, tok, val_fraction=config.val_fraction)
     window = context + objective.window_extra
-    train_data = WindowBatches(splits.train, window, config.batch_size, seed=config.seed, name="train")
-    val_data = WindowBatches(splits.val, window, config.batch_size, seed=config.seed, name="validation")
-    trainer = Trainer(model, tok, train_data, val_data, config, out_dir, objective=objective, run_info=run_info,
+    train_windows = WindowBatches(splits.train, window, config.batch_size, seed=config.seed, name="train")
+    val_windows = WindowBatches(splits.val, window, config.batch_size, seed=config.seed, name="validation")
+    trainer = Trainer(model, tok, train_windows, val_windows, config, out_dir, objective=objective, run_info=run_info,
                       print_fn=say)
     return trainer, splits
 

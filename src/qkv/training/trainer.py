@@ -70,12 +70,15 @@ class TrainResult(NamedTuple):
 
 
 class Trainer:
-    """Trains ``model`` on batches from ``train_data`` with ``objective``; writes checkpoints under ``out_dir``.
+    """Trains ``model`` on batches from ``train_source`` with ``objective``; writes checkpoints under ``out_dir``.
+
+    ``train_source`` and ``val_source`` are batch sources (``batch(index)``, ``fixed(n)``: see ``BatchSource``),
+    built by a recipe from its data.
 
     ``objective`` defaults to the model's (``OBJECTIVES[model.model_type]``), ``callbacks`` to
     ``default_callbacks()`` (stop on a signal, metrics.csv, a progress bar, loss.png)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_data: BatchSource, val_data: BatchSource,
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_source: BatchSource, val_source: BatchSource,
                  config: TrainConfig, out_dir: str | Path, *, objective: Objective | None = None,
                  run_info: dict | None = None, print_fn: Callable[[str], None] | None = None,
                  callbacks: Sequence[Callback] | None = None):
@@ -93,8 +96,8 @@ class Trainer:
         self.replica: nn.Module = self.model if self.world == 1 else replicate(self.model, self.device,
                                                                                  config.parallel)
         self.objective = objective or OBJECTIVES[model.model_type](tokenizer, config)
-        self.train_data, self.val_data = train_data, val_data
-        self.val_batches = val_data.fixed(config.eval_batches)
+        self.train_source, self.val_source = train_source, val_source
+        self.val_batches = val_source.fixed(config.eval_batches)
         self.bf16 = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.peak_lr,
                                            betas=(config.beta1, config.beta2), eps=config.adam_eps,
@@ -157,7 +160,7 @@ class Trainer:
         # The data positions: under torchrun each process takes every world-th batch, so N processes see
         # exactly the batches that one process would with grad_accum x N.
         indices = [(self.step * c.grad_accum + micro) * self.world + self.rank for micro in range(c.grad_accum)]
-        batches = [self.train_data.batch(index) for index in indices]
+        batches = [self.train_source.batch(index) for index in indices]
         predicted = sum(self.objective.predicted(b, self._generator(i)) for i, b in zip(indices, batches, strict=True))
         n_tokens = sum(self.objective.tokens_in(b) for b in batches)
         if self.world > 1:
@@ -194,7 +197,7 @@ class Trainer:
         c = self.config
         batches = self.val_batches
         if final and c.final_eval_batches not in (None, c.eval_batches):
-            batches = self.val_data.fixed(c.final_eval_batches)
+            batches = self.val_source.fixed(c.final_eval_batches)
         if not self.sharded:  # each process evaluates its share of the batches
             return mean_loss(self.model, self.objective, batches, seed=c.seed, bf16=self.bf16,
                              share=(self.rank, self.world))
