@@ -118,7 +118,7 @@ def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig)
 def check_fits(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig) -> None:
     """The prompt (or the target's start token) must fit the model's context, and with ``sliding_window`` off so
     must prompt + max_new_tokens - 1 (the model's one check, :meth:`~qkv.DecoderLM.check_fits`)."""
-    what = "the start token" if prompt.seq2seq else "prompt"
+    what = "target" if prompt.seq2seq else "prompt"  # a target starts as its one start token
     model.check_fits(prompt.start.shape[1], cfg.max_new_tokens, sliding_window=bool(cfg.sliding_window), what=what)
 
 
