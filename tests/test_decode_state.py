@@ -260,3 +260,18 @@ def test_reorder_leaves_the_callers_source_mask_alone() -> None:
         model.decode(torch.ones(2, 1, dtype=torch.long), model.encode(src, src_mask), src_mask, decode_state=state)
         state.reorder(torch.tensor([1, 1]))
     assert torch.equal(src_mask, given)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_a_sliding_state_may_be_fed_more_than_its_max_len(positional: str) -> None:
+    # max_len sizes the allocation; a sliding state created for max_seq_len goes on past it all the same.
+    model = decoder(positional)
+    prompt = torch.randint(0, VOCAB, (1, 3), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        _, expected = greedy_with_state(model, prompt, 3 * CONTEXT)  # created for 3 + 24 tokens
+        state = model.new_decode_state(1, CONTEXT)
+        logits, steps = model(prompt, decode_state=state)[:, -1], []
+        for _ in range(3 * CONTEXT):
+            steps.append(logits)
+            logits = model(logits.argmax(-1, keepdim=True), decode_state=state)[:, -1]
+    assert max(max_err(a, b) for a, b in zip(steps, expected, strict=True)) <= ATOL

@@ -217,7 +217,7 @@ SDPA_GROUPS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:
 
 
 def _explicit_is_faster(q: Tensor, n_keys: int) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and n_keys <= CPU_BF16_EXPLICIT_MAX_KEYS
+    return q.dtype == torch.bfloat16 and n_keys <= CPU_BF16_EXPLICIT_MAX_KEYS and q.device.type == "cpu"
 
 
 def _dispatch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None,

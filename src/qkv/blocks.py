@@ -19,7 +19,7 @@ from .config import ModelConfig
 __all__ = ["AttentionInputs", "FeedForward", "RMSNorm", "make_norm", "EncoderBlock", "DecoderBlock", "Stack"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AttentionInputs:
     """The per-forward inputs every block's attention reads, built once per forward pass by the model.
 

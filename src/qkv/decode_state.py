@@ -57,7 +57,10 @@ class DecodeState:
         self.sliding_window = sliding_window
         self.rolls = positional in ROLLING_POSITIONALS
         self.caches, self.cross_caches = caches, cross_caches
-        self.ids = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        # The ids are kept only where a window may be re-encoded: a sliding state with absolute positions.
+        self.keeps_ids = sliding_window and not self.rolls
+        self.ids = torch.zeros(batch, capacity if self.keeps_ids else 0, dtype=torch.long, device=device)
+        self.counting = torch.arange(max(max_len, capacity), device=device).unsqueeze(0)  # (1, n): 0, 1, 2, ...
         self.mask: Tensor | None = None  # (batch, capacity) True at real tokens; None: no padding so far
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.source_mask: Tensor | None = None  # (batch, 1, 1, source) for cross-attention
@@ -75,12 +78,16 @@ class DecodeState:
 
         The caller made room first (:meth:`free`)."""
         t, start = ids.shape[1], self.length
-        self.ids[:, start : start + t] = ids
+        if self.keeps_ids:
+            self.ids[:, start : start + t] = ids
         if mask is not None and self.mask is None:  # the first padding seen: every earlier column was real
             self.mask = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=ids.device)
             self.next_position.fill_(self.fed)
         if self.mask is None:
-            positions = torch.arange(self.fed, self.fed + t, device=ids.device).unsqueeze(0)
+            if self.fed + t <= self.counting.shape[1]:
+                positions = self.counting[:, self.fed : self.fed + t]  # a view: cheaper than a new arange
+            else:  # more than max_len tokens, in a window that rolls
+                positions = torch.arange(self.fed, self.fed + t, device=ids.device).unsqueeze(0)
         else:
             real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
             self.mask[:, start : start + t] = real
@@ -107,8 +114,7 @@ class DecodeState:
         # Only a re-encoding state needs to know (a device sync): were the dropped slots all padding?
         dropped_real = self.rolls or self.mask is None or bool(self.mask[:, :n].any())
         keep = self.length - n
-        for name in ("ids", "mask"):
-            t = getattr(self, name)
+        for t in (self.ids if self.keeps_ids else None, self.mask):
             if t is not None:
                 t[:, :keep] = t[:, n : self.length].clone()
         for cache in self.caches:
@@ -136,9 +142,8 @@ class DecodeState:
                              f"{tuple(index.shape)}")
         for cache in [*self.caches, *(self.cross_caches or [])]:
             cache.reorder(index)
-        for name in ("ids", "mask", "next_position", "source_mask"):
-            t = getattr(self, name)
-            if t is not None:
+        for t in (self.ids, self.mask, self.next_position, self.source_mask):
+            if t is not None and t.numel():
                 t.copy_(t.index_select(0, index))
 
     def __repr__(self) -> str:
