@@ -238,6 +238,8 @@ def test_the_first_step_checks_its_inputs() -> None:
             model(torch.full((2, 4), VOCAB), decode_state=state)
         with pytest.raises(TypeError, match="float masks are not accepted"):
             model(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4), decode_state=state)
+        with pytest.raises(ValueError, match="decode_state keeps its own positions"):
+            model(torch.zeros(2, 4, dtype=torch.long), positions=torch.arange(4)[None], decode_state=state)
 
 
 def test_logits_to_keep_computes_the_output_layer_for_the_last_positions_only() -> None:

@@ -303,6 +303,7 @@ class DecoderLM(_Model):
         covers the cached and the new tokens: (batch, past + seq).
         """
         if decode_state is not None:
+            _alone(positions, cache)
             x, weights, _ = self._decode_step(self.layers, ids, attention_mask, decode_state, return_attention,
                                               "ids")
         else:
@@ -366,6 +367,7 @@ class Transformer(_Model):
         ``memory`` may be None afterwards. ``cache``/``cross_cache`` (from ``new_cache()``) work the same way.
         """
         if decode_state is not None:
+            _alone(positions, cache, cross_cache)
             state = decode_state
             first = state.cross_caches[0].keys is None
             if first:
@@ -407,6 +409,13 @@ class Transformer(_Model):
         logits, self_w, cross_w = self.decode(tgt_ids, memory, src_attention_mask, tgt_attention_mask,
                                               return_attention=True)
         return logits, {"encoder": enc_w, "decoder_self": self_w, "cross": cross_w}
+
+
+def _alone(*given: object) -> None:
+    """A decode state keeps its own positions and caches: refuse them given beside it."""
+    if any(g is not None for g in given):
+        raise ValueError("decode_state keeps its own positions and key/value caches; pass positions=, cache= or "
+                         "cross_cache= only without it")
 
 
 MODEL_TYPES: dict[str, type[_Model]] = {"encoder": Encoder, "decoder": DecoderLM, "seq2seq": Transformer}
