@@ -196,3 +196,11 @@ def test_study_command_rejects_bad_flags_in_one_line(capsys):
 def test_markdown_table_writes_n_a_for_missing_values():
     text = markdown_table([{"encoding": "learned", "L": 3.14159, "2L": None}])
     assert text.splitlines()[2] == "| learned  | 3.142 | n/a |"
+
+
+def test_order_study_names_a_parallel_file_too_small_to_evaluate_on(tmp_path, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("Hi.\tSalut.\nGo.\tVa.\n")
+    assert main(["study", "order", "--quick", "--data", str(pairs), "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no English sentence of 3-8 words" in err

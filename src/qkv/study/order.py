@@ -170,6 +170,9 @@ def order_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
                 held_out.append((sentence, shuffled))
                 continue
         rest.append(sentence)
+    if not held_out:
+        raise ValueError(f"{_resolve(data)} holds no English sentence of 3-8 words and at most "
+                         f"{s.model.context - 2} characters to evaluate on; pass a larger parallel file")
     train_text = SEPARATOR.join(rest[: s.train_sentences]) + SEPARATOR
     tokenizer = Tokenizer.char(SEPARATOR.join(sentences) + SEPARATOR, special_tokens=[MASK_TOKEN])
     tokens = np.asarray(tokenizer.encode(train_text), dtype=np.int64)
