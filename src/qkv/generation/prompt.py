@@ -155,8 +155,7 @@ class Stepper:
         if self.state is None:
             return check_finite(self._full())
         # Only the last position's logits are needed: the output layer runs on it alone.
-        hidden = self.model(self.tokens, self.mask, decode_state=self.state, return_hidden=True)
-        return check_finite(self.model.logits(hidden[:, -1]))
+        return check_finite(self.model(self.tokens, self.mask, decode_state=self.state, logits_to_keep=1)[:, -1])
 
     def step(self, ids: Tensor) -> Tensor:
         """ids (batch, 1): the tokens just chosen → logits (batch, vocab) for the token after them."""
