@@ -14,6 +14,8 @@ from qkv.positions import POSITIONAL_KINDS
 from qkv.tokenizers import BPE_VOCAB_SIZE
 from qkv.training import PARALLELS, PRECISIONS, SCHEDULES, TrainConfig
 
+from .options import add_threads, check_threads, use_threads
+
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out", "batch_tokens", "test_size", "valid_size", "split_seed")
 # The allowed values of the fields that take one of a few words, shown by --help (the dataclasses check them,
@@ -58,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "learning rate")
     p.add_argument("--config", metavar="FILE", help="a TOML file of options (flat, or [model] / [train] tables)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; also a TOML key)")
+    add_threads(p, help="CPU threads for torch (default: torch's choice; also a TOML key)")
     seq2seq = p.add_argument_group("translation (an encoder-decoder preset; --data a source<TAB>target file or a "
                                    "Tatoeba zip)")
     seq2seq.add_argument("--batch-tokens", type=int, default=argparse.SUPPRESS,
@@ -101,7 +103,7 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     for key, value in flat.items():
         key = key.replace("-", "_")
         if key == "threads":  # not a field of a run: how this process runs it
-            out["run"]["threads"] = _threads(value, f"{path}: threads")
+            out["run"]["threads"] = check_threads(value, f"{path}: threads")
             continue
         section = ("run" if key in RUN_KEYS else "model" if key in model_keys else
                    "train" if key in train_keys else None)
@@ -112,12 +114,6 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{path}: unknown option {key!r}; {hint}")
         out[section][key] = value
     return out
-
-
-def _threads(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} = {value!r} must be a positive whole number of CPU threads, e.g. 2")
-    return value
 
 
 def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -132,31 +128,17 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return options
 
 
-def _is_seq2seq(run_opts: dict[str, Any], model_opts: dict[str, Any]) -> bool:
-    from qkv.recipes import recipe_for
-
-    if "model_type" in run_opts:
-        return run_opts["model_type"] == "seq2seq"
-    config = ModelConfig.preset(run_opts.get("preset", "tiny-decoder"), **model_opts)
-    return recipe_for(config) == "translation"
-
-
 def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], train_opts: dict[str, Any],
                        overwrite: bool):
     """An encoder-decoder trains on a parallel file (``qkv.translation``), with the paper's training defaults."""
+    from qkv.recipes import model_config_for
     from qkv.recipes.translation import train_translation, translation_train_config
 
     preset = run_opts.get("preset", "tiny-decoder")
     if "data" not in run_opts:
         raise ValueError(f"{preset} is an encoder-decoder: it trains on a parallel file; pass --data "
                          "data/tatoeba-fra-eng-2017-09-29.zip (or any source<TAB>target file)")
-    if run_opts.get("tokenizer", "bpe") != "bpe":
-        raise ValueError("translation uses a shared BPE vocabulary (its size: --vocab-size); drop --tokenizer")
-    model_config = ModelConfig.preset(preset, **model_opts)
-    if "vocab_size" not in model_opts and model_config.vocab_size < BPE_VOCAB_SIZE:
-        # a preset sized for the synthetic tasks (tiny-seq2seq: 32) is too small for byte-level BPE, which needs
-        # its 256 bytes first: the shared vocabulary takes the BPE default instead, as the decoder path does
-        model_config = model_config.replace(vocab_size=BPE_VOCAB_SIZE)
+    model_config = model_config_for("translation", preset, model_opts, tokenizer=run_opts.get("tokenizer", "bpe"))
     options = {"batch_tokens": "max_tokens", "test_size": "n_test", "valid_size": "n_valid",
                "split_seed": "split_seed"}
     return train_translation(run_opts["data"], model_config, translation_train_config(**train_opts),
@@ -168,17 +150,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qkv.checkpoint import CheckpointNotSaved
-    from qkv.recipes import resume
+    from qkv.recipes import model_config_for, recipe_for, resume
     from qkv.recipes.language_model import train_language_model as train
     from qkv.training import TrainingDiverged, TrainingInterrupted, say_once
 
     options = collect(args)
     run_opts, model_opts, train_opts = options["run"], options["model"], options["train"]
     threads = run_opts.pop("threads", None)
-    if args.threads is not None:  # the flag wins over the file
-        threads = _threads(args.threads, "--threads")
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(args.threads if args.threads is not None else threads)  # the flag wins over the file
+    preset = run_opts.get("preset", "tiny-decoder")
     try:
         if args.resume:
             fixed = [f"--{k.replace('_', '-')}" for k in (*run_opts, *model_opts) if k not in ("data", "out")]
@@ -187,17 +167,11 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--resume continues a run with its saved model and tokenizer; {what} cannot "
                                  "change it: drop them, or start a new run without --resume")
             result = resume(args.resume, train_opts, data=run_opts.get("data"), out_dir=run_opts.get("out"))
-        elif _is_seq2seq(run_opts, model_opts):
+        elif recipe_for(ModelConfig.preset(preset, **model_opts), run_opts.get("model_type")) == "translation":
             result = _train_translation(run_opts, model_opts, train_opts, args.overwrite)
-        else:
-            preset = run_opts.get("preset", "tiny-decoder")
+        else:  # a language model: next token (decoder) or masked LM (encoder)
             tokenizer = run_opts.get("tokenizer", "char")
-            if tokenizer == "char" and "vocab_size" in model_opts:
-                raise ValueError("--vocab-size sizes a BPE vocabulary, but a character tokenizer takes its "
-                                 "vocabulary from the text: drop --vocab-size or add --tokenizer bpe")
-            model_config = ModelConfig.preset(preset, **model_opts)
-            if tokenizer == "bpe" and "vocab_size" not in model_opts:
-                model_config = model_config.replace(vocab_size=BPE_VOCAB_SIZE)
+            model_config = model_config_for("language-model", preset, model_opts, tokenizer=tokenizer)
             result = train(model_config, TrainConfig(**train_opts), data=run_opts.get("data"),
                            out_dir=run_opts.get("out", f"runs/{preset}"), tokenizer=tokenizer,
                            model_type=run_opts.get("model_type"), overwrite=args.overwrite)

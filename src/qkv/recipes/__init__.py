@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint import claim_run_directory, load_checkpoint, load_trainer_state, run_directory_of
+from ..config import ModelConfig
 from ..tokenizers import BPE_VOCAB_SIZE
 from ..training import RESUMABLE_OPTIONS, TrainConfig, TrainResult, process_rank, say_once
 from .language_model import LANGUAGE_MODEL, MASKED_LM
@@ -23,7 +24,7 @@ from .runs import RECIPE_FOR_MODEL_TYPE, Recipe, continue_run, recipe_for, run_r
 from .translation import TRANSLATION
 
 __all__ = ["RECIPES", "Recipe", "train", "resume", "recipe_for", "run_recipe", "RECIPE_FOR_MODEL_TYPE",
-           "BPE_VOCAB_SIZE"]
+           "BPE_VOCAB_SIZE", "model_config_for"]
 
 # recipe name (as a run records it) → the recipe; "finetune" joins here
 RECIPES: dict[str, Recipe] = {
@@ -37,6 +38,28 @@ def _recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def model_config_for(recipe: str, preset: str, overrides: dict | None = None, *, tokenizer: str) -> ModelConfig:
+    """The model a new run of ``recipe`` trains ("translation", or a language model: "language-model",
+    "masked-lm"): ``preset`` with ``overrides``, its vocabulary sized for its tokenizer ("char" or "bpe").
+
+    A byte-level BPE vocabulary takes ``BPE_VOCAB_SIZE`` unless ``vocab_size`` is given; translation keeps a
+    preset's larger vocabulary but not a smaller one (tiny-seq2seq's 32 cannot hold BPE's 256 bytes) and trains
+    a shared BPE only. A character vocabulary comes from the text, so a ``vocab_size`` is refused.
+    """
+    overrides = dict(overrides or {})
+    if recipe == "translation" and tokenizer != "bpe":
+        raise ValueError("translation uses a shared BPE vocabulary (its size: --vocab-size); drop --tokenizer")
+    if "vocab_size" in overrides and tokenizer == "char":
+        raise ValueError("--vocab-size sizes a BPE vocabulary, but a character tokenizer takes its vocabulary "
+                         "from the text: drop --vocab-size or add --tokenizer bpe")
+    config = ModelConfig.preset(preset, **overrides)
+    if "vocab_size" in overrides or tokenizer == "char":
+        return config
+    if recipe == "translation" and config.vocab_size >= BPE_VOCAB_SIZE:
+        return config
+    return config.replace(vocab_size=BPE_VOCAB_SIZE)
 
 
 def train(recipe: str, *args, **kwargs) -> TrainResult:
