@@ -14,6 +14,7 @@ from test_train import SMALL, _token_cache_in_tmp, small_text  # noqa: F401 (fix
 from qkv import ModelConfig
 from qkv.checkpoint import read_run_info
 from qkv.data import Corpus, WindowBatches, load_tokens
+from qkv.evaluation import evaluate_checkpoint
 from qkv.models import DecoderLM
 from qkv.recipes import RECIPES, resume, train
 from qkv.recipes.translation import held_out_test_split, train_translation, translation_train_config
@@ -99,6 +100,8 @@ def test_train_and_resume_dispatch_on_the_recipe_the_run_records(small_text, tmp
     state.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="unknown recipe 'finetune'"):
         resume(tmp_path / "run", {"max_steps": 3}, print_fn=lambda _: None)
+    with pytest.raises(ValueError, match="unknown recipe 'finetune'"):
+        evaluate_checkpoint(tmp_path / "run")
 
 
 def test_resume_refuses_a_text_that_changed_since_the_run_trained_on_it(small_text, tmp_path):  # noqa: F811

@@ -23,7 +23,7 @@ from .checkpoint import average_checkpoints, load_checkpoint, read_run_info
 from .data import Pair, references_by_source
 from .loading import load
 from .models import Transformer
-from .recipes import RECIPES, run_recipe
+from .recipes import recipe_of_run
 from .recipes.translation import held_out_test_split, translate
 from .tokenizers import Tokenizer
 from .training import OBJECTIVES, TrainConfig, mean_loss, say_once
@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     if model.model_type not in OBJECTIVES:
         raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")
     objective = OBJECTIVES[model.model_type](tok, TrainConfig())
-    batches, source = RECIPES[run_recipe(run)].evaluation_batches(
+    batches, source = recipe_of_run(run).evaluation_batches(
         model, tok, objective, run, directory, data=data, split=split, batch_size=batch_size, context=context,
         max_batches=max_batches)
     loss = mean_loss(model, objective, batches)

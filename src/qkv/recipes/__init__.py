@@ -23,8 +23,8 @@ from .language_model import LANGUAGE_MODEL, MASKED_LM
 from .runs import RECIPE_FOR_MODEL_TYPE, Recipe, continue_run, recipe_for, run_recipe
 from .translation import TRANSLATION
 
-__all__ = ["RECIPES", "Recipe", "train", "resume", "recipe_for", "run_recipe", "RECIPE_FOR_MODEL_TYPE",
-           "BPE_VOCAB_SIZE", "model_config_for"]
+__all__ = ["RECIPES", "Recipe", "train", "resume", "recipe_named", "recipe_of_run", "recipe_for", "run_recipe",
+           "RECIPE_FOR_MODEL_TYPE", "BPE_VOCAB_SIZE", "model_config_for"]
 
 # recipe name (as a run records it) → the recipe; "finetune" joins here
 RECIPES: dict[str, Recipe] = {
@@ -34,10 +34,16 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def _recipe(name: str) -> Recipe:
+def recipe_named(name: str) -> Recipe:
+    """``RECIPES[name]``, or a one-line error naming the recipes there are."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def recipe_of_run(run: dict) -> Recipe:
+    """The recipe a run's metadata records (``run_recipe``), which resume and evaluation rebuild it with."""
+    return recipe_named(run_recipe(run))
 
 
 def model_config_for(recipe: str, preset: str, overrides: dict | None = None, *, tokenizer: str) -> ModelConfig:
@@ -65,7 +71,7 @@ def model_config_for(recipe: str, preset: str, overrides: dict | None = None, *,
 def train(recipe: str, *args, **kwargs) -> TrainResult:
     """Start a run of ``recipe`` ("language-model", "masked-lm", "translation"), with that recipe's options:
     ``qkv.recipes.language_model.train_language_model`` or ``qkv.recipes.translation.train_translation``."""
-    return _recipe(recipe).train(*args, **kwargs)
+    return recipe_named(recipe).train(*args, **kwargs)
 
 
 def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path | None = None,
@@ -89,5 +95,5 @@ def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path 
         state, directory = load_trainer_state(path)
         model, tok, _ = load_checkpoint(directory)
         config = TrainConfig(**{**state["train_config"], **overrides})
-        recipe = _recipe(run_recipe(state["run"]))
-        return continue_run(recipe, model, tok, state, directory, config, data=data, out_dir=run_dir, say=say)
+        return continue_run(recipe_of_run(state["run"]), model, tok, state, directory, config, data=data,
+                            out_dir=run_dir, say=say)
