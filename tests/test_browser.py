@@ -193,10 +193,10 @@ def test_explorer_in_a_real_browser(served, model_and_tokenizer):
             page.fill("#text", "the zebra")
             page.click("#show")
             page.wait_for_function("document.getElementById('error').textContent.includes('lacks')")
-            page.fill("#prompt", "the cat " * 15)  # 120 tokens: 20 more do not fit the context of 128
+            page.fill("#prompt", "the cat " * 17)  # 136 tokens: longer than the context of 128
             page.fill("#max-new", "20")
             page.click("#generate")
-            page.wait_for_function("document.getElementById('error').textContent.includes('at most 8 new tokens')")
+            page.wait_for_function("document.getElementById('error').textContent.includes('longer than max_seq_len')")
             page.fill("#checkpoint", "/no/such/checkpoint")
             page.click("#load-form button")
             page.wait_for_function("document.getElementById('error').textContent.includes('does not exist')")

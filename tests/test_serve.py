@@ -196,11 +196,13 @@ def test_bad_generation_requests_get_4xx_before_the_stream(served, query, status
     assert got == status and message in events[0][1]["error"]
 
 
-def test_prompt_plus_new_tokens_must_fit_the_context():
+def test_generation_slides_past_the_context_but_the_prompt_must_fit_it():
     model, tokenizer = tiny()
     with running(Explorer(model, tokenizer, max_new_tokens=200, max_text_chars=1000)) as server:
-        got, events = read_events(server, {"text": "the cat " * 15, "max_new_tokens": 20})
-        assert got == 400 and "at most 8 new tokens fit" in events[0][1]["error"]
+        got, events = read_events(server, {"text": "the cat " * 15, "max_new_tokens": 20})  # 120 + 20 > 128
+        assert got == 200 and events[-1][0] == "done" and events[-1][1]["tokens"] == 20
+        got, events = read_events(server, {"text": "the cat " * 17, "max_new_tokens": 5})  # 136 > 128
+        assert got == 400 and "prompt of 136 tokens is longer than max_seq_len=128" in events[0][1]["error"]
 
 
 def test_loading_a_checkpoint_switches_the_model(tmp_path):

@@ -195,12 +195,10 @@ class Explorer:
             raise RequestError(f"temperature must be a number, got {payload.get('temperature')!r}") from None
         if not 0.0 <= temperature <= 10.0:
             raise RequestError(f"temperature={temperature} is out of range; use 0 (greedy) to 10")
-        n_prompt = len(tokenizer.encode(text))
-        room = model.config.max_seq_len - n_prompt
-        if n_new > room:
-            raise RequestError(f"the prompt has {n_prompt} tokens and the context holds "
-                               f"{model.config.max_seq_len}: at most {max(room, 0)} new tokens fit; shorten the "
-                               "prompt or ask for fewer tokens")
+        try:  # the model's own check; past the context the text helpers slide a window, as qkv generate does
+            model.check_fits(len(tokenizer.encode(text)), n_new, sliding_window=True, what="prompt")
+        except ValueError as err:
+            raise RequestError(str(err)) from None
         return text, GenerationConfig(max_new_tokens=n_new, temperature=temperature)
 
     def generate(self, text: str, config: GenerationConfig) -> Iterator[dict]:
