@@ -9,8 +9,8 @@ What the page asks is answered by ``qkv.serve.explorer.Explorer`` (re-exported h
 ``qkv.viz.server`` before the explorer moved onto FastAPI).
 """
 
-from .explorer import STATIC_FILES, Explorer, RequestError, find_checkpoints
 from .app import create_app
+from .explorer import STATIC_FILES, Explorer, RequestError, find_checkpoints
 from .security import Security, json_body, new_token, require_token
 from .server import ExplorerServer, make_server, serve
 

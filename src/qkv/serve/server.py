@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 import uvicorn
 
-from .explorer import Explorer
 from .app import create_app
+from .explorer import Explorer
 from .security import new_token
 
 __all__ = ["ExplorerServer", "make_server", "serve", "url_host"]
