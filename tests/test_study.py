@@ -193,9 +193,10 @@ def test_study_command_rejects_bad_flags_in_one_line(capsys):
     assert "scale study only" in lines[2]
 
 
-def test_markdown_table_writes_n_a_for_missing_values():
-    text = markdown_table([{"encoding": "learned", "L": 3.14159, "2L": None}])
-    assert text.splitlines()[2] == "| learned  | 3.142 | n/a |"
+def test_markdown_table_writes_n_a_for_missing_values_and_escapes_bars():
+    text = markdown_table([{"encoding": "learned", "L": 3.14159, "2L": None, "max |x|": 1e-7}])
+    assert text.splitlines()[2] == "| learned  | 3.142 | n/a |   1.0e-07 |"
+    assert text.splitlines()[0] == "| encoding |     L |  2L | max \\|x\\| |"
 
 
 def test_order_study_names_a_parallel_file_too_small_to_evaluate_on(tmp_path, capsys):

@@ -69,8 +69,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
         return ""
     columns = list(columns or rows[0].keys())
     numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in columns]
-    cells = [[format_value(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    cells = [[_escape(format_value(r.get(c))) for c in columns] for r in rows]
+    header = [_escape(c) for c in columns]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(header)]
 
     def line(values: Sequence[str]) -> str:
         return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
@@ -78,7 +79,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
                           for w, num in zip(widths, numeric, strict=True)) + "|"
-    return "\n".join([line(columns), rule, *(line(row) for row in cells)])
+    return "\n".join([line(header), rule, *(line(row) for row in cells)])
+
+
+def _escape(text: str) -> str:
+    """A "|" inside a cell (``max |difference|``) would end the cell: markdown wants it as "\\|"."""
+    return text.replace("|", "\\|")
 
 
 def write_result(result: StudyResult, out_dir: str | Path) -> Path:
