@@ -132,8 +132,7 @@ def train_translation(data: str | Path, model_config: ModelConfig, config: Train
         run_info = {"recipe": "translation", "task": "translation", "data": absolute_source(data),
                     "data_sha256": prepared.corpus.sha256, "split_seed": split_seed, "n_test": n_test,
                     "n_valid": n_valid, "max_tokens": max_tokens, "model_type": "seq2seq", "tokenizer": "bpe"}
-        trainer = Trainer(model, tok, prepared.train, prepared.valid, config, out_dir,
-                          objective=Seq2SeqObjective(tok, config), run_info=run_info, print_fn=say)
+        trainer = _trainer(model, prepared, config, out_dir, run_info, say)
         say(f"training a {model.num_parameters():,}-parameter Transformer ({model_config.n_encoder_layers}+"
             f"{model_config.n_decoder_layers} layers, d_model {model_config.d_model}, "
             f"{model_config.norm_position}-LN) on {len(prepared.train):,} batches of <= {max_tokens} tokens per "
@@ -227,8 +226,14 @@ def _trainer_for_run(model: Transformer, tokenizer: Tokenizer, run: dict, config
                        n_valid=run["n_valid"], split_seed=run["split_seed"], seed=config.seed, tokenizer=tokenizer)
     check_data_unchanged(prepared.corpus.sha256, prepared.corpus.source, run,
                          "pass the same --data to resume, or start a new run")
-    return Trainer(model, tokenizer, prepared.train, prepared.valid, config, out_dir,
-                   objective=Seq2SeqObjective(tokenizer, config), run_info=run, print_fn=say)
+    return _trainer(model, prepared, config, out_dir, run, say)
+
+
+def _trainer(model: Transformer, prepared: TranslationData, config: TrainConfig, out_dir: str | Path,
+             run_info: dict, say) -> Trainer:
+    """The trainer of a translation run: its token batches, teacher-forced cross-entropy."""
+    return Trainer(model, prepared.tokenizer, prepared.train, prepared.valid, config, out_dir,
+                   objective=Seq2SeqObjective(prepared.tokenizer, config), run_info=run_info, print_fn=say)
 
 
 def _evaluation_batches(model: Transformer, tokenizer: Tokenizer, objective: Objective, run: dict, directory: Path,
