@@ -4,6 +4,7 @@ objective registry is whole without importing any recipe."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,16 @@ def test_the_recipe_of_a_preset_follows_its_model_shape(preset):
     expected = {"seq2seq": "translation", "encoder": "masked-lm", "decoder": "language-model"}
     assert recipe_for(config) == expected[model_class_for(config).model_type]
     assert (recipe_for(config) == "translation") == bool(config.n_encoder_layers and config.n_decoder_layers)
+
+
+def test_the_layers_contracts_in_pyproject_hold():
+    """lint-imports (import-linter, a dev dependency) checks the contracts pyproject.toml declares, counting
+    indirect imports too: what the per-package test above checks one file at a time."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    if not lint.exists():
+        pytest.skip("import-linter is not installed (pip install 'qkv[dev]')")
+    root = SRC.parent
+    done = subprocess.run([str(lint), "--no-cache"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "BROKEN" not in done.stdout and done.stdout.count("KEPT") >= 3
