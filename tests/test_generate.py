@@ -425,6 +425,13 @@ def test_bad_prompts_raise_clear_errors():
     assert GenerationConfig(stop_token_ids=[3]).stop_token_ids == (3,)
 
 
+@pytest.mark.parametrize("temperature", [-1.0, float("nan"), float("inf")])
+def test_a_temperature_that_is_negative_or_not_finite_is_refused(temperature):
+    """softmax(logits / inf) is the uniform distribution: noise, never what a user asking for 'inf' means."""
+    with pytest.raises(ValueError, match="must be >= 0 and finite"):
+        GenerationConfig(temperature=temperature)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_are_one_clear_error_in_every_mode(bad):
     """A weight that is NaN or infinite makes the logits so: sampling, greedy and beam search each refuse with one

@@ -215,6 +215,7 @@ def test_loading_a_checkpoint_switches_the_model(tmp_path):
         assert status == 409 and "pick a checkpoint" in data["error"]
         status, info = request(server, "POST", "/api/load", {"checkpoint": str(tmp_path / "enc")})
         assert status == 200 and info["model_type"] == "encoder" and not info["can_generate"]
+        assert info["n_layers"] == {"encoder": 2}  # the layers of the kinds this model has, nothing else
         status, data = request(server, "POST", "/api/attention", {"text": TEXT})
         assert status == 200 and data["kinds"] == ["encoder"]
         got, events = read_events(server, {"text": "the cat", "max_new_tokens": 3})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +70,9 @@ class GenerationConfig:
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens={self.min_new_tokens} must be <= max_new_tokens="
                              f"{self.max_new_tokens}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy, 1 = the model's "
-                             "own distribution)")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN; inf would be uniform noise
+            raise ValueError(f"temperature={self.temperature} must be >= 0 and finite (0 = greedy, 1 = the "
+                             "model's own distribution)")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token")
         if not 0 < self.top_p <= 1:

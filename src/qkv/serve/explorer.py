@@ -124,8 +124,8 @@ class Explorer:
             "loaded": True, "source": self.source, "model_type": self.model.model_type,
             "kinds": attention_kinds(self.model), "d_model": c.d_model, "n_heads": c.n_heads,
             "d_k": c.d_k, "max_seq_len": c.max_seq_len, "positional": c.positional,
-            "n_layers": {"encoder": c.n_encoder_layers, "decoder_self": c.n_decoder_layers,
-                         "cross": c.n_decoder_layers},
+            "n_layers": {kind: c.n_encoder_layers if kind == "encoder" else c.n_decoder_layers
+                         for kind in attention_kinds(self.model)},  # only the kinds this model has
             "can_generate": isinstance(self.model, DecoderLM), "tokenizer": self.tokenizer.kind,
             "checkpoints": candidates, "max_text_chars": self.max_text_chars,
             "max_new_tokens": self.max_new_tokens, "max_drawn_tokens": self.max_drawn_tokens,

@@ -224,13 +224,16 @@ def _plot_lengths(long_rows: list[dict], sliding_rows: list[dict], lengths: list
     ax.axvline(context, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n}\n({n // context}L)" if n > context else f"{n}\n(L)" for n in lengths])
-    ax.set_yscale("log")
     low, high = ax.get_ylim()
-    ticks = [t * 10.0 ** e for e in range(-1, 5) for t in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)]
-    ax.set_yticks([t for t in ticks if low <= t <= high], [f"{t:g}" for t in ticks if low <= t <= high])
-    ax.yaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
+    scale = "log" if high > 3 * low else "linear"  # a log axis over less than a factor 3 shows no tick at all
+    if scale == "log":
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ticks = [t * 10.0 ** e for e in range(-1, 5) for t in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)]
+        ax.set_yticks([t for t in ticks if low <= t <= high], [f"{t:g}" for t in ticks if low <= t <= high])
+        ax.yaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
     ax.set_xlabel("evaluation context (tokens, one long window)")
-    ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_ylabel(f"validation perplexity ({scale} scale)")
     ax.set_title(f"Length extrapolation: trained on {context}-token windows")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=9)
