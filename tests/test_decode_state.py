@@ -277,3 +277,20 @@ def test_a_sliding_state_may_be_fed_more_than_its_max_len(positional: str) -> No
             steps.append(logits)
             logits = model(logits.argmax(-1, keepdim=True), decode_state=state)[:, -1]
     assert max(max_err(a, b) for a, b in zip(steps, expected, strict=True)) <= ATOL
+
+
+def test_reorder_within_groups_of_one_source_may_leave_the_cross_attention_inputs_as_they_are() -> None:
+    model = seq2seq("rope")
+    gen = torch.Generator().manual_seed(12)
+    src = torch.randint(3, VOCAB, (2, 6), generator=gen).repeat_interleave(2, 0)  # 2 sources x 2 beams
+    src_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2]).repeat_interleave(2, 0)
+    tgt = torch.randint(3, VOCAB, (4, 3), generator=gen)
+    index = torch.tensor([1, 1, 2, 3])  # rows move only within their source's group
+    outputs = []
+    with torch.no_grad():
+        for same_source in (False, True):
+            state = model.new_decode_state(4)
+            model.decode(tgt[:, :2], model.encode(src, src_mask), src_mask, decode_state=state)
+            state.reorder(index, same_source=same_source)
+            outputs.append(model.decode(tgt[:, 2:], None, decode_state=state))
+    assert max_err(*outputs) <= ATOL

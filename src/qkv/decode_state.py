@@ -133,16 +133,19 @@ class DecodeState:
         return ids, mask
 
     # -- what a search may do between steps ------------------------------------------------------------------
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: Tensor, *, same_source: bool = False) -> None:
         """Keep rows ``index`` (a LongTensor of ``batch`` row numbers), in place: beam search's step.
 
-        Every per-row tensor follows: the caches (cross-attention's too), ids, mask and positions."""
+        Every per-row tensor follows: the caches, ids, mask, positions, and the cross-attention keys/values and
+        source mask of an encoder-decoder, unless ``same_source``: every row moves among rows decoding the same
+        source (beam search's groups of num_beams rows), whose cross-attention inputs are the same, so copying
+        them (the largest tensors of a translation step) would change nothing."""
         if index.shape != (self.batch,):
             raise ValueError(f"reorder needs one row index per row: shape ({self.batch},), got "
                              f"{tuple(index.shape)}")
-        for cache in [*self.caches, *(self.cross_caches or [])]:
+        for cache in [*self.caches, *([] if same_source else self.cross_caches or [])]:
             cache.reorder(index)
-        for t in (self.ids, self.mask, self.next_position, self.source_mask):
+        for t in (self.ids, self.mask, self.next_position, None if same_source else self.source_mask):
             if t is not None and t.numel():
                 t.copy_(t.index_select(0, index))
 
