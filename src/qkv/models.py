@@ -5,7 +5,12 @@
 - ``Transformer``: the encoder-decoder of "Attention Is All You Need" (translation).
 
 Masks follow one rule everywhere (see ``qkv.attention``): ``attention_mask`` is boolean ``(batch, seq)`` with
-True at real tokens.
+True at real tokens (or Hugging Face's 1/0 integers; float masks are refused).
+
+Decoding step by step: ``state = model.new_decode_state(batch, max_len)``, then ``model(ids, mask,
+decode_state=state)`` with the prompt and each new token (``Transformer.decode(..., decode_state=state)``); the
+state keeps the caches, positions and mask, and slides past the context (``qkv.decode_state``). Whether a
+request fits the context at all: ``model.check_fits(n_tokens, max_new_tokens)``.
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ class _Model(nn.Module):
             if b != state.batch:
                 raise ValueError(f"{name} has {b} rows but the decode state was created for batch={state.batch}")
             if mask is not None:
-                mask = self._key_mask(mask, b, t, "attention_mask")[:, 0, 0]
+                mask = self._key_mask(mask, b, t, name.replace("ids", "attention_mask"))[:, 0, 0]
                 mask = None if bool(mask.all()) else mask  # nothing is padding: the fast path needs no mask
             state.checked = True
         elif mask is not None:
