@@ -179,3 +179,17 @@ def test_continuing_a_finished_cosine_run_stays_at_its_final_learning_rate(small
     resume(tmp_path / "stopped", {"max_steps": 9}, print_fn=lambda _: None)
     stopped = learning_rates(tmp_path / "stopped")
     assert [stopped[s] for s in range(1, 10)] == [planned[s] for s in range(1, 7)] + [planned[6]] * 3
+
+
+def test_resuming_a_finished_run_without_more_steps_says_so_and_rewrites_nothing(small_text, tmp_path):
+    """It used to print 'validation loss nan' and save its last checkpoint again; a missing run directory was
+    created by the claim and then said to hold 'no checkpoint yet'."""
+    train(tiny("decoder"), TrainConfig(max_steps=3, batch_size=4, eval_every=3, **QUIET), data=small_text,
+          out_dir=tmp_path / "run", print_fn=lambda _: None)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "step-000003").iterdir()}
+    with pytest.raises(ValueError, match=r"already finished at step 3 \(validation loss \d+\.\d{4}\); .*--max-steps"):
+        resume(tmp_path / "run", print_fn=lambda _: None)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "step-000003").iterdir()} == before
+    with pytest.raises(FileNotFoundError, match="nope does not exist; --resume takes a run directory"):
+        resume(tmp_path / "nope", print_fn=lambda _: None)
+    assert not (tmp_path / "nope").exists()

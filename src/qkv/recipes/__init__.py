@@ -90,6 +90,9 @@ def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path 
     if fixed:
         raise ValueError(f"--resume continues a run with its saved settings; {', '.join(fixed)} cannot change "
                          f"(only {', '.join(RESUMABLE_OPTIONS)} can); drop them or start a new run")
+    if not Path(path).exists():  # before claiming it, which would create it
+        raise FileNotFoundError(f"{path} does not exist; --resume takes a run directory written by qkv train "
+                                "(or one of its step-* checkpoints)")
     run_dir = Path(out_dir) if out_dir is not None else run_directory_of(path)
     with claim_run_directory(run_dir, resuming=True, primary=process_rank()[0] == 0):
         state, directory = load_trainer_state(path)

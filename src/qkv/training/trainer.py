@@ -218,6 +218,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``max_steps`` or ``time_budget``; evaluate, log and save along the way."""
         c = self.config
+        if self._resumed_at and self._done():  # a finished run: nothing to train, nothing to save again
+            last = f" (validation loss {self.history[-1]['val_loss']:.4f})" if self.history else ""
+            raise ValueError(f"the run already finished at step {self.step}{last}; to continue it, raise max_steps "
+                             f"above {self.step} (qkv train --resume RUN --max-steps N) or its time_budget")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_every = c.eval_every if c.save_every is None else c.save_every
         val_loss = float("nan")
