@@ -12,14 +12,15 @@ import argparse
 import sys
 from collections.abc import Iterable
 
+from .options import add_checkpoint, add_dtype, load_checkpoint, load_dtype, stdin_lines
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model, streaming the text",
                        description="Continue each prompt with a trained model (greedy, sampling or beam search), "
                                    "printing the text as it is produced. Prompts: the argument, or stdin lines.")
     p.add_argument("prompt", nargs="?", help="the text to continue (default: read prompts from stdin, one a line)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a qkv checkpoint, a Hugging Face GPT-2 or LLaMA directory, or a LLaMA .gguf file")
+    add_checkpoint(p)
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (200)")
     p.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="never stop before N new tokens")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; 1 = the model's distribution (0.8)")
@@ -38,25 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sliding-window", action="store_true",
                    help="refuse when prompt + new tokens exceed the model's context (max_seq_len) instead of going "
                         "on over a window of the last max_seq_len tokens (the default)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="the weights' precision while generating: bf16 reads half the bytes per token (SmolLM2 on "
-                        "2 cores: 24 instead of 15 tokens/s on a CPU with bf16 instructions); fp32 (default)")
+    add_dtype(p, help="the weights' precision while generating: bf16 reads half the bytes per token (SmolLM2 on 2 "
+                      "cores: 24 instead of 15 tokens/s on a CPU with bf16 instructions); fp32 (default)")
     p.set_defaults(run=run)
 
 
-def _prompts(args: argparse.Namespace) -> Iterable[str]:
-    if args.prompt is not None:
-        yield args.prompt
-        return
-    for line in sys.stdin:  # lazily: each prompt is answered before the next line is read
-        yield line.rstrip("\r\n")
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from qkv.generation import GenerationConfig, generate_text, stream_text
-    from qkv.loading import load
     from qkv.models import Transformer
 
     config = GenerationConfig(
@@ -67,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
         num_beams=args.num_beams, length_penalty=args.length_penalty, use_cache=not args.no_cache,
         sliding_window=not args.no_sliding_window,
     )
-    model, tokenizer = load(args.checkpoint, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype))
     echo = not isinstance(model, Transformer)
     out = sys.stdout
-    for prompt in _prompts(args):
+    for prompt in [args.prompt] if args.prompt is not None else stdin_lines():  # each answered before the next
         # Every check runs before anything is printed: an error is one line on stderr, never after the echo.
         if config.num_beams > 1:
             pieces: Iterable[str] = [generate_text(model, tokenizer, prompt, config=config)]
