@@ -76,3 +76,18 @@ def test_a_call_that_does_not_fit_its_function_is_a_bug_shown_with_its_traceback
             errors.append(err)
     assert [is_a_bug(e) for e in errors] == [True, True, True, False]  # the last is the user's value, named
     assert error_line(errors[-1]).startswith("ModelConfig field dropout='x' must be a number")
+
+
+def test_shared_flags_are_defined_once_in_the_options_module() -> None:
+    import re
+    from pathlib import Path
+
+    import qkv.cli
+
+    shared = ("--checkpoint", "--threads", "--device", "--dtype", "--dpi")
+    folder = Path(qkv.cli.__file__).parent
+    for module in sorted(folder.glob("*_cmd.py")):
+        defined = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", module.read_text())
+        assert not set(defined) & set(shared), f"{module.name} defines {set(defined) & set(shared)} itself"
+    in_options = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", (folder / "options.py").read_text())
+    assert sorted(flag for flag in in_options if flag in shared) == sorted(shared)  # each exactly once

@@ -7,6 +7,8 @@ import ipaddress
 import os
 import sys
 
+from .options import add_checkpoint
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="the attention explorer: a local web page (lines, heatmaps, explain, generate)",
@@ -14,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "lines and heatmaps, one head's arithmetic, and generated text streaming in. "
                                    "Works offline: every script and style is served by qkv. Open the URL it prints: "
                                    "it holds the token that every API call needs (Authorization: Bearer TOKEN).")
-    p.add_argument("--checkpoint", metavar="DIR", help="the model to open with (another can be picked in the page)")
+    add_checkpoint(p, required=False, help="the model to open with (another can be picked in the page)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; anything else exposes the model "
                         "and the file paths it can load to the network)")
