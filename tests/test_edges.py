@@ -697,6 +697,19 @@ def test_translating_with_a_decoder_is_refused(ckpt, capsys, observe):
     assert "not an encoder-decoder" in message
 
 
+@row("CLI", "`qkv translate --batch-size 0` (was: `range() arg 3 must not be zero`)")
+def test_translating_zero_sentences_at_a_time_is_refused(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["translate", "--checkpoint", ckpt["seq2seq"], "--batch-size", "0", "the"]))
+    assert "batch_size=0 must be >= 1" in message
+
+
+@row("CLI", "`qkv translate` with an encoder-decoder whose tokenizer has no end or padding token (was: "
+            "`full(): argument 'fill_value' must be Number, not NoneType`)")
+def test_translating_without_the_special_tokens_is_refused(ckpt, capsys, observe):
+    message = observe(cli_error(capsys, ["translate", "--checkpoint", ckpt["seq2seq"], "the cat"]))
+    assert "has no eos or pad token" in message and "parallel file" in message
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The explorer's server (qkv serve), over plain HTTP on a loopback port
 # ---------------------------------------------------------------------------------------------------------------

@@ -190,6 +190,12 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
 
     if beam < 1:
         raise ValueError(f"beam={beam} must be >= 1 (1 = greedy)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 (sentences decoded together)")
+    missing = [name for name in ("bos", "eos", "pad") if getattr(tokenizer, f"{name}_id") is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no {' or '.join(missing)} token, which translation needs; use a "
+                         "checkpoint trained on a parallel file (qkv train vaswani-small --data PAIRS)")
     sentences = list(sentences)
     if not sentences:
         return []
