@@ -2,7 +2,7 @@
 
 - every relative link in README.md and docs/ resolves to a file (and a heading, when it names one);
 - every code quote `src/qkv/FILE.py:LINE SYMBOL` (or `tests/FILE.py:LINE SYMBOL`) names a line that contains
-  SYMBOL, and every excerpt block that starts with `# src/qkv/FILE.py:A-B` equals those lines of the file;
+  SYMBOL, and every excerpt block that starts with `# PATH:A-B` (a repository file) equals those lines of it;
 - the commands and Python snippets marked `<!-- test: run -->` run (console blocks also print what they show);
 - the reference pages equal what `python -m qkv.cli.reference` renders from the code now;
 - the README stays a front page: at most 200 lines.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 QUOTE = re.compile(r"`((?:src/qkv|tests)/[\w/]+\.py):(\d+) ([\w.]+)`")
-EXCERPT = re.compile(r"```python\n# (src/qkv/[\w/]+\.py):(\d+)-(\d+)\n(.*?)```", re.S)
+EXCERPT = re.compile(r"```(\w+)\n# ([\w./-]+\.\w+):(\d+)-(\d+)\n(.*?)```", re.S)
 MARKED = re.compile(r"<!-- test: run -->\n```(\w+)\n(.*?)```", re.S)
 
 
@@ -107,7 +107,7 @@ def _wrong_quotes(text: str, rev: str | None = None) -> list[str]:
         lines = _source(path, rev)
         if not 1 <= int(line) <= len(lines) or symbol.split(".")[-1] not in lines[int(line) - 1]:
             wrong.append(f"{path}:{line} {symbol}")
-    for path, first, last, body in EXCERPT.findall(text):
+    for _, path, first, last, body in EXCERPT.findall(text):
         lines = _source(path, rev)[int(first) - 1: int(last)]
         if textwrap.dedent("\n".join(lines)).strip() != textwrap.dedent(body).strip():
             wrong.append(f"excerpt {path}:{first}-{last}")
@@ -227,12 +227,13 @@ def refresh(rev: str | None = None) -> int:
             return f"`{where[0]}:{where[1]} {symbol}`"
 
         def excerpt(match: re.Match, page: Path = page) -> str:
-            path, first, last, body = match.groups()
-            where = locate(path, lambda lines: _find_excerpt(lines, body))
-            if where is None:
+            language, path, first, last, body = match.groups()
+            find = (lambda lines: _find_excerpt(lines, body))  # noqa: E731
+            where = locate(path, find) if path.endswith(".py") else (path, find(_source(path, rev)))
+            if where is None or where[1] is None:
                 lost.append(f"{_rel(page)}: excerpt {path}:{first}-{last}")
                 return match.group(0)
-            return f"```python\n# {where[0]}:{where[1][0]}-{where[1][1]}\n{body}```"
+            return f"```{language}\n# {where[0]}:{where[1][0]}-{where[1][1]}\n{body}```"
 
         new = EXCERPT.sub(excerpt, QUOTE.sub(quote, text))
         if new != text:
