@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_checkpoint, add_threads, stdin_lines, use_threads
+from .options import add_checkpoint, add_threads, load_checkpoint, stdin_lines, use_threads
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,15 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.loading import load
-    from qkv.models import Transformer
     from qkv.translation import translate
 
     use_threads(args.threads)
-    model, tokenizer = load(args.checkpoint)
-    if not isinstance(model, Transformer):
-        raise TypeError(f"{args.checkpoint} holds a {type(model).__name__}, not an encoder-decoder Transformer; "
-                        "translate with a checkpoint trained by `qkv train vaswani-small --data PARALLEL_FILE`")
+    model, tokenizer = load_checkpoint(args.checkpoint)
     lines = args.text if args.text else list(stdin_lines())  # blank lines kept: one output line per input line
     keep = [i for i, line in enumerate(lines) if line.strip()]
     out = [""] * len(lines)

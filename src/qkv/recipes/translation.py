@@ -188,6 +188,9 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
     than the model's context is an error (never silently cut).
     """
 
+    if not isinstance(model, Transformer):
+        raise TypeError(f"a {type(model).__name__} is not an encoder-decoder Transformer; translate with a checkpoint "
+                        "trained by `qkv train vaswani-small --data PARALLEL_FILE`")
     if beam < 1:
         raise ValueError(f"beam={beam} must be >= 1 (1 = greedy)")
     if batch_size < 1:
