@@ -328,3 +328,21 @@ def test_grids_name_both_axes_share_one_named_scale_and_count_from_zero(checkpoi
     assert [ax.get_title() for ax in panels[: maps.shape[1]]] == [f"head {h}" for h in range(maps.shape[1])]
     assert [panels[r * maps.shape[1]].get_ylabel() for r in range(maps.shape[0])] == ["layer 0", "layer 1"]
     plt.close(fig)
+
+
+def test_pictures_and_the_explain_table_say_that_layers_and_heads_count_from_zero(checkpoints, capsys):
+    import matplotlib.pyplot as plt
+
+    from qkv.viz import attention_picture
+
+    model, tokenizer = tiny("decoder")
+    found = attention_maps(model, tokenizer, "the cat")
+    one, shown = attention_picture(found, "decoder_self", layer=-1, head=2)
+    assert shown == [(1, 2)] and one.axes[0].get_title().endswith("layer 1, head 2 (counting from 0)")
+    picked, shown = attention_picture(found, "decoder_self", picks=[(0, 1), (1, 3)], title="t")
+    assert shown == [(0, 1), (1, 3)] and "layers and heads count from 0" in picked.get_suptitle()
+    for fig in (one, picked):
+        plt.close(fig)
+    assert main(["explain", "--checkpoint", str(checkpoints / "decoder"), "the cat", "--layer", "1", "--head", "2",
+                 "--token", "cat"]) == 0
+    assert "(layers, heads and tokens count from 0)" in capsys.readouterr().out

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=160)  # piped output: keep each table row on one line
     console.print(f"[bold]{kind}[/] attention, layer {e.layer}, head {e.head}, query token {e.token} "
                   f"{e.query_label!r}: d_k = {e.d_k}, sqrt(d_k) = {math.sqrt(e.d_k):.3f}"
-                  + (" (queries and keys rotated by RoPE)" if e.rotary else ""))
+                  + (" (queries and keys rotated by RoPE)" if e.rotary else "")
+                  + "\n   (layers, heads and tokens count from 0)")
     console.print(f"1. query  q = x W_Q = {_vector(e.query.tolist(), args.dims)}")
     table = Table(title="2-6: each key, its score, its weight, its weighted value", title_justify="left")
     for name, justify in (("j", "right"), ("token", "left"), ("2. key k_j", "left"), ("3. q·k_j", "right"),
