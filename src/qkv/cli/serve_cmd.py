@@ -50,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "max_text_chars", "max_drawn_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("QKV_API_KEY")
-    if api_key is not None and not api_key.strip():
-        raise ValueError("the API key is empty; pass --api-key KEY (or set QKV_API_KEY), or leave both unset for "
-                         "a random one")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("QKV_API_KEY")  # checked by qkv.serve
     allowed_hosts = [name.strip() for entry in args.allowed_hosts for name in entry.split(",") if name.strip()]
     explorer = Explorer(checkpoint=args.checkpoint, search_root=args.root, max_new_tokens=args.max_new_tokens,
                         max_text_chars=args.max_text_chars, max_drawn_tokens=args.max_drawn_tokens)
