@@ -710,6 +710,14 @@ def test_translating_without_the_special_tokens_is_refused(ckpt, capsys, observe
     assert "has no eos or pad token" in message and "parallel file" in message
 
 
+@row("CLI", "`qkv eval --context 0` or `--context -5` (was: 0 silently read as the model's max_seq_len)")
+def test_an_evaluation_window_that_is_not_positive_is_refused(ckpt, tmp_path, capsys, observe):
+    (tmp_path / "t.txt").write_text(TEXT * 40)
+    argv = ["eval", "--checkpoint", ckpt["decoder"], "--data", tmp_path / "t.txt", "--context"]
+    assert "context=0 must be a positive integer" in observe(cli_error(capsys, [*argv, "0"]))
+    assert "context=-5 must be a positive integer" in cli_error(capsys, [*argv, "-5"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The explorer's server (qkv serve), over plain HTTP on a loopback port
 # ---------------------------------------------------------------------------------------------------------------

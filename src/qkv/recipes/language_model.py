@@ -69,7 +69,10 @@ def train_language_model(model_config: ModelConfig | None = None, config: TrainC
 
 def _context(model, context: int | None, fix: str) -> int:
     """Tokens per window: ``context``, or the model's max_seq_len; never longer than it."""
-    context = context or model.config.max_seq_len
+    context = model.config.max_seq_len if context is None else context
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context={context!r} must be a positive integer (tokens per window; leave it out for "
+                         "the model's max_seq_len)")
     if context > model.config.max_seq_len:
         raise ValueError(f"context={context} is longer than max_seq_len={model.config.max_seq_len}; {fix}")
     return context
