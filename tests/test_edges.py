@@ -900,6 +900,22 @@ def test_a_thread_count_that_is_not_positive_is_refused_by_every_command(ckpt, c
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@row("CLI", "a flag value of the wrong type (`--dpi abc`), a missing required flag, an unknown command (was: the "
+            "usage text, then the error)")
+def test_a_usage_error_is_one_line_naming_the_help(ckpt, capsys, observe):
+    for argv, expected in ((["show", "attention", "--checkpoint", ckpt["decoder"], "--dpi", "abc"],
+                            "invalid int value: 'abc'"),
+                           (["show", "attention"], "required: --checkpoint"),
+                           (["frobnicate"], "invalid choice: 'frobnicate'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+        assert err.strip().endswith("--help")
+        if argv[0] == "show" and "--dpi" in argv:
+            observe(f"exit 2: {err.strip()}")
+
+
 @row("CLI", "`QKV_DEBUG=1` with a bad input")
 def test_qkv_debug_shows_the_traceback_instead(ckpt, tmp_path, monkeypatch, observe):
     monkeypatch.setenv("QKV_DEBUG", "1")

@@ -46,8 +46,17 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line naming the fix (``qkv show attention: error: argument --dpi:
+    invalid int value: 'abc'; see qkv show attention --help``) instead of the usage text followed by the error.
+    Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkv", description="The Transformer, every formula as code.")
+    parser = Parser(prog="qkv", description="The Transformer, every formula as code.")
     parser.add_argument("--version", action="version", version=f"qkv {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
