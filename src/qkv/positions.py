@@ -99,7 +99,8 @@ class PositionalEncoding(nn.Module):
 
 
 class NoPositions(PositionalEncoding):
-    """No positional information at all: the model is permutation-equivariant (a bag of tokens)."""
+    """No positional information at all: an encoder is permutation-equivariant (a bag of tokens); a causal decoder
+    still learns order, from its mask (Haviv et al., 2022; ``qkv study order`` measures it)."""
 
     kind = "none"
 
