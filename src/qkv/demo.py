@@ -18,8 +18,10 @@ import qkv
 from qkv.attention import causal_mask
 from qkv.config import ModelConfig
 from qkv.data import read_corpus
+from qkv.evaluation import evaluate_checkpoint
 from qkv.generation import generate_text
-from qkv.train import TrainConfig, evaluate_checkpoint, fastest_cpu_settings, train
+from qkv.recipes.language_model import train_language_model as train
+from qkv.training import TrainConfig, fastest_cpu_settings
 from qkv.viz import attention_heatmap, save_figure
 
 SAMPLE_SENTENCE = "To be, or not to be, that is the question."

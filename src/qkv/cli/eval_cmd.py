@@ -36,11 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.train import evaluate_checkpoint
+    from qkv.evaluation import evaluate_checkpoint
 
     use_threads(args.threads)
     if args.bleu:
-        from qkv.translation import bleu_report
+        from qkv.evaluation import bleu_report
 
         bleu_report(args.checkpoint, beams=args.beam, alpha=args.alpha, limit=args.limit, samples=args.samples,
                     report=args.report, average=args.average)

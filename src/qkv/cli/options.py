@@ -54,7 +54,7 @@ def use_threads(threads: int | None, *, every_core: bool = False) -> int:
     if threads is not None:
         torch.set_num_threads(check_threads(threads))
     elif every_core:
-        from qkv.train import usable_cores
+        from qkv.training import usable_cores
 
         torch.set_num_threads(usable_cores())
     return torch.get_num_threads()

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.translation import translate
+    from qkv.recipes.translation import translate
 
     use_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint)

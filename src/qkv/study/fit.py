@@ -1,13 +1,13 @@
 """The data and the short training loop the studies share.
 
-Why not :class:`qkv.train.Trainer`: a study trains five to ten small models in one process and keeps only its
+Why not :class:`qkv.training.Trainer`: a study trains five to ten small models in one process and keeps only its
 tables and plots. The trainer is built for the one run that matters: it saves a checkpoint, a metrics CSV and a
 loss plot per run, installs signal handlers, draws its own progress bar, and stops at the first non-finite loss
 by raising. The studies want none of those side effects, one progress bar across all their runs, and the loss
 of every step (the scale study records *where* a run goes wrong). So :func:`fit` is the trainer's step and
-nothing else, built from the trainer's own public parts: its objectives (:class:`~qkv.train.NextToken`,
-:class:`~qkv.train.MaskedLM`), :func:`~qkv.train.param_groups`, :func:`~qkv.train.adamw_kernel` and the
-:func:`~qkv.train.warmup_cosine` schedule.
+nothing else, built from the trainer's own public parts: its objectives (:class:`~qkv.training.NextToken`,
+:class:`~qkv.training.MaskedLM`), :func:`~qkv.training.param_groups`, :func:`~qkv.training.adamw_kernel` and the
+:func:`~qkv.training.warmup_cosine` schedule.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data import TokenSplits, load_tokens, read_corpus
 from ..tokenizers import Tokenizer
-from ..train import BatchSource, Objective, adamw_kernel, param_groups, warmup_cosine
+from ..training import BatchSource, Objective, adamw_kernel, param_groups, warmup_cosine
 
 __all__ = ["SmallModel", "fit", "shakespeare"]
 

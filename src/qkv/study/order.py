@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import WindowBatches
+from ..data.parallel import read_parallel
 from ..models import DecoderLM, Encoder
 from ..tokenizers import Tokenizer
-from ..train import MASK_TOKEN, MaskedLM, NextToken, TrainConfig
-from ..translation import read_parallel
+from ..training import MASK_TOKEN, MaskedLM, NextToken, TrainConfig
 from .fit import SmallModel, fit
 from .positions import COLOURS, ENCODINGS
 from .report import Progress, StudyResult, pyplot, save_figure, write_result

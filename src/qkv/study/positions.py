@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..data import WindowBatches
 from ..models import DecoderLM
-from ..train import NextToken, TrainConfig
+from ..training import NextToken, TrainConfig
 from .fit import SmallModel, fit, shakespeare
 from .report import Progress, StudyResult, pyplot, save_figure, write_result
 

@@ -42,7 +42,7 @@ from ..config import ModelConfig
 from ..data import WindowBatches
 from ..models import DecoderLM
 from ..positions import PositionalEncoding
-from ..train import NextToken, TrainConfig
+from ..training import NextToken, TrainConfig
 from .fit import fit, shakespeare
 from .report import Progress, StudyResult, pyplot, save_figure, write_result
 
