@@ -6,6 +6,7 @@ Every function here is a no-op question or a thin call for a plain run (one proc
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -40,6 +41,9 @@ def replicate(model: nn.Module, device: torch.device, parallel: str = "ddp") -> 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Leave the group before the interpreter tears down: a process that exits without it can die of SIGABRT
+        # ("terminate called without an active exception") while Gloo's threads still hold tensors.
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     try:
