@@ -37,7 +37,7 @@ from ..tokenizers import Tokenizer
 from ..training import MASK_TOKEN, MaskedLM, NextToken, TrainConfig
 from .fit import SmallModel, fit
 from .positions import COLOURS, ENCODINGS
-from .report import Progress, StudyResult, pyplot, save_figure, write_result
+from .report import Progress, StudyResult, finish, pyplot, save_figure
 
 __all__ = ["OrderSettings", "order_study", "shuffle_words", "permutation_difference", "pseudo_log_likelihood",
            "causal_loss", "float64_copy", "english_sentences", "DEFAULT_DATA", "SEED_PAIR"]
@@ -249,13 +249,9 @@ def order_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
                              "with probabilities; total variation = ½ Σ|p - q| between the two distributions.",
         },
     )
-    out.mkdir(parents=True, exist_ok=True)
-    result.figures = [_plot_gaps(shuffle_rows, out / "shuffled-gap.png"),
-                      _plot_pair(distributions, tokenizer, out / "dog-bites-man.png")]
-    result.seconds = time.perf_counter() - started
-    result.cpu_seconds = time.process_time() - cpu_started
-    write_result(result, out)
-    return result
+    return finish(result, out, lambda d: [_plot_gaps(shuffle_rows, d / "shuffled-gap.png"),
+                      _plot_pair(distributions, tokenizer, d / "dog-bites-man.png")],
+                  (started, cpu_started))
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from ..data import WindowBatches
 from ..models import DecoderLM
 from ..training import NextToken, TrainConfig
 from .fit import SmallModel, fit, shakespeare
-from .report import Progress, StudyResult, pyplot, save_figure, write_result
+from .report import Progress, StudyResult, finish, pyplot, save_figure
 
 __all__ = ["PositionsSettings", "ENCODINGS", "positions_study", "extend_context", "token_losses",
            "sliding_window_losses"]
@@ -181,13 +181,9 @@ def positions_study(*, quick: bool = False, out_dir: str | Path = "runs/study", 
                         "(apart from the positional table).",
         },
     )
-    out.mkdir(parents=True, exist_ok=True)
-    result.figures = [_plot_lengths(long_rows, sliding_rows, lengths, s.context, out / "perplexity-vs-length.png"),
-                      _plot_positions(curves, s.context, out / "loss-vs-position.png")]
-    result.seconds = time.perf_counter() - started
-    result.cpu_seconds = time.process_time() - cpu_started
-    write_result(result, out)
-    return result
+    return finish(result, out, lambda d: [
+        _plot_lengths(long_rows, sliding_rows, lengths, s.context, d / "perplexity-vs-length.png"),
+        _plot_positions(curves, s.context, d / "loss-vs-position.png")], (started, cpu_started))
 
 
 def _column(length: int, context: int) -> str:

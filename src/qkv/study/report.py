@@ -13,12 +13,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StudyResult", "Progress", "markdown_table", "format_value", "write_result", "pyplot", "save_figure"]
+__all__ = ["StudyResult", "Progress", "markdown_table", "format_value", "write_result", "finish", "pyplot",
+           "save_figure"]
 
 
 @dataclass
@@ -85,6 +86,18 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 def _escape(text: str) -> str:
     """A "|" inside a cell (``max |difference|``) would end the cell: markdown wants it as "\\|"."""
     return text.replace("|", "\\|")
+
+
+def finish(result: StudyResult, out_dir: Path, draw: Callable[[Path], list[Path]],
+           started: tuple[float, float]) -> StudyResult:
+    """End a study: ``draw(out_dir)`` writes its figures, the wall and CPU seconds since ``started``
+    (``time.perf_counter()``, ``time.process_time()``) are stamped, and results.md/.csv are written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.figures = draw(out_dir)
+    result.seconds = time.perf_counter() - started[0]
+    result.cpu_seconds = time.process_time() - started[1]
+    write_result(result, out_dir)
+    return result
 
 
 def write_result(result: StudyResult, out_dir: str | Path) -> Path:

@@ -44,7 +44,7 @@ from ..models import DecoderLM
 from ..positions import PositionalEncoding
 from ..training import NextToken, TrainConfig
 from .fit import fit, shakespeare
-from .report import Progress, StudyResult, pyplot, save_figure, write_result
+from .report import Progress, StudyResult, finish, pyplot, save_figure
 
 BF16_KEYS = ("largest |score|", "bf16 weight error", "bf16 non-finite")
 
@@ -233,13 +233,9 @@ def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
                         "batches after training.",
         },
     )
-    out.mkdir(parents=True, exist_ok=True)
-    result.figures = [_plot_init(init_rows, s, out / "saturation-vs-dk.png"),
-                      _plot_training(curves, s, out / "training-loss.png")]
-    result.seconds = time.perf_counter() - started
-    result.cpu_seconds = time.process_time() - cpu_started
-    write_result(result, out)
-    return result
+    return finish(result, out, lambda d: [_plot_init(init_rows, s, d / "saturation-vs-dk.png"),
+                      _plot_training(curves, s, d / "training-loss.png")],
+                  (started, cpu_started))
 
 
 @torch.no_grad()
