@@ -13,7 +13,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.stamp-demo: pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install -q -e '.[viz,progress]'
+	$(PY) -m pip install -q -e '.[viz,progress,serve]'  # serve: qkv serve explores the demo's model
 	touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(PY)
