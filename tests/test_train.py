@@ -193,3 +193,15 @@ def test_resuming_a_finished_run_without_more_steps_says_so_and_rewrites_nothing
     with pytest.raises(FileNotFoundError, match="nope does not exist; --resume takes a run directory"):
         resume(tmp_path / "nope", print_fn=lambda _: None)
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_run_shorter_than_its_warmup_says_it_never_reaches_its_learning_rate(small_text, tmp_path):
+    """--max-steps 20 with the default 100 warm-up steps trains at a tenth of lr at most, silently before."""
+    said: list[str] = []
+    train(tiny("decoder"), TrainConfig(max_steps=2, warmup_steps=5, batch_size=4, **QUIET), data=small_text,
+          out_dir=tmp_path / "short", print_fn=said.append)
+    assert any("warmup_steps=5 >= max_steps=2" in line and "--warmup-steps" in line for line in said)
+    said.clear()
+    train(tiny("decoder"), TrainConfig(max_steps=2, warmup_steps=1, batch_size=4, **QUIET), data=small_text,
+          out_dir=tmp_path / "fine", print_fn=said.append)
+    assert not any("warmup_steps" in line for line in said)

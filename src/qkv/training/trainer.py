@@ -222,6 +222,10 @@ class Trainer:
             last = f" (validation loss {self.history[-1]['val_loss']:.4f})" if self.history else ""
             raise ValueError(f"the run already finished at step {self.step}{last}; to continue it, raise max_steps "
                              f"above {self.step} (qkv train --resume RUN --max-steps N) or its time_budget")
+        if not self._resumed_at and c.schedule == "cosine" and c.max_steps is not None and \
+                c.warmup_steps >= c.max_steps:
+            self.print(f"note: warmup_steps={c.warmup_steps} >= max_steps={c.max_steps}: the learning rate never "
+                       f"reaches lr={c.peak_lr:g}; pass a smaller warmup_steps (--warmup-steps) for a short run")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_every = c.eval_every if c.save_every is None else c.save_every
         val_loss = float("nan")
