@@ -232,7 +232,9 @@ def test_show_attention_writes_one_picture_per_kind(checkpoints, tmp_path, capsy
     assert main(["show", "attention", "--checkpoint", str(checkpoints / "decoder"), "the cat", "--layer", "1",
                  "--head", "2", "--out", str(out), "--dpi", "40"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert "'t' 'h' 'e' ' ' 'c' 'a' 't'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "'t' 'h' 'e' ' ' 'c' 'a' 't'" in printed
+    assert "self-attention: layer 1 head 2 (counting from 0))" in printed  # what was drawn, not the model's size
 
 
 def test_show_attention_picks_heads_draws_lines_and_reports_a_token(checkpoints, tmp_path, capsys):
@@ -242,6 +244,7 @@ def test_show_attention_picks_heads_draws_lines_and_reports_a_token(checkpoints,
     assert out.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "layer 1 head 2: 's' attends most to" in printed and "layer 0 head 0:" in printed
+    assert "layer 1 head 2, layer 0 head 0 as lines (counting from 0))" in printed
     assert main(["show", "attention", "--checkpoint", str(checkpoints / "decoder"), "the cat", "--pick", "1"]) == 2
     assert "not LAYER:HEAD" in capsys.readouterr().err
 

@@ -64,6 +64,18 @@ def _pick(spec: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+def _what_was_drawn(shown: list[tuple[int, int]], shape: tuple[int, int], lines: bool) -> str:
+    """'4 layers x 4 heads', or the heads drawn: 'layer 3 head 1' ... (counting from 0), 'as lines'."""
+    n_layers, n_heads = shape
+    layers = sorted({layer for layer, _ in shown})
+    if len(shown) == len(layers) * n_heads:  # whole layers
+        what = f"{n_layers} layers x {n_heads} heads" if len(layers) == n_layers else \
+            f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} x {n_heads} heads"
+    else:
+        what = ", ".join(f"layer {layer} head {head}" for layer, head in shown)
+    return what + (" as lines" if lines else "") + " (counting from 0)"
+
+
 def run_attention(args: argparse.Namespace) -> int:
     from qkv.explain import find_token
     from qkv.viz import KIND_TITLES, attention_maps, attention_picture, save_figure
@@ -86,8 +98,7 @@ def run_attention(args: argparse.Namespace) -> int:
         fig, shown = attention_picture(found, kind, layer=args.layer, head=args.head, picks=picks, lines=args.lines,
                                        token=token, title=title)
         path = save_figure(fig, _suffixed(out, kind) if len(kinds) > 1 else out, dpi=args.dpi)
-        n_layers, n_heads = found.maps[kind].shape[:2]
-        print(f"wrote {path}  ({KIND_TITLES[kind]}: {n_layers} layers x {n_heads} heads)")
+        print(f"wrote {path}  ({KIND_TITLES[kind]}: {_what_was_drawn(shown, found.maps[kind].shape[:2], args.lines)})")
         for layer, head in shown if token is not None else ():
             best = ", ".join(f"{key!r} {w:.2f}" for key, w in found.strongest_keys(kind, layer, head, token))
             print(f"  layer {layer} head {head}: {queries[token]!r} attends most to {best}")
