@@ -127,8 +127,9 @@ def positional_picture_data(encoding: PositionalEncoding, n_positions: int = 64)
                                      ("key position j", "query position i"), distances, curves,
                                      "-m_h · |d|: the bias of each head against distance d",
                                      "bias added to the attention score")
-    return PositionalPictureData(kind, None, "no positional encoding: an encoder sees a bag of tokens (a causal mask still leaks order)",
-                                 ("", ""), torch.arange(0), {}, "nothing depends on position")
+    return PositionalPictureData(kind, None,
+                                 "no positional encoding: an encoder sees a bag of tokens (a causal mask still leaks "
+                                 "order)", ("", ""), torch.arange(0), {}, "nothing depends on position")
 
 
 def positions_figure(encoding: PositionalEncoding, n_positions: int = 64, *, title: str | None = None):
