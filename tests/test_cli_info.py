@@ -91,3 +91,23 @@ def test_shared_flags_are_defined_once_in_the_options_module() -> None:
         assert not set(defined) & set(shared), f"{module.name} defines {set(defined) & set(shared)} itself"
     in_options = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", (folder / "options.py").read_text())
     assert sorted(flag for flag in in_options if flag in shared) == sorted(shared)  # each exactly once
+
+
+def test_qkv_info_counts_a_checkpoints_parameters_and_names_the_flag_for_a_path(capsys) -> None:
+    """`qkv info runs/demo` said 'unknown preset'; --checkpoint counts the loaded model's own parameters."""
+    from pathlib import Path
+
+    from qkv import load
+    from qkv.cli import main
+
+    run = Path(__file__).parent / "fixtures" / "checkpoints" / "decoder" / "run"
+    model, _ = load(run)
+    assert main(["info", "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    total = sum(p.numel() for p in model.parameters())
+    assert re.search(rf"^\s+total\s+{total:,}\s", out, re.MULTILINE), out
+    assert main(["info", str(run)]) == 2
+    assert f"is a path, not a preset; count a checkpoint's parameters with qkv info --checkpoint {run}" in \
+        capsys.readouterr().err
+    assert main(["info"]) == 2
+    assert "name a preset or a checkpoint" in capsys.readouterr().err
