@@ -81,10 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     """A TOML options file → {"run": ..., "model": ..., "train": ...}; an unknown key names the closest one."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; pass a TOML file of training options")
