@@ -228,8 +228,8 @@ class TokenBatches:
                              f"raise --batch-tokens to at least {longest}")
         self.src, self.tgt, self.max_tokens = list(src), list(tgt), max_tokens
         self.seed, self.pad_id, self.bos_id, self.name = seed, pad_id, bos_id, name
-        self._epoch: tuple[int, list[list[int]]] | None = None
-        self.n_batches = len(self._plan(0))
+        self._epoch: tuple[int, list[list[int]]] = (0, self._plan(0))  # the plan of the epoch being served
+        self.n_batches = len(self._epoch[1])
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """The batches (lists of pair indices) of one epoch, in the order they are served."""
@@ -250,7 +250,7 @@ class TokenBatches:
         return batches
 
     def _batches_of(self, epoch: int) -> list[list[int]]:
-        if self._epoch is None or self._epoch[0] != epoch:
+        if self._epoch[0] != epoch:
             self._epoch = (epoch, self._plan(epoch))
         return self._epoch[1]
 
@@ -265,7 +265,7 @@ class TokenBatches:
 
     def fixed(self, n_batches: int) -> list[Seq2SeqBatch]:
         """The first ``n_batches`` batches of epoch 0 (all of them when there are fewer)."""
-        return [self.make(b) for b in self._plan(0)[:n_batches]]
+        return [self.make(b) for b in self._batches_of(0)[:n_batches]]
 
     def __len__(self) -> int:
         return self.n_batches

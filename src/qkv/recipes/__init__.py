@@ -27,11 +27,7 @@ __all__ = ["RECIPES", "Recipe", "train", "resume", "recipe_named", "recipe_of_ru
            "RECIPE_FOR_MODEL_TYPE", "BPE_VOCAB_SIZE", "model_config_for"]
 
 # recipe name (as a run records it) → the recipe; "finetune" joins here
-RECIPES: dict[str, Recipe] = {
-    "language-model": LANGUAGE_MODEL,
-    "masked-lm": MASKED_LM,
-    "translation": TRANSLATION,
-}
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (LANGUAGE_MODEL, MASKED_LM, TRANSLATION)}
 
 
 def recipe_named(name: str) -> Recipe:

@@ -33,7 +33,7 @@ from ..data import (
 from ..generation import generate_seq2seq
 from ..models import Transformer
 from ..tokenizers import Tokenizer
-from ..training import Objective, Seq2SeqObjective, TrainConfig, Trainer, TrainResult, say_once
+from ..training import Objective, TrainConfig, Trainer, TrainResult, say_once
 from .runs import Recipe, absolute_source, check_data_unchanged, claim_new_run, recorded_data, run_recipe
 
 __all__ = ["PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN", "SPECIAL_TOKENS", "train_shared_bpe", "TranslationData",
@@ -241,8 +241,8 @@ def _trainer_for_run(model: Transformer, tokenizer: Tokenizer, run: dict, config
 def _trainer(model: Transformer, prepared: TranslationData, config: TrainConfig, out_dir: str | Path,
              run_info: dict, say) -> Trainer:
     """The trainer of a translation run: its token batches, teacher-forced cross-entropy."""
-    return Trainer(model, prepared.tokenizer, prepared.train, prepared.valid, config, out_dir,
-                   objective=Seq2SeqObjective(prepared.tokenizer, config), run_info=run_info, print_fn=say)
+    return Trainer(model, prepared.tokenizer, prepared.train, prepared.valid, config, out_dir, run_info=run_info,
+                   print_fn=say)  # the objective: OBJECTIVES["seq2seq"], chosen by the trainer
 
 
 def _evaluation_batches(model: Transformer, tokenizer: Tokenizer, objective: Objective, run: dict, directory: Path,

@@ -24,7 +24,7 @@ from .distributed import all_reduce
 from .options import TrainConfig
 
 __all__ = ["MASK_TOKEN", "BatchSource", "Objective", "NextToken", "MaskedLM", "Seq2SeqObjective", "OBJECTIVES",
-           "mean_loss", "evaluate"]
+           "mean_loss"]
 
 MASK_TOKEN = "<mask>"
 
@@ -69,7 +69,7 @@ class NextToken(Objective):
                 self.predicted(batch, generator))
 
     def predicted(self, batch: Tensor, generator) -> int:
-        return batch.shape[0] * (batch.shape[1] - 1)
+        return self.tokens_in(batch)  # every input token predicts its successor
 
     @staticmethod
     def device(model: nn.Module) -> torch.device:
@@ -167,4 +167,3 @@ def mean_loss(model: nn.Module, objective: Objective, batches: list, *, seed: in
     return total / max(count, 1)
 
 
-evaluate = mean_loss  # the name this function had before Trainer.validation_loss got its own
