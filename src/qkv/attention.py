@@ -479,7 +479,7 @@ class MultiHeadAttention(nn.Module):
                 else:
                     k, v = cache.append(k, v)
         if mask is not None or bias is not None:  # q, k, v are built here; only what callers pass needs checks
-            every_head = k[:, :1].expand(-1, self.n_heads, -1, -1)  # a view, for the shapes
+            every_head = k if self.n_kv_heads == self.n_heads else k[:, :1].expand(-1, self.n_heads, -1, -1)
             mask = _check_inputs(q, every_head, every_head, mask, bias)
         out, weights = _dispatch(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
                                  need_weights, bias, speed_rules=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import KVCache, padding_mask
+from .attention import KVCache
 
 __all__ = ["DecodeState", "ROLLING_POSITIONALS"]
 
@@ -71,7 +71,7 @@ class DecodeState:
     # -- what the model asks ----------------------------------------------------------------------------------
     def key_mask(self) -> Tensor | None:
         """(batch, 1, 1, length): which cached positions are real tokens; None when all are."""
-        return None if self.mask is None else padding_mask(self.mask[:, : self.length])
+        return None if self.mask is None else self.mask[:, None, None, : self.length]  # built here: no checks
 
     def add(self, ids: Tensor, mask: Tensor | None) -> Tensor:
         """Record the new tokens ``ids`` (batch, t) and their mask (or None) → their positions (batch or 1, t).

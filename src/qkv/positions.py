@@ -156,6 +156,7 @@ class RotaryPositions(PositionalEncoding):
         if d_k % 2 != 0:
             raise ValueError(f"RoPE rotates pairs of dimensions: d_k={d_k} must be even")
         self.d_k, self.base = d_k, base
+        self.frequencies = _inverse_frequencies(d_k, base)  # float64 w_i, kept off the module's dtype casts
         cos, sin = self.cos_sin(torch.arange(max_positions))  # (max_positions, d_k): the table
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -164,8 +165,7 @@ class RotaryPositions(PositionalEncoding):
         """cos(pos·w_i), sin(pos·w_i) for any positions (..., seq) → two float32 (..., seq, d_k) tensors.
 
         Computed in float64 and rounded once: the table's values exactly, also for positions past it."""
-        frequencies = _inverse_frequencies(self.d_k, self.base).to(positions.device)
-        angles = positions.to(torch.float64)[..., None] * frequencies
+        angles = positions.to(torch.float64)[..., None] * self.frequencies.to(positions.device)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().float(), angles.sin().float()
 

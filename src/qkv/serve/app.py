@@ -116,7 +116,7 @@ def events(explorer: Explorer, text: str, config) -> Iterator[str]:
             yield event(piece)
             count += 1
     except Exception as err:  # the status went out with the first event: the error is an event too
-        yield event({"error": str(err).splitlines()[0] if str(err) else type(err).__name__}, "error")
+        yield event({"error": _message(err)}, "error")
         return
     yield event({"tokens": count}, "done")
 

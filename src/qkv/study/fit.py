@@ -24,7 +24,7 @@ from ..data import TokenSplits, load_tokens, read_corpus
 from ..tokenizers import Tokenizer
 from ..training import BatchSource, Objective, adamw_kernel, param_groups, warmup_cosine
 
-__all__ = ["SmallModel", "fit", "shakespeare"]
+__all__ = ["SmallModel", "fit", "shakespeare", "tail_mean"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,9 @@ def fit(model: nn.Module, objective: Objective, data: BatchSource, *, steps: int
             break
     model.eval()
     return losses
+
+
+def tail_mean(losses: list[float]) -> float:
+    """The mean training loss over the last 10% of steps (at least one): a run's final loss, less noisy."""
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail)

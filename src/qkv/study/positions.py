@@ -27,7 +27,7 @@ from torch import Tensor
 from ..data import WindowBatches
 from ..models import DecoderLM
 from ..training import NextToken, TrainConfig
-from .fit import SmallModel, fit, shakespeare
+from .fit import SmallModel, fit, shakespeare, tail_mean
 from .report import Progress, StudyResult, finish, pyplot, save_figure
 
 __all__ = ["PositionsSettings", "ENCODINGS", "positions_study", "extend_context", "token_losses",
@@ -140,7 +140,7 @@ def positions_study(*, quick: bool = False, out_dir: str | Path = "runs/study", 
             losses = fit(model, objective, train_data, steps=s.steps, lr=s.lr, warmup=s.warmup, seed=seed,
                          on_step=lambda step, loss, k=kind: bar.update(1, f"{k} loss {loss:.3f}"))
             train_rows.append({"encoding": kind, "parameters": model.num_parameters(),
-                               "train loss (last 10% of steps)": _tail_mean(losses),
+                               "train loss (last 10% of steps)": tail_mean(losses),
                                "seconds": round(time.perf_counter() - t0, 1)})
             long_row, sliding_row = {"encoding": kind}, {"encoding": kind}
             reachable = longest if kind != "learned" else s.context
@@ -190,10 +190,6 @@ def _column(length: int, context: int) -> str:
     multiple = length // context
     return f"{multiple if multiple > 1 else ''}L={length}"
 
-
-def _tail_mean(losses: list[float]) -> float:
-    tail = losses[-max(1, len(losses) // 10):]
-    return sum(tail) / len(tail)
 
 
 COLOURS = {"sinusoidal": "tab:blue", "learned": "tab:orange", "rope": "tab:green", "alibi": "tab:red",

@@ -43,7 +43,7 @@ from ..data import WindowBatches
 from ..models import DecoderLM
 from ..positions import PositionalEncoding
 from ..training import NextToken, TrainConfig
-from .fit import fit, shakespeare
+from .fit import fit, shakespeare, tail_mean
 from .report import Progress, StudyResult, finish, pyplot, save_figure
 
 BF16_KEYS = ("largest |score|", "bf16 weight error", "bf16 non-finite")
@@ -202,7 +202,7 @@ def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
             curves[label] = losses
             val_loss = math.nan if diverged else _evaluate(model, objective, val, dtype == "bf16")
             train_rows.append({"init": init, "dtype": dtype, "scale": "1/sqrt(d_k)" if scaled else "none",
-                               "loss at step 50": _at(losses, 50), "final train loss": _tail_mean(losses),
+                               "loss at step 50": _at(losses, 50), "final train loss": tail_mean(losses),
                                "val loss": val_loss,
                                "diverged at step": len(losses) if diverged else None,
                                "largest attention weight (mean)": None if diverged else _saturation(model, val),
@@ -261,10 +261,6 @@ def _at(losses: list[float], step: int) -> float | None:
     window = losses[max(0, step - 5):step + 5]
     return sum(window) / len(window) if len(losses) > step else None
 
-
-def _tail_mean(losses: list[float]) -> float:
-    tail = losses[-max(1, len(losses) // 10):]
-    return sum(tail) / len(tail)
 
 
 def _plot_init(rows: list[dict], s: ScaleSettings, path: Path) -> Path:
