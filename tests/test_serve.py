@@ -470,3 +470,14 @@ def test_qkv_serve_with_bad_input_says_so_in_one_line_and_exits_2(tmp_path, caps
     assert main(["serve", "--port", "0", *[a.format(tmp=tmp_path) for a in args]]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_explorers_old_max_tokens_flag_still_sets_the_drawing_cap():
+    """--max-tokens became --max-drawn-tokens (the OpenAI API's max_tokens counts new tokens); old commands work."""
+    from qkv.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--max-tokens", "7"]).max_drawn_tokens == 7
+    assert parser.parse_args(["serve", "--max-drawn-tokens", "9"]).max_drawn_tokens == 9
+    assert parser.parse_args(["serve"]).max_drawn_tokens == 128
+    assert "--max-tokens" not in parser._subparsers._group_actions[0].choices["serve"].format_help()

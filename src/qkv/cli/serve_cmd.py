@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-text-chars", type=int, default=2000, help="the longest text a request may send")
     p.add_argument("--max-drawn-tokens", type=int, default=128,
                    help="the most tokens whose attention the page draws (every head's map is sent; default 128)")
+    # its name before the explorer's cap stopped sharing a name with the OpenAI API's max_tokens: still accepted
+    p.add_argument("--max-tokens", type=int, dest="max_drawn_tokens", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
