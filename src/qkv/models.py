@@ -31,7 +31,7 @@ from .decode_state import DecodeState
 from .positions import PositionalEncoding, build_positional
 
 __all__ = ["Embeddings", "positional_encoding", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES",
-           "model_class_for", "build_model", "parameter_counts", "check_finite_weights"]
+           "model_class_for", "build_model", "unwrap", "model_type_of", "parameter_counts", "check_finite_weights"]
 
 
 def positional_encoding(config: ModelConfig) -> PositionalEncoding:
@@ -424,6 +424,38 @@ def _alone(*given: object) -> None:
 
 
 MODEL_TYPES: dict[str, type[_Model]] = {"encoder": Encoder, "decoder": DecoderLM, "seq2seq": Transformer}
+
+
+def unwrap(model: nn.Module) -> _Model:
+    """The qkv model inside the wrappers others put around it → the ``Encoder``, ``DecoderLM`` or ``Transformer``.
+
+    Wrappers: peft's ``PeftModel`` / ``LoraModel`` (adapters are injected into the qkv model's own layers, so the
+    model returned computes with them), ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``), DDP and FSDP's
+    ``module`` (FSDP2's ``fully_shard`` keeps the model's own class). Code that needs the config, the decode
+    state or the model's kind asks this helper; code that runs the model calls the wrapper it was given.
+    Raises TypeError naming the class when no qkv model is inside.
+    """
+    inner = model
+    for _ in range(8):  # wrappers nest (a compiled peft model, DDP around a compiled model, ...)
+        if isinstance(inner, _Model):
+            return inner
+        if hasattr(inner, "get_base_model"):  # peft's PeftModel
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile
+            inner = inner._orig_mod
+        elif isinstance(getattr(inner, "model", None), nn.Module) and hasattr(inner, "peft_config"):  # LoraModel
+            inner = inner.model
+        elif isinstance(getattr(inner, "module", None), nn.Module):  # DDP, FSDP (1)
+            inner = inner.module
+        else:
+            break
+    raise TypeError(f"expected a qkv Encoder, DecoderLM or Transformer (or one wrapped by peft, torch.compile, "
+                    f"DDP or FSDP), got {type(model).__name__}")
+
+
+def model_type_of(model: nn.Module) -> str:
+    """"encoder" | "decoder" | "seq2seq": the kind of the qkv model inside ``model`` (see :func:`unwrap`)."""
+    return unwrap(model).model_type
 
 
 def model_class_for(config: ModelConfig) -> type[_Model]:
