@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import average_checkpoints, load_checkpoint, read_run_info
 from .data import Pair, references_by_source
+from .extras import require
 from .loading import load
 from .models import Transformer
 from .recipes import recipe_of_run
@@ -82,10 +83,7 @@ class BleuResult:
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, float, str]:
     """(corpus BLEU with sacrebleu's default 13a tokenization, chrF, BLEU signature); any number of references
     per sentence."""
-    try:
-        import sacrebleu
-    except ImportError:
-        raise ImportError("BLEU needs sacrebleu: pip install 'qkv[bleu]'") from None
+    sacrebleu = require("sacrebleu", "BLEU")
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
     most = max((len(r) for r in references), default=1)
@@ -99,6 +97,7 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
 def evaluate_bleu(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[Pair], *, beam: int = 4,
                   alpha: float = 0.6, limit: int | None = None, batch_size: int = 64) -> BleuResult:
     """Translate each distinct source of ``pairs`` and score corpus BLEU/chrF against all its references."""
+    require("sacrebleu", "BLEU")  # before translating, not after
     sources, references = references_by_source(pairs)
     if limit is not None:
         sources, references = sources[:limit], references[:limit]
@@ -115,6 +114,7 @@ def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha:
     """Score a translation checkpoint on its held-out test split, once per beam size; print the scores and
     ``samples`` example translations (source, output, references). ``report`` also writes them as JSON.
     ``average`` scores the average of the run directory's newest ``average`` checkpoints instead."""
+    require("sacrebleu", "BLEU")  # before loading and translating, not after
     say = print_fn or say_once
     if average:
         model, tokenizer, steps = average_checkpoints(checkpoint, average)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..extras import require
 from ..generation import generate, stream
 from ..models import DecoderLM
 
@@ -54,8 +55,8 @@ def gpt2_small_config() -> ModelConfig:
 
 def hf_twin(model: DecoderLM) -> torch.nn.Module:
     """A ``transformers`` ``GPT2LMHeadModel`` of the same shape holding a copy of ``model``'s weights (SDPA)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    transformers = require("transformers", "the generation benchmark")
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
     from ..interop.gpt2 import config_to_gpt2, gpt2_rules
     from ..interop.hf import from_qkv_state_dict
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..extras import require
+
 __all__ = [
     "BenchShape",
     "TRAINING_SHAPES",
@@ -154,8 +156,8 @@ def build_qkv(shape: BenchShape) -> tuple[nn.Module, int]:
 
 def build_hf_gpt2(shape: BenchShape) -> tuple[nn.Module, int]:
     """``GPT2LMHeadModel(GPT2Config(...))`` with every dropout 0 → (ids → logits, N)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    transformers = require("transformers", "the training benchmark")
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
     config = GPT2Config(n_layer=shape.layers, n_head=shape.heads, n_embd=shape.d_model,
                         n_positions=shape.context, vocab_size=VOCAB_SIZE, resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
@@ -166,8 +168,8 @@ def build_hf_gpt2(shape: BenchShape) -> tuple[nn.Module, int]:
 
 def build_x_transformers(shape: BenchShape) -> tuple[nn.Module, int]:
     """``TransformerWrapper(attn_layers=Decoder(...))``, head size d // H, tied embedding → (model, N)."""
-    from x_transformers import Decoder, TransformerWrapper
-
+    x_transformers = require("x_transformers", "the training benchmark")
+    Decoder, TransformerWrapper = x_transformers.Decoder, x_transformers.TransformerWrapper
     model = TransformerWrapper(num_tokens=VOCAB_SIZE, max_seq_len=shape.context, tie_embedding=True,
                                attn_layers=Decoder(dim=shape.d_model, depth=shape.layers, heads=shape.heads,
                                                    attn_dim_head=shape.d_model // shape.heads))

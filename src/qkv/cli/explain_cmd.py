@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from qkv.extras import require
+
 from .options import add_checkpoint, first_line, load_checkpoint
 
 
@@ -54,11 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(e.to_dict()))
         return 0 if e.matches_model else 1
 
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        raise ImportError("the explain table needs rich: pip install 'qkv[serve]' (or pass --json)") from None
+    Console = require("rich.console", "the explain table", "pass --json").Console
+    Table = require("rich.table", "the explain table", "pass --json").Table
 
     console = Console()
     if not console.is_terminal:

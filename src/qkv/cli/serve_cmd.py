@@ -7,6 +7,8 @@ import ipaddress
 import os
 import sys
 
+from qkv.extras import needs
+
 from .options import add_checkpoint
 
 
@@ -40,12 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    with needs("qkv serve"):
         from qkv.serve import Explorer, serve
-    except ModuleNotFoundError as err:
-        if err.name and err.name.split(".")[0] in ("fastapi", "starlette", "uvicorn", "pydantic"):
-            raise ImportError(f"qkv serve needs {err.name.split('.')[0]}: pip install 'qkv[serve]'") from None
-        raise
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port={args.port} is not a port number; use 1 to 65535 (or 0 for any free port)")

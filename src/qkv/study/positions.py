@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import WindowBatches
+from ..extras import require
 from ..models import DecoderLM
 from ..training import NextToken, TrainConfig
 from .fit import SmallModel, fit, shakespeare, tail_mean
@@ -197,9 +198,7 @@ COLOURS = {"sinusoidal": "tab:blue", "learned": "tab:orange", "rope": "tab:green
 
 
 def matplotlib_ticker():
-    import matplotlib.ticker
-
-    return matplotlib.ticker
+    return require("matplotlib.ticker", "the study's figures")
 
 
 def _plot_lengths(long_rows: list[dict], sliding_rows: list[dict], lengths: list[int], context: int,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
+
 __all__ = ["StudyResult", "Progress", "markdown_table", "format_value", "write_result", "finish", "pyplot",
            "save_figure"]
 
@@ -143,8 +145,7 @@ class Progress:
         self._start = time.perf_counter()
         if enabled:
             try:
-                from tqdm.auto import tqdm
-
+                tqdm = require("tqdm.auto", "the progress bar").tqdm
                 self._bar = tqdm(total=self.total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
                                  file=sys.stderr)
             except ImportError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint import fault_point, write_atomic
+from ..extras import require
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -25,7 +26,11 @@ if TYPE_CHECKING:
 __all__ = ["Callback", "StopOnSignal", "ProgressBar", "MetricsLog", "LossCurve", "default_callbacks", "CSV_FIELDS",
            "plot_loss_curve"]
 
-CSV_FIELDS = ["step", "elapsed_s", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s"]
+# train_loss is the training objective (label-smoothed by the row's label_smoothing when it is not 0); val_loss is
+# plain cross-entropy per predicted token, the figure `qkv eval` gives, and val_ppl = exp(val_loss).
+CSV_FIELDS = ["step", "elapsed_s", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s",
+              "label_smoothing"]
+ADDED_FIELDS = 1  # columns appended since metrics.csv began: a run written before lacks them (left empty)
 
 
 class Callback:
@@ -84,8 +89,8 @@ class ProgressBar(Callback):
         if not (c.progress and trainer.rank == 0):
             return
         try:
-            from tqdm.auto import tqdm
-        except ImportError:
+            tqdm = require("tqdm.auto", "the progress bar").tqdm
+        except ImportError:  # no bar: the log lines still say how far the run is
             return
         total = c.max_steps if c.max_steps else int(c.time_budget)
         self.bar = tqdm(total=total, initial=trainer.step if c.max_steps else int(trainer.elapsed),
@@ -97,7 +102,8 @@ class ProgressBar(Callback):
             return
         c = trainer.config
         self.bar.n = trainer.step if c.max_steps else min(int(trainer.elapsed), int(c.time_budget))
-        self.bar.set_postfix_str(f"loss {row['train_loss']:.3f}, {trainer.tokens_per_s:,.0f} tok/s", refresh=True)
+        self.bar.set_postfix_str(f"loss {row['train_loss']:.3f}{trainer.objective_label}, "
+                                 f"{trainer.tokens_per_s:,.0f} tok/s", refresh=True)
 
     def write(self, message: str) -> bool:
         if self.bar is None:
@@ -132,8 +138,11 @@ class MetricsLog(Callback):
         if lines and not lines[-1].endswith("\n"):
             lines.pop()  # a row cut short by a kill
         rows = []
-        for row in csv.DictReader(lines, fieldnames=CSV_FIELDS):
-            if None in row or None in row.values() or not row["step"].isdigit():  # the header, a garbled row
+        for record in csv.reader(lines):
+            if not len(CSV_FIELDS) - ADDED_FIELDS <= len(record) <= len(CSV_FIELDS):  # a garbled row
+                continue
+            row = dict(zip(CSV_FIELDS, record + [""] * (len(CSV_FIELDS) - len(record)), strict=True))
+            if not row["step"].isdigit():  # the header
                 continue
             if int(row["step"]) <= step:
                 rows.append(row)
@@ -197,20 +206,18 @@ def plot_loss_curve(csv_path: str | Path, png_path: str | Path, dpi: int = 120) 
 
     Drawn with matplotlib alone (``ImportError`` naming the extra without it): training sits below qkv.viz and
     does not import it. The picture is written atomically, so a kill or a full disk never leaves half of one."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)  # no display needed
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise ImportError("the loss curve needs matplotlib: pip install 'qkv[viz]'") from None
+    require("matplotlib", "the loss curve").use("Agg", force=False)  # no display needed
+    plt = require("matplotlib.pyplot", "the loss curve")
     rows = list(csv.DictReader(Path(csv_path).open()))
     fig, ax = plt.subplots(figsize=(7, 4))
     try:
+        smoothing = float(rows[-1].get("label_smoothing") or 0) if rows else 0.0
+        labels = {"train_loss": f"training objective (label-smoothed {smoothing:g})" if smoothing else "train loss",
+                  "val_loss": "validation loss"}
         for key, style in (("train_loss", "-"), ("val_loss", "o-")):
             points = [(float(r["elapsed_s"]), float(r[key])) for r in rows if r.get(key)]
             if points:
-                ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=3)
+                ax.plot(*zip(*points, strict=True), style, label=labels[key], markersize=3)
         ax.set_xlabel("seconds (trainer's clock)")
         ax.set_ylabel("cross-entropy (nats per token)")
         if rows:

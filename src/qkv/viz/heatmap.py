@@ -8,18 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..extras import require
 from .maps import KIND_TITLES, AttentionMaps, check_index
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("pictures need matplotlib: pip install 'qkv[viz]'") from None
-    return plt
+    require("matplotlib", "drawing pictures").use("Agg", force=False)
+    return require("matplotlib.pyplot", "drawing pictures")
 
 
 COLORBAR_LABEL = "attention weight"
