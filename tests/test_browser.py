@@ -63,8 +63,8 @@ class PacedExplorer(Explorer):
 
     go_on = threading.Event()
 
-    def generate(self, text, config):
-        for n, piece in enumerate(super().generate(text, config)):
+    def generate(self, request):
+        for n, piece in enumerate(super().generate(request)):
             yield piece
             if n == 0:  # the event is cleared by the test just before it asks for text
                 assert self.go_on.wait(timeout=60), "the test never let generation go on"

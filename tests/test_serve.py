@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from importlib import resources
@@ -126,6 +127,32 @@ def test_bad_requests_get_4xx_and_a_message(served, path, body, status, message)
     assert "Traceback" not in data["error"] and "File \"" not in data["error"]
 
 
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/api/attention", {"text": 5}, "the text must be a string (text in quotes), got 5 (a number)"),
+    ("/api/attention", {"text": ["the cat"]}, 'the text must be a string (text in quotes), got ["the cat"] (a list)'),
+    ("/api/attention", {"text": TEXT, "target": 5}, "the target must be a string (text in quotes), got 5"),
+    ("/api/explain", {"text": {"a": 1}, "layer": 0, "head": 0, "token": 0}, 'got {"a": 1} (an object)'),
+    ("/api/explain", {"text": TEXT, "layer": True, "head": 0, "token": 0}, "layer must be an integer, got true"),
+    ("/api/explain", {"text": TEXT, "layer": 0, "head": 1.5, "token": 0}, "head must be an integer, got 1.5"),
+    ("/api/explain", {"text": TEXT, "layer": 0, "head": 0, "token": None}, "token must be an integer, got null"),
+    ("/api/explain", {"text": TEXT, "layer": 0, "head": 0, "token": 0, "kind": 5},
+     "kind must be a string naming an attention of this decoder model (decoder_self), got 5 (a number)"),
+    ("/api/explain", {"text": TEXT, "layer": 0, "head": 0, "token": 0, "kind": "cross"},
+     "a DecoderLM has no 'cross' attention; choose one of decoder_self"),
+    ("/api/load", {"checkpoint": 5}, "checkpoint must be a string (a path in quotes), got 5 (a number)"),
+    ("/api/load", {"checkpoint": ["/"]}, 'checkpoint must be a string (a path in quotes), got ["/"] (a list)'),
+    ("/api/generate?text=the&max_new_tokens=1.5", None, "max_new_tokens must be an integer, got \"1.5\""),
+    ("/api/generate?text=the&temperature=hot", None, "temperature must be a number, got 'hot'"),
+])
+def test_a_field_of_the_wrong_type_is_named_with_the_type_it_needs(served, path, body, message):
+    """A number where text belongs is not 'empty', nor is a list a missing checkpoint: each field of each route
+    names what it got and what it takes."""
+    server, *_ = served
+    status, data = request(server, "POST" if body is not None else "GET", path, body)
+    assert status == 400 and message in data["error"], data
+    assert request(server, "GET", "/api/info")[1]["source"] == "in-process model"  # nothing was loaded
+
+
 def test_text_longer_than_the_context_is_refused():
     model, tokenizer = tiny()
     with running(Explorer(model, tokenizer, max_text_chars=10_000)) as server:
@@ -220,6 +247,104 @@ def test_loading_a_checkpoint_switches_the_model(tmp_path):
         assert status == 200 and data["kinds"] == ["encoder"]
         got, events = read_events(server, {"text": "the cat", "max_new_tokens": 3})
         assert got == 409 and "does not continue text" in events[0][1]["error"]
+
+
+class Interleaved(Explorer):
+    """The real explorer with two meeting points a test arms: ``replying`` where a load builds its reply (``info``),
+    ``taken`` right after a request has taken the model that answers it (``current``), then held until ``go_on``."""
+
+    replying: threading.Barrier | None = None
+    taken: threading.Barrier | None = None
+    go_on = threading.Event()
+
+    def info(self, *args, **kwargs):
+        if self.replying is not None:
+            self.replying.wait()
+        return super().info(*args, **kwargs)
+
+    def current(self):
+        served = super().current()
+        if self.taken is not None:
+            self.taken.wait()
+            assert self.go_on.wait(timeout=30), "the test never let the request go on"
+        return served
+
+
+def concurrently(*calls) -> list:
+    """Run each call in its own thread; their results in order (an exception is re-raised)."""
+    results: list = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, call), daemon=True) for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def finish(threads, results) -> list:
+    for thread in threads:
+        thread.join(timeout=60)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def test_concurrent_requests_are_each_answered_by_the_model_their_reply_names(tmp_path):
+    """Two runs (A: 2 layers of 4 heads; B: 1 layer of 2 heads). (1) Two /api/load at once, both past the model
+    swap before either builds its reply: each reply describes its own run (was: both the run loaded last). (2)
+    Attention, explain and generation requests take the model, then a load swaps it before they compute: each reply
+    names the run that computed it and holds that run's numbers."""
+    runs = {}
+    for name, heads, layers in (("A", 4, 2), ("B", 2, 1)):
+        torch.manual_seed(len(name) + heads)
+        tokenizer = Tokenizer.char("the cat sat on a mat, the dog ran", ["<bos>"])
+        config = ModelConfig.preset("tiny-decoder", vocab_size=tokenizer.vocab_size, n_heads=heads,
+                                    n_decoder_layers=layers)
+        model = build_model(config).eval()
+        save_checkpoint(tmp_path / name, model, tokenizer)
+        runs[str(tmp_path / name)] = (model, tokenizer)
+    a, b = runs
+    explorer = Interleaved()
+    with running(explorer) as server:
+        explorer.replying = threading.Barrier(2, timeout=30)
+        loads = finish(*concurrently(*(lambda run=run: request(server, "POST", "/api/load", {"checkpoint": run})
+                                       for run in (a, b))))
+        explorer.replying = None
+        for run, (status, info) in zip((a, b), loads, strict=True):
+            assert status == 200 and info["source"] == run, (run, info["source"])
+            assert info["n_heads"] == runs[run][0].config.n_heads
+
+        first = request(server, "GET", "/api/info")[1]["source"]
+        other = b if first == a else a
+        model, tokenizer = runs[first]
+        explorer.taken, explorer.go_on = threading.Barrier(4, timeout=30), threading.Event()
+        pending = concurrently(
+            lambda: request(server, "POST", "/api/attention", {"text": TEXT}),
+            lambda: request(server, "POST", "/api/explain", {"text": TEXT, "layer": 0, "head": 1, "token": 5}),
+            lambda: read_events(server, {"text": "the cat", "max_new_tokens": 8}),
+        )
+        explorer.taken.wait()  # all three hold the model `first`
+        status, info = request(server, "POST", "/api/load", {"checkpoint": other})
+        assert status == 200 and info["source"] == other
+        explorer.go_on.set()
+        (s1, maps), (s2, head), (s3, events) = finish(*pending)
+        explorer.taken = None
+        assert s1 == s2 == s3 == 200
+        assert maps["source"] == first and maps["n_heads"] == {"decoder_self": model.config.n_heads}
+        assert maps["n_layers"] == {"decoder_self": model.config.n_decoder_layers}
+        expected = explain_head(model, tokenizer, TEXT, layer=0, head=1, token=5)
+        assert head["source"] == first and np.allclose(head["weights"], expected.weights.numpy(), atol=1e-5)
+        assert events[-1] == ("done", {"tokens": 8, "source": first}, events[-1][2])
+        assert "".join(d["text"] for n, d, _ in events if n == "message") == generate_text(
+            model, tokenizer, "the cat", 8, temperature=0)
+        status, maps = request(server, "POST", "/api/attention", {"text": TEXT})
+        assert maps["source"] == other and maps["n_heads"] == {"decoder_self": runs[other][0].config.n_heads}
 
 
 def test_page_is_served_by_qkv_and_fetches_nothing_from_elsewhere(served):

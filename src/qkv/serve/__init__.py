@@ -10,7 +10,7 @@ What the page asks is answered by ``qkv.serve.explorer.Explorer`` (re-exported h
 """
 
 from .app import create_app
-from .explorer import STATIC_FILES, Explorer, RequestError, find_checkpoints
+from .explorer import STATIC_FILES, Explorer, GenerationRequest, RequestError, Served, find_checkpoints
 from .security import Security, json_body, new_token, require_token
 from .server import ExplorerServer, make_server, serve
 
@@ -24,6 +24,8 @@ __all__ = [
     "json_body",
     "new_token",
     "Explorer",
+    "Served",
+    "GenerationRequest",
     "RequestError",
     "find_checkpoints",
     "STATIC_FILES",

@@ -9,7 +9,10 @@ Routes (the JSON API answers ``{"error": message}`` with a 4xx status for a bad 
 - ``POST /api/attention {text, target?}``  every attention map of the text, with token labels;
 - ``POST /api/explain   {text, layer, head, token, kind?, target?}``  one head's anatomy (``qkv.explain``);
 - ``GET  /api/generate?text=…&max_new_tokens=…&temperature=…``  a continuation streamed as Server-Sent Events,
-  one event per piece of text as each token is chosen, then ``event: done``.
+  one event per piece of text as each token is chosen, then ``event: done`` ``{tokens, source}``.
+
+Every answer about a model names the one that computed it (``source``: the attention, explain and load replies and
+the generation's ``done`` event), which a ``/api/load`` running at the same time does not change.
 
 Every ``/api`` call needs ``Authorization: Bearer TOKEN`` and every POST a JSON body; Host and Origin are checked for
 every request (``qkv.serve.security``). More routes take the same locks by the same two lines, e.g. OpenAI-compatible
@@ -27,7 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .explorer import STATIC_FILES, Explorer, RequestError
+from .explorer import STATIC_FILES, Explorer, GenerationRequest, RequestError
 from .security import GuardMiddleware, Security, json_body, require_token
 
 __all__ = ["create_app", "api", "pages"]
@@ -99,26 +102,26 @@ def explain(explorer: ExplorerDep, payload: Payload) -> Response:
 def generate(request: Request, explorer: ExplorerDep) -> Response:
     """Server-Sent Events: ``data: {"text"}`` per token, then ``event: done`` (or ``event: error``); a bad request
     is a 4xx before the stream starts."""
-    text, config = explorer.check_generation(dict(request.query_params))
+    checked = explorer.check_generation(dict(request.query_params))
     # no-cache, not no-store: Chromium reports a streamed no-store fetch as aborted even when it completed
     # (microsoft/playwright#42742); an event stream is never cached either way
-    return StreamingResponse(events(explorer, text, config), media_type="text/event-stream; charset=utf-8",
+    return StreamingResponse(events(explorer, checked), media_type="text/event-stream; charset=utf-8",
                              headers={"Cache-Control": "no-cache"})
 
 
-def events(explorer: Explorer, text: str, config) -> Iterator[str]:
+def events(explorer: Explorer, checked: GenerationRequest) -> Iterator[str]:
     def event(data: dict, name: str | None = None) -> str:
         return (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
 
     count = 0
     try:
-        for piece in explorer.generate(text, config):
+        for piece in explorer.generate(checked):
             yield event(piece)
             count += 1
     except Exception as err:  # the status went out with the first event: the error is an event too
         yield event({"error": _message(err)}, "error")
         return
-    yield event({"tokens": count}, "done")
+    yield event({"tokens": count, "source": checked.served.source}, "done")
 
 
 @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
