@@ -1,6 +1,10 @@
 """The demo's quick mode (the full 180-second demo never runs inside the test suite)."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +33,19 @@ def test_demo_quick_mode_trains_samples_and_draws(tmp_path, monkeypatch, capsys)
         assert (tmp_path / "demo" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model, tokenizer = qkv.load(tmp_path / "demo")
     assert tokenizer.vocab_size == 65 and model.config == demo.DEMO_MODEL
+    assert f"more: {demo.qkv_command()} generate --checkpoint {tmp_path / 'demo'} 'ROMEO:'" in out
+
+
+def test_the_qkv_command_the_demo_prints_runs_as_typed_whether_or_not_the_venv_is_on_path(monkeypatch):
+    """``make demo`` runs .venv/bin/python without activating the venv: a bare ``qkv`` would not be found."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    venv_bin = str(Path(sys.executable).parent)
+    bare = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if p != venv_bin)
+    for path in (bare, f"{venv_bin}{os.pathsep}{bare}"):
+        monkeypatch.setenv("PATH", path)
+        typed = f"{demo.qkv_command()} --version"
+        done = subprocess.run(typed, shell=True, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("qkv "), (path, typed, done.stderr)
 
 
 def test_fastest_cpu_settings_measures_every_setting_and_leaves_torch_at_the_one_it_picked():

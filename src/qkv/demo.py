@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +56,25 @@ def write(model, tokenizer, prompt: str, n_chars: int, *, temperature: float = 0
     """``prompt`` and ``n_chars`` characters sampled after it; past the context (64 characters) the model reads a
     sliding window of the most recent text (``qkv.generation``'s text helpers, as ``qkv generate`` does)."""
     return prompt + generate_text(model, tokenizer, prompt, n_chars, temperature=temperature, seed=seed)
+
+
+def qkv_command() -> str:
+    """``qkv`` as it can be typed in this shell: ``qkv`` when that name on PATH is this environment's, else the
+    path of this environment's script (``.venv/bin/qkv`` after ``make demo``: nothing activates the venv), else
+    ``python -m qkv`` with this Python's path."""
+    script = Path(sys.executable).parent / "qkv"
+    found = shutil.which("qkv")
+    if found and script.is_file() and Path(found).resolve() == script.resolve():
+        return "qkv"
+    if script.is_file():
+        return _as_typed(script)
+    return f"{sys.executable} -m qkv"
+
+
+def _as_typed(path: Path) -> str:
+    """A path relative to the current directory when it lies under it (``.venv/bin/qkv``), else absolute."""
+    path = path.absolute()
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
 def _threads(value: str) -> str | int:
@@ -125,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                           out / "attention.png")
     print(f"\nwrote {out / 'loss.png'} (loss curve), {picture} (layer {layer}, head {head} on "
           f"{SAMPLE_SENTENCE!r}), checkpoint {result.checkpoint}")
-    print(f"more: qkv generate --checkpoint {out} {PROMPT.strip()!r}   |   qkv eval --checkpoint {out}")
+    qkv_cli = qkv_command()
+    print(f"more: {qkv_cli} generate --checkpoint {out} {PROMPT.strip()!r}   |   {qkv_cli} eval --checkpoint {out}")
+    activate = Path(sys.executable).parent / "activate"
+    if qkv_cli != "qkv" and activate.is_file():
+        print(f"      (or `source {_as_typed(activate)}` once: then plain `qkv ...` works, as the guides type it)")
     return 0
 
 
