@@ -107,13 +107,34 @@ def test_explorer_in_a_real_browser(served, model_and_tokenizer):
             external: list[str] = []
             page.on("request", lambda req: None if req.url.startswith(page_url) or req.url.startswith("data:")
                     else external.append(req.url))
-            # without its token the page only asks for it; typed in, it is the page's URL, as qkv serve prints it
-            assert page.goto(page_url).status == 401
-            assert page.locator("#show").count() == 0 and "no model" not in page.content()
-            page.fill("#token", served.api_key)
-            page.click("#token-form button")
-            page.wait_for_selector("#show")
-            assert page.url == served.url and parse_qs(urlparse(page.url).query)["token"] == [served.api_key]
+            api_calls: list[tuple[str, str | None]] = []
+            page.on("request", lambda req: api_calls.append((req.url, req.headers.get("authorization")))
+                    if "/api/" in req.url else None)
+            # opened at the URL qkv serve prints: the token moves to sessionStorage, out of the address bar, and
+            # every API call sends it as Authorization: Bearer (a reload too, its URL now without the token)
+            assert parse_qs(urlparse(served.url).query)["token"] == [served.api_key]
+            assert page.goto(served.url).status == 200
+            page.wait_for_function("window.qkvState.info !== null")
+            assert page.url == page_url and "token" not in page.evaluate("window.location.href")
+            assert page.evaluate("sessionStorage.getItem('qkv-token')") == served.api_key
+            assert page.is_hidden("#token-form") and page.is_visible("#show")
+            page.reload()
+            page.wait_for_function("window.qkvState.info !== null")
+            assert page.url == page_url and page.is_hidden("#token-form")
+
+            # another tab has no token: the page asks for it; a wrong one is refused and asked again
+            other = browser.new_page()
+            other.goto(page_url)
+            assert other.is_visible("#token-form") and other.is_hidden("#show") and other.is_hidden("#load-form")
+            other.fill("#token", "wrong")
+            other.click("#token-form button")
+            other.wait_for_function("document.getElementById('error').textContent.includes('wrong token')")
+            assert other.is_visible("#token-form") and other.evaluate("sessionStorage.getItem('qkv-token')") is None
+            other.fill("#token", served.api_key)
+            other.click("#token-form button")
+            other.wait_for_function("window.qkvState.info !== null")
+            assert other.is_hidden("#token-form") and other.is_visible("#show") and other.url == page_url
+            other.close()
 
             # type a sentence: one line per (query, key, visible head) above the threshold
             page.fill("#text", SENTENCE)
@@ -201,6 +222,10 @@ def test_explorer_in_a_real_browser(served, model_and_tokenizer):
             page.click("#load-form button")
             page.wait_for_function("document.getElementById('error').textContent.includes('does not exist')")
             assert errors == [] and external == []
+            assert len(api_calls) > 10  # info (twice), attention, explain, generate, load, ...
+            for url, authorization in api_calls:
+                assert served.api_key not in url and "token" not in parse_qs(urlparse(url).query), url
+                assert authorization == f"Bearer {served.api_key}", url
         finally:
             browser.close()
 

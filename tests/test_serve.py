@@ -387,15 +387,20 @@ def test_every_api_call_needs_the_token(served, authorization):
     assert status == 200 and info["source"] == "in-process model"  # /api/load was never run
 
 
-def test_the_page_needs_the_token_in_its_url_and_its_files_do_not(served):
+def test_the_page_holds_no_data_and_a_wrong_token_in_its_url_gets_a_form(served):
+    """The page comes without a token (a reload, once its script has moved the token out of the address bar, finds
+    it in sessionStorage; without one the page asks for it): every answer it shows comes from the API."""
     server, *_ = served
-    for path in ("/", "/index.html", "/?token=wrong", f"/?token={KEY}x"):
+    for path in ("/?token=wrong", f"/?token={KEY}x", "/?token="):
         status, page = request(server, "GET", path, token=None)
-        assert status == 401 and b'name="token"' in page and b"app.js" not in page  # a form asking for it
-    status, page = request(server, "GET", f"/?token={KEY}", token=None)
-    assert status == 200 and b"/static/app.js" in page
+        assert status == 401 and b'name="token"' in page and b"app.js" not in page  # a form asking again
+    for path in (f"/?token={KEY}", "/", "/index.html"):
+        status, page = request(server, "GET", path, token=None)
+        assert status == 200 and b"/static/app.js" in page and b'id="token-form"' in page
+        assert b"in-process model" not in page and KEY.encode() not in page
     status, script = request(server, "GET", "/static/app.js", token=None)
-    assert status == 200 and b"Authorization: `Bearer ${TOKEN}`" in script
+    assert status == 200 and b"Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY)" in script
+    assert b"history.replaceState" in script
 
 
 def test_a_random_token_by_default_in_the_printed_url():
@@ -538,7 +543,7 @@ def test_a_v1_router_takes_the_same_locks():
         assert request(server, "GET", "/v1/models") == (200, {"object": "list", "data": []})
 
 
-def test_qkv_serve_command_prints_its_token_url_and_survives_a_client_that_leaves(tmp_path):
+def test_qkv_serve_command_prints_its_url_logs_no_token_and_survives_a_client_that_leaves(tmp_path):
     model, tokenizer = tiny()
     save_checkpoint(tmp_path / "dec", model, tokenizer)
     env = {**os.environ, "QKV_API_KEY": KEY}
@@ -560,6 +565,13 @@ def test_qkv_serve_command_prints_its_token_url_and_survives_a_client_that_leave
             return answer
 
         assert get("/api/info", token=None)[0] == 401
+        # the token in a URL, right or wrong, where the page takes it and where the API does not: never logged
+        for path in (f"/?token={KEY}", f"/index.html?x=1&token={KEY}", "/?token=a-guess", f"/api/info?token={KEY}",
+                     f"/api/generate?text=the&token={KEY}", f"/{KEY}"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
         status, info = get("/api/info")
         assert info["loaded"] and info["source"] == str(tmp_path / "dec") and info["can_generate"]
         assert info["checkpoints"] == [str(tmp_path / "dec")]
@@ -577,10 +589,15 @@ def test_qkv_serve_command_prints_its_token_url_and_survives_a_client_that_leave
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        err = proc.stderr.read()
+        err, log = proc.stderr.read(), proc.stdout.read()
         proc.stdout.close()
         proc.stderr.close()
     assert "Traceback" not in err and "Exception" not in err, err
+    assert KEY not in log + err and "a-guess" not in log + err, log + err
+    for line in ('"GET /?token=[redacted] HTTP/1.1" 200', '"GET /index.html?x=1&token=[redacted] HTTP/1.1" 200',
+                 '"GET /?token=[redacted] HTTP/1.1" 401', '"GET /api/info?token=[redacted] HTTP/1.1" 401',
+                 '"GET /api/generate?text=the&token=[redacted] HTTP/1.1" 401', '"GET /[redacted] HTTP/1.1" 404'):
+        assert line in log, log  # each request is in the access log, without its token
 
 
 @pytest.mark.parametrize(("args", "message"), [

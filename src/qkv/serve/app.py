@@ -2,7 +2,8 @@
 
 Routes (the JSON API answers ``{"error": message}`` with a 4xx status for a bad request, never a stack trace):
 
-- ``GET  /?token=TOKEN``                   the page (without the token: a page that asks for it, status 401);
+- ``GET  /?token=TOKEN``                   the page; it keeps the token in ``sessionStorage`` and takes it out of
+  the address bar (without one, the page asks for it; with a wrong one, a form asking again, status 401);
 - ``GET  /static/{name}``                  the page's script and style (no token: they hold none, as Jupyter's);
 - ``GET  /api/info``                       the loaded model, its limits, and checkpoints to pick from;
 - ``POST /api/load      {checkpoint}``     load a qkv checkpoint or a pretrained (Hugging Face) directory;
@@ -63,8 +64,10 @@ def static_file(name: str, status: int = 200) -> Response:
 @pages.get("/")
 @pages.get("/index.html")
 def index(request: Request, token: str | None = None) -> Response:
-    """The page needs the token in its URL, as Jupyter's; without it, a form that asks for it (401)."""
-    if request.app.state.security.token_matches(token):
+    """The page, opened with the token in its URL as Jupyter's (``qkv serve`` prints it): its script moves the token
+    into ``sessionStorage`` and out of the address bar, so a reload comes here without one and finds it there (the
+    page holds no data: every answer comes from the API, behind the token). A wrong token: a form asking again (401)."""
+    if token is None or request.app.state.security.token_matches(token):
         return static_file("index.html")
     return static_file("token.html", 401)
 

@@ -3,7 +3,10 @@ open in the user's browser, so it trusts none of them.
 
 - **A token** (``--api-key``, ``QKV_API_KEY``, or a random one printed in the URL at start): every API call sends
   ``Authorization: Bearer TOKEN``, the header OpenAI clients send (``require_token``, a FastAPI dependency that any
-  router can take, ``/api`` today and ``/v1`` later). The page reads it from its own URL (``/?token=…``).
+  router can take, ``/api`` today and ``/v1`` later). The page reads it from its own URL (``/?token=…``) once,
+  keeps it in ``sessionStorage`` and takes it out of the address bar.
+- **No token in a log line** (``TokenRedactor``): the server's access log writes ``token=[redacted]`` for any
+  token a URL carries, right or wrong, and never the key itself, wherever it appears in a line.
 - **A Host allow-list** (localhost, 127.0.0.1, [::1], the address bound, plus ``--allowed-hosts``): a page that
   rebinds its own DNS name to 127.0.0.1 (DNS rebinding) sends its own name as Host, and is refused.
 - **No cross-site Origin**: a browser names the page that sent a request in ``Origin``; only the explorer's own page
@@ -21,18 +24,21 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["LOOPBACK_HOSTS", "MAX_BODY_BYTES", "HEADERS", "Security", "GuardMiddleware", "host_name", "new_token",
-           "require_token", "json_body"]
+__all__ = ["LOOPBACK_HOSTS", "MAX_BODY_BYTES", "HEADERS", "Security", "GuardMiddleware", "TokenRedactor",
+           "host_name", "new_token", "require_token", "json_body"]
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MAX_BODY_BYTES = 64 * 1024
@@ -147,6 +153,51 @@ def _with_headers(event: dict) -> dict:
         event["headers"] = [*event["headers"], *((k.encode(), v.encode()) for k, v in HEADERS.items()
                                                  if k.encode() not in present)]
     return event
+
+
+# query parameters that carry a credential, whichever server or client sent them
+SECRET_PARAMETER = re.compile(r"(?i)([?&;](?:token|access_token|api_key|apikey|key)=)[^&;#\s\"]*")
+REDACTED = "[redacted]"
+
+
+class TokenRedactor(logging.Filter):
+    """A logging filter that takes tokens out of a server's log lines: the value of every ``token=`` (and
+    ``access_token``, ``api_key``, ``key``) query parameter, and the API key itself wherever it appears (plain or
+    URL-quoted). ``attach()`` puts it on uvicorn's loggers (the access log writes each request's path with its query
+    string); ``detach()`` takes it off."""
+
+    LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+    def __init__(self, api_key: str):
+        super().__init__()
+        # the key itself, where a line holds it outside a token parameter; a key of a few characters would take
+        # every such run of letters out of the log, and is guessed faster than read there
+        forms = {api_key, quote(api_key, safe=""), quote_plus(api_key)} if len(api_key) >= 8 else set()
+        self.secrets = sorted(forms, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        text = SECRET_PARAMETER.sub(lambda m: m.group(1) + REDACTED, text)
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):  # uvicorn's access formatter unpacks its five arguments: keep the shape
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: self.redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+    def attach(self) -> TokenRedactor:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def detach(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 def security_of(request: Request) -> Security:

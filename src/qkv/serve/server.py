@@ -14,7 +14,7 @@ import uvicorn
 
 from .app import create_app
 from .explorer import Explorer
-from .security import new_token
+from .security import TokenRedactor, new_token
 
 __all__ = ["ExplorerServer", "make_server", "serve", "url_host"]
 
@@ -50,11 +50,13 @@ class ExplorerServer:
         except OSError:
             self.socket.close()
             raise
-        # warnings only; with verbose, one access line per request (uvicorn's "running on" would show no token)
+        # warnings only; with verbose, one access line per request (uvicorn's "running on" would show no token),
+        # its token parameters redacted: the URL printed at start holds the token, and the page is opened with it
         config = uvicorn.Config(self.app, log_level="warning", access_log=verbose, lifespan="off",
                                 timeout_graceful_shutdown=3, server_header=False)
         if verbose:
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+        self.redactor = TokenRedactor(self.app.state.security.api_key).attach()
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -90,6 +92,7 @@ class ExplorerServer:
 
     def server_close(self) -> None:
         self.socket.close()
+        self.redactor.detach()
 
     def __enter__(self) -> ExplorerServer:
         return self.start()

@@ -20,21 +20,50 @@ window.qkvState = state;
 // API and errors
 // ---------------------------------------------------------------------------------------------------------------
 
-// The page's URL holds the server's token (/?token=…, as `qkv serve` prints it); every API call sends it as
-// `Authorization: Bearer`, the header OpenAI clients send too.
-const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
-const AUTH = { Authorization: `Bearer ${TOKEN}` };
+// The page is opened with the server's token in its URL (/?token=…, as `qkv serve` prints it). The page keeps it in
+// sessionStorage (this tab, this server: a reload keeps it) and takes it out of the address bar at once, so that it
+// is not left in the history or on the screen; every API call sends it as `Authorization: Bearer`, the header
+// OpenAI clients send too (the /v1 routes take it the same way).
+const TOKEN_KEY = "qkv-token";
+
+function takeTokenFromUrl() {
+  const url = new URL(window.location.href);
+  if (!url.searchParams.has("token")) return;
+  const token = url.searchParams.get("token");
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  url.searchParams.delete("token");
+  history.replaceState(history.state, "", url.pathname + url.search + url.hash);
+}
+
+function authorization() {
+  return { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
+}
+
+// Without a token, or with one the server refuses (401), the page asks for it.
+function askForToken() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("token-form").hidden = false;
+  $("load-form").hidden = true;
+  document.querySelector("main").hidden = true;
+  $("token").focus();
+}
 
 async function api(path, body) {
-  const options = body === undefined ? { headers: AUTH } :
-    { method: "POST", headers: { ...AUTH, "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  const options = body === undefined ? { headers: authorization() } :
+    { method: "POST", headers: { ...authorization(), "Content-Type": "application/json" },
+      body: JSON.stringify(body) };
   let response;
   try {
     response = await fetch(path, options);
   } catch (err) {
     throw new Error("the qkv server does not answer; is `qkv serve` still running?");
   }
+  return answerOf(response);
+}
+
+async function answerOf(response) {
   const answer = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+  if (response.status === 401) askForToken();
   if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
   return answer;
 }
@@ -331,11 +360,8 @@ async function generate() {
   const out = $("generated-new");
   $("generate").disabled = true;
   try {
-    const response = await fetch(`/api/generate?${params}`, { headers: AUTH });
-    if (!response.ok) {
-      const answer = await response.json().catch(() => ({}));
-      throw new Error(answer.error || `the server answered ${response.status}`);
-    }
+    const response = await fetch(`/api/generate?${params}`, { headers: authorization() });
+    if (!response.ok) await answerOf(response);
     $("generated-prompt").textContent = prompt;
     clear(out);
     const reader = response.body.getReader(), decoder = new TextDecoder();
@@ -400,7 +426,26 @@ $("threshold").addEventListener("change", () => {
   renderLines();
 });
 
-guarded(async () => {
-  showInfo(await api("/api/info"));
-  if (state.info.loaded) await showAttention();
+$("token-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("token-form").hidden = true;
+  $("load-form").hidden = false;
+  document.querySelector("main").hidden = false;
+  start();
 });
+
+function start() {
+  if (!sessionStorage.getItem(TOKEN_KEY)) {
+    askForToken();
+    return;
+  }
+  guarded(async () => {
+    showInfo(await api("/api/info"));
+    if (state.info.loaded) await showAttention();
+  });
+}
+
+takeTokenFromUrl();
+start();
