@@ -101,6 +101,21 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
     ("CLI", "SIGINT (Ctrl-C) during `qkv train`",
      "exit 130: qkv train: interrupted: SIGINT at step 1: saved checkpoint …/step-000001; continue with "
      "`qkv train --resume …`", "tests/test_train_cli.py::test_sigint_saves_a_loadable_checkpoint_and_the_run_resumes"),
+    ("server", "`qkv serve`'s request log when the page is opened at `/?token=…`, or `/api/…?token=…` is tried",
+     '`"GET /?token=[redacted] HTTP/1.1" 200`: no log line holds a token, right or wrong (was: the whole token '
+     'on every page load)',
+     "tests/test_serve.py::test_qkv_serve_command_prints_its_url_logs_no_token_and_survives_a_client_that_leaves"),
+    ("server", "the page opened at the URL `qkv serve` printed (`/?token=…`)",
+     "the token moves to the tab's sessionStorage and out of the address bar; every API call sends "
+     "`Authorization: Bearer`; a reload works, another tab asks for the token (was: it stayed in the address bar)",
+     "tests/test_browser.py::test_explorer_in_a_real_browser"),
+    ("server", "two `/api/load` of different runs at once, with attention, explain and generation requests between",
+     "each reply names the run that computed it (`source`) and holds that run's numbers (was: a load's reply "
+     "described the other run)",
+     "tests/test_serve.py::test_concurrent_requests_are_each_answered_by_the_model_their_reply_names"),
+    ("server", 'an `/api` field of the wrong type, e.g. `{"text": 5}`, `{"checkpoint": ["/"]}`, `"layer": true`',
+     "HTTP 400: the text must be a string (text in quotes), got 5 (a number) (was: the text is empty; type a "
+     "sentence)", "tests/test_serve.py::test_a_field_of_the_wrong_type_is_named_with_the_type_it_needs"),
 ]
 
 
