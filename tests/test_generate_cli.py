@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import sys
 
 import pytest
@@ -137,15 +138,57 @@ def test_cli_prints_200_new_tokens_past_a_context_of_64(tmp_path, capsys, positi
         assert out == tokenizer.decode(ids) + "\n"
 
 
-@pytest.mark.parametrize("option, value, words", [("--top-p", "1.5", "top_p=1.5 must lie in (0, 1]"),
-                                                  ("--temperature", "-1", "temperature=-1.0 must be >= 0"),
-                                                  ("--top-k", "0", "top_k=0 must be an integer >= 1")])
-def test_cli_bad_options_exit_2_with_one_line(trained, tmp_path, capsys, option, value, words):
+@pytest.mark.parametrize("option, value, words, python", [
+    ("--top-p", "1.5", "--top-p 1.5 must lie in (0, 1]", "top_p=1.5 must lie in (0, 1]"),
+    ("--temperature", "-1", "--temperature -1.0 must be >= 0", "temperature=-1.0 must be >= 0"),
+    ("--top-k", "0", "--top-k 0 must be an integer >= 1, or without --top-k to keep every token",
+     "top_k=0 must be an integer >= 1, or top_k=None to keep every token"),
+    ("--max-new-tokens", "-1", "--max-new-tokens -1 must be an integer >= 0", "max_new_tokens=-1 must be"),
+    ("--stop", "", "--stop '' must be non-empty strings", "stop_strings=('',) must be non-empty strings")])
+def test_bad_options_are_named_by_their_flag_on_the_command_line_and_their_keyword_in_python(
+        trained, tmp_path, capsys, option, value, words, python):
     model, tokenizer = trained
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), option, value, "the"]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+    assert "_" not in err.split(": error: ")[1], err  # no Python name: top_p, max_new_tokens, stop_strings
+    keyword = {"--top-p": "top_p", "--temperature": "temperature", "--top-k": "top_k",
+               "--max-new-tokens": "max_new_tokens", "--stop": "stop_strings"}[option]
+    typed = float(value) if option in ("--top-p", "--temperature") else value if option == "--stop" else int(value)
+    with pytest.raises(ValueError, match=re.escape(python)):
+        generate_text(model, tokenizer, "the", **{"max_new_tokens": 5, keyword: [typed] if keyword == "stop_strings"
+                                                  else typed})
+
+
+def test_the_command_line_spells_library_options_as_the_flags_of_the_command_that_ran():
+    """qkv.errors.OptionError names options; each command says them its own way (qkv.cli.flag_spelling)."""
+    from qkv.cli import build_parser, flag_spelling
+    from qkv.errors import OptionError
+
+    def said(argv: list[str], template: str, **options) -> str:
+        return OptionError(template, **options).spelled(flag_spelling(build_parser().parse_args(argv).cli_parser))
+
+    generate_args = ["generate", "--checkpoint", "DIR", "p"]
+    refused = "{n} positions do not fit; lower {max_new_tokens:name}, or slide a window ({sliding_window:True})"
+    assert said(generate_args, refused, n=300, max_new_tokens=300) == \
+        "n=300 positions do not fit; lower --max-new-tokens, or slide a window (without --no-sliding-window)"
+    assert str(OptionError(refused, n=300)) == \
+        "n=300 positions do not fit; lower max_new_tokens, or slide a window (sliding_window=True)"
+    assert said(generate_args, "{sliding_window:False} refuses; {use_cache:False} recomputes") == \
+        "--no-sliding-window refuses; --no-cache recomputes"
+    assert said(generate_args, "{stop_strings} and {stop_token_ids}", stop_strings=("a b", "c"),
+                stop_token_ids=(3,)) == "--stop 'a b' --stop c and --stop-id 3"
+    assert said(generate_args, "no start token ({bos_token_id:...})") == \
+        "no start token (bos_token_id in the checkpoint's config.json)"
+    assert str(OptionError("no start token ({bos_token_id:...})")) == "no start token (bos_token_id=...)"
+    translate_args = ["translate", "--checkpoint", "DIR"]
+    assert said(translate_args, "{num_beams} and {length_penalty}", num_beams=0, length_penalty=-1.0) == \
+        "--beam 0 and --alpha -1.0"
+    assert said(["train", "--max-steps", "5"], "lower {warmup_steps}", warmup_steps=500) == \
+        "lower --warmup-steps 500"
+    assert said(["show", "attention", "--checkpoint", "DIR", "t"], "{layer} is out of range", layer=9) == \
+        "--layer 9 is out of range"
 
 
 def test_generation_benchmark_quick_mode_runs_and_prints(capsys):

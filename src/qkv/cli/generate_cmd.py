@@ -35,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (prints at the end)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0.6)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole prefix every step instead of keeping keys and values (slow). The same "
+                        "text within the context; past it, a RoPE, ALiBi or position-free model re-encodes the "
+                        "window of the last max_seq_len tokens instead of rolling its cache, so the text differs")
     p.add_argument("--no-sliding-window", action="store_true",
                    help="refuse when prompt + new tokens exceed the model's context (max_seq_len) instead of going "
                         "on over a window of the last max_seq_len tokens (the default)")
@@ -46,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qkv.generation import GenerationConfig, generate_text, stream_text
-    from qkv.models import Transformer
+    from qkv.models import model_type_of
 
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         sliding_window=not args.no_sliding_window,
     )
     model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype))
-    echo = not isinstance(model, Transformer)
+    echo = model_type_of(model) != "seq2seq"  # a continuation follows its prompt; a translation stands alone
     out = sys.stdout
     for prompt in [args.prompt] if args.prompt is not None else stdin_lines():  # each answered before the next
         # Every check runs before anything is printed: an error is one line on stderr, never after the echo.

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import OptionError
+
 __all__ = ["GenerationConfig", "resolve"]
 
 
@@ -32,7 +34,8 @@ class GenerationConfig:
       (GNMT; 0.6 as in "Attention Is All You Need"); ``early_stopping``: a row is done once it holds
       ``num_beams`` finished hypotheses (otherwise: once no live beam can still beat the worst finished one).
     - ``use_cache``: keep keys/values between steps (False recomputes the whole prefix each step: slow, for
-      comparison).
+      comparison; the same tokens within the context, but past it a RoPE, ALiBi or position-free model then
+      re-encodes the window instead of rolling its cache, so the tokens differ).
     - ``sliding_window``: past the model's context (prompt + new tokens > max_seq_len) go on over a window of the
       last max_seq_len tokens (:mod:`qkv.decode_state`); False refuses with an error naming the numbers. None =
       the entry's own default: the text helpers (and ``qkv generate``) slide; ``generate``, ``stream`` and
@@ -62,32 +65,34 @@ class GenerationConfig:
         def integer(name: str, low: int) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+                raise OptionError(f"{{{name}}} must be an integer >= {low}", **{name: value})
 
         integer("max_new_tokens", 0)
         integer("min_new_tokens", 0)
         integer("num_beams", 1)
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens} must be <= max_new_tokens="
-                             f"{self.max_new_tokens}")
+            raise OptionError("{min_new_tokens} must be <= {max_new_tokens}", min_new_tokens=self.min_new_tokens,
+                              max_new_tokens=self.max_new_tokens)
         if not 0 <= self.temperature < math.inf:  # also rejects NaN; inf would be uniform noise
-            raise ValueError(f"temperature={self.temperature} must be >= 0 and finite (0 = greedy, 1 = the "
-                             "model's own distribution)")
+            raise OptionError("{temperature} must be >= 0 and finite (0 = greedy, 1 = the model's own "
+                              "distribution)", temperature=self.temperature)
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token")
+            raise OptionError("{top_k} must be an integer >= 1, or {top_k:None} to keep every token",
+                              top_k=self.top_k)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]; 1 keeps every token")
+            raise OptionError("{top_p} must lie in (0, 1]; 1 keeps every token", top_p=self.top_p)
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off, > 1 "
-                             "discourages repeats)")
+            raise OptionError("{repetition_penalty} must be > 0 (1 = off, > 1 discourages repeats)",
+                              repetition_penalty=self.repetition_penalty)
         if not self.length_penalty >= 0:
-            raise ValueError(f"length_penalty={self.length_penalty} must be >= 0 (0 = none, 0.6 = GNMT)")
+            raise OptionError("{length_penalty} must be >= 0 (0 = none, 0.6 = GNMT)",
+                              length_penalty=self.length_penalty)
         for name in ("stop_token_ids", "stop_strings"):  # accept lists, store tuples (the config is frozen)
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple([value] if isinstance(value, (int, str)) else value))
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop_strings={self.stop_strings!r} must be non-empty strings")
+            raise OptionError("{stop_strings} must be non-empty strings", stop_strings=self.stop_strings)
 
     @property
     def greedy(self) -> bool:
