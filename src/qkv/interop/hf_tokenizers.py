@@ -8,6 +8,11 @@ Both run in Hugging Face ``tokenizers`` (Rust), so they encode exactly as the or
   (``encoder.json``) numbers the results. Every byte is a token, so any text round-trips.
 - BERT: clean, lower-case (if the model is uncased), split on whitespace and punctuation, then greedy
   longest-match-first WordPiece over ``vocab.txt`` with ``##`` marking word continuations.
+
+Whichever files hold the vocabulary, the token roles (bos, eos, pad, unk, the end-of-turn tokens, the chat
+template) come from the directory's ``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``
+and ``generation_config.json`` (:class:`qkv.tokenizers.TokenRoles`), and so do the model's bos/eos/pad ids
+(:func:`config_with_roles`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from ..config import ModelConfig
 from ..extras import needs
-from ..tokenizers import Tokenizer
+from ..tokenizers import Tokenizer, TokenRoles
 
 __all__ = ["load_tokenizer_json", "check_fits", "byte_level_bpe", "read_merges", "gpt2_tokenizer",
-           "original_gpt2_files", "wordpiece", "bert_tokenizer"]
+           "original_gpt2_files", "wordpiece", "bert_tokenizer", "config_with_roles"]
 
 GPT2_SPECIAL = "<|endoftext|>"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -43,6 +49,25 @@ def load_tokenizer_json(directory: str | Path) -> Tokenizer | None:
     """The directory's ``tokenizer.json`` as a qkv ``Tokenizer``, or None when it has none."""
     path = Path(directory) / "tokenizer.json"
     return _load_json(path) if path.is_file() else None
+
+
+def _with_roles_of(tokenizer: Tokenizer, directory: Path) -> Tokenizer:
+    """A tokenizer built from vocabulary files, with the roles the directory's other files state."""
+    return Tokenizer(tokenizer.backend, TokenRoles.read(directory, tokenizer.id_to_token))
+
+
+def config_with_roles(config: ModelConfig, tokenizer: Tokenizer | None) -> ModelConfig:
+    """The model's bos/eos/pad ids as the tokenizer's files state them; config.json's where they say nothing
+    (or name a token outside the vocabulary). LLaMA 3.1 Instruct's config.json lists eos ids
+    [128001, 128008, 128009] and its tokenizer says eos is ``<|eot_id|>`` (128009): the model's eos is 128009."""
+    if tokenizer is None:
+        return config
+    changes = {}
+    for role in ("bos", "eos", "pad"):
+        index = getattr(tokenizer, f"{role}_id") if tokenizer.roles.says(role) else None
+        if index is not None and 0 <= index < config.vocab_size:
+            changes[f"{role}_token_id"] = index
+    return config.replace(**changes) if changes else config
 
 
 def check_fits(tokenizer: Tokenizer, vocab_size: int, directory: Path) -> Tokenizer:
@@ -113,7 +138,7 @@ def gpt2_tokenizer(directory: str | Path | None = None) -> Tokenizer:
                 raise FileNotFoundError(f"{directory} has {have.name} but not {lack.name}; a GPT-2 tokenizer "
                                         "needs both (or a tokenizer.json)")
             if vocab.is_file():
-                return byte_level_bpe(_read_json_vocab(vocab), read_merges(merges))
+                return _with_roles_of(byte_level_bpe(_read_json_vocab(vocab), read_merges(merges)), directory)
     encoder, bpe = original_gpt2_files()
     return byte_level_bpe(_read_json_vocab(encoder), read_merges(bpe))
 
@@ -153,6 +178,7 @@ def bert_tokenizer(directory: str | Path) -> Tokenizer:
     settings: dict[str, Any] = {}
     if (directory / "tokenizer_config.json").is_file():
         settings = json.loads((directory / "tokenizer_config.json").read_text())
-    return wordpiece(vocab, lowercase=settings.get("do_lower_case", True),
-                     strip_accents=settings.get("strip_accents"),
-                     chinese_chars=settings.get("tokenize_chinese_chars", True))
+    tokenizer = wordpiece(vocab, lowercase=settings.get("do_lower_case", True),
+                          strip_accents=settings.get("strip_accents"),
+                          chinese_chars=settings.get("tokenize_chinese_chars", True))
+    return _with_roles_of(tokenizer, directory)

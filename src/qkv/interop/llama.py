@@ -41,7 +41,7 @@ from .hf import (
     read_config,
     write_hf_directory,
 )
-from .hf_tokenizers import check_fits, load_tokenizer_json
+from .hf_tokenizers import check_fits, config_with_roles, load_tokenizer_json
 
 __all__ = ["config_from_llama", "config_to_llama", "llama_rules", "load_llama", "save_llama"]
 
@@ -145,19 +145,23 @@ def load_llama(directory: str | Path, *, dtype: torch.dtype | None = torch.float
     """A Hugging Face LLaMA-style directory → (qkv ``DecoderLM`` in eval mode, its tokenizer or None).
 
     The tokenizer is the directory's ``tokenizer.json`` (None when there is none: a SentencePiece-only
-    ``tokenizer.model`` is not read). ``dtype=None`` keeps the stored precision (SmolLM2 ships bf16).
+    ``tokenizer.model`` is not read); the model's bos/eos/pad ids are the ones its files state (config.json's
+    where they say nothing, or with ``tokenizer=False``). ``dtype=None`` keeps the stored precision (SmolLM2
+    ships bf16).
     """
     directory = Path(directory)
     hf = read_config(directory)
     model_type_of(hf, directory, ["llama"])
     config = config_from_llama(hf, str(directory / "config.json"))
+    found = load_tokenizer_json(directory) if tokenizer else None
+    if found is not None:  # the bos/eos/pad ids are the ones the tokenizer's files state
+        config = config_with_roles(config, check_fits(found, config.vocab_size, directory))
     # rotary_emb.inv_freq: a buffer older files carry; a tied lm_head repeats embed_tokens.
     ignore = matches(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
                      *(["lm_head\\.weight"] if config.tie_embeddings else []))
     model = build_with_weights(DecoderLM, config, load_weights(directory), llama_rules(config), ignore=ignore,
                                source=str(directory), dtype=dtype)
-    found = load_tokenizer_json(directory) if tokenizer else None
-    return model, (check_fits(found, config.vocab_size, directory) if found is not None else None)
+    return model, found
 
 
 def save_llama(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
