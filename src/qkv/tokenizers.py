@@ -348,6 +348,7 @@ class Tokenizer:
     def _encoding(self, text: str, add_special_tokens: bool, markup: bool):
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        check_unicode(text)
         backend = self._markup() if markup else self.backend
         try:
             encoding = backend.encode(text, add_special_tokens=add_special_tokens)
@@ -390,6 +391,17 @@ class Tokenizer:
 
 
 SEAM_CONTEXT = 8  # context tokens decoded before a continuation: enough for any decoder's seam rule
+
+
+def check_unicode(text: str) -> None:
+    """Refuse text that is not Unicode: a lone surrogate (half of a UTF-16 pair, what Python makes of bytes that
+    are not UTF-8 in a command-line argument) is a ``ValueError`` naming where it is, not the Rust tokenizer's
+    ``TextInputSequence must be str``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text is not valid Unicode: character {err.start} is {text[err.start]!r}, a lone "
+                         "surrogate (bytes that were not UTF-8 come out so); pass UTF-8 text") from None
 
 
 def decode_continuation(tokenizer: Any, context: Sequence[int], new: Sequence[int]) -> str:

@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qkv.evaluation import evaluate_checkpoint
+    from qkv.losses import perplexity_text
 
     use_threads(args.threads)
     if args.bleu:
@@ -47,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                                  context=args.context)
-    print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
+    print(f"loss {result['loss']:.4f} nats/token, perplexity {perplexity_text(result['loss'])} "
           f"({result['split']} split of {result['data']}, {result['tokens']:,} tokens, {result['checkpoint']})")
     return 0

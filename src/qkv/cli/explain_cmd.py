@@ -8,7 +8,7 @@ import math
 
 from qkv.extras import require
 
-from .options import add_checkpoint, first_line, load_checkpoint
+from .options import add_checkpoint, first_line, load_checkpoint, query_token
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def _vector(values, dims: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.explain import TOLERANCE, explain_head, find_token
+    from qkv.explain import TOLERANCE, explain_head
     from qkv.viz import attention_kinds, encode_input
 
     if args.dims < 0:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     kind = args.kind or attention_kinds(model)[0]
     queries, _ = encode_input(model, tokenizer, text, args.target).labels_for(kind)
-    token = find_token(queries, args.token)
+    token = query_token(queries, args.token)
     e = explain_head(model, tokenizer, text, layer=args.layer, head=args.head, token=token, kind=kind,
                      target=args.target)
     if args.json:

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Iterator
 
 __all__ = ["CHECKPOINT_HELP", "add_checkpoint", "load_checkpoint", "add_threads", "use_threads", "check_threads",
-           "add_device", "add_dtype", "load_dtype", "add_picture", "first_line", "text_lines", "stdin_lines"]
+           "add_device", "add_dtype", "load_dtype", "add_picture", "first_line", "text_lines", "stdin_lines",
+           "query_token"]
 
 CHECKPOINT_HELP = ("a qkv checkpoint or run directory, a Hugging Face GPT-2 / BERT / LLaMA directory, or a LLaMA "
                    ".gguf file")
@@ -110,6 +111,20 @@ def text_lines(texts: list[str]) -> list[str]:
     if not lines:
         raise ValueError("stdin held no text; pipe in one text per line")
     return lines
+
+
+def query_token(labels: list[str], spec: str) -> int:
+    """``--token``'s index among ``labels``: an index, or a word (``qkv.explain.find_token``). A word the tokenizer
+    splits (``it`` is ``i``, ``t`` to a character model) stands for its first token: a line on stderr says which,
+    so the picture or table is never of another token than the one asked for without a word."""
+    from qkv.explain import find_token
+
+    index = find_token(labels, spec)
+    found = labels[index].strip().lower().removeprefix("##")  # WordPiece marks a word's continuation with ##
+    if not spec.strip().lstrip("-").isdigit() and found != spec.strip().lower():
+        print(f"note: --token {spec!r} is several tokens here; using its first, token {index} {labels[index]!r} "
+              "(pass an index to choose another)", file=sys.stderr)
+    return index
 
 
 def stdin_lines() -> Iterator[str]:

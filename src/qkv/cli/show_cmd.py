@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qkv.positions import POSITIONAL_KINDS
 
-from .options import add_checkpoint, add_picture, first_line, load_checkpoint
+from .options import add_checkpoint, add_picture, first_line, load_checkpoint, query_token
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +77,6 @@ def _what_was_drawn(shown: list[tuple[int, int]], shape: tuple[int, int], lines:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from qkv.explain import find_token
     from qkv.viz import KIND_TITLES, attention_maps, attention_picture, save_figure
 
     if args.head is not None and args.layer is None:
@@ -93,7 +92,7 @@ def run_attention(args: argparse.Namespace) -> int:
     print(f"{len(found.inputs.labels)} tokens: {' '.join(repr(t) for t in found.inputs.labels)}")
     for kind in kinds:
         queries = found.labels(kind)[0]
-        token = None if args.token is None else find_token(queries, args.token)
+        token = None if args.token is None else query_token(queries, args.token)
         title = f"{KIND_TITLES[kind]}: {text if len(text) <= 70 else text[:69] + '…'}"
         fig, shown = attention_picture(found, kind, layer=args.layer, head=args.head, picks=picks, lines=args.lines,
                                        token=token, title=title)

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     result = STUDIES[args.study](quick=args.quick, out_dir=args.out, seed=args.seed,
                                  progress=not args.no_progress, **extra)
     print((result.out_dir / "results.md").read_text())
+    quick = " (a quick run: see its first line)" if result.quick else ""
     print(f"wrote {result.out_dir}/ (results.md, results.csv, {', '.join(f.name for f in result.figures)}) "
-          f"in {result.seconds:.0f} s")
+          f"in {result.seconds:.0f} s{quick}")
     return 0

@@ -70,6 +70,10 @@ class GenerationConfig:
         integer("max_new_tokens", 0)
         integer("min_new_tokens", 0)
         integer("num_beams", 1)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**64):  # what torch.Generator takes
+            raise OptionError("{seed} must be an integer in [-2**63, 2**64), or {seed:None} for a fresh random "
+                              "draw each time", seed=self.seed)
         if self.min_new_tokens > self.max_new_tokens:
             raise OptionError("{min_new_tokens} must be <= {max_new_tokens}", min_new_tokens=self.min_new_tokens,
                               max_new_tokens=self.max_new_tokens)

@@ -230,7 +230,7 @@ def order_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
                                   "total variation": 0.5 * float((p - q).abs().sum())})
 
     result = StudyResult(
-        name="order",
+        name="order", quick=quick,
         title="Word order: what a Transformer knows of it with and without positional encodings",
         settings={"data": f"English side of {Path(data or DEFAULT_DATA).name}, characters",
                   "held-out sentences": f"{len(held_out)} (3-8 words, {n_chars} characters)",

@@ -15,7 +15,6 @@ every encoding scores when it never sees a position it was not trained on.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from ..data import WindowBatches
 from ..extras import require
+from ..losses import perplexity
 from ..models import DecoderLM
 from ..training import NextToken, TrainConfig
 from .fit import SmallModel, fit, shakespeare, tail_mean
@@ -152,20 +152,20 @@ def positions_study(*, quick: bool = False, out_dir: str | Path = "runs/study", 
                 column = _column(length, s.context)
                 if length <= reachable:
                     per_token = token_losses(reader, inputs, targets)
-                    long_row[column] = math.exp(float(per_token.mean()))
+                    long_row[column] = perplexity(float(per_token.mean()))
                     if length == reachable:
                         curves[kind] = per_token.mean(dim=0)
                 else:
                     long_row[column] = None
                 bar.update(1, f"{kind} at {length}")
                 sliding = sliding_window_losses(model, inputs, targets, s.context, s.context // 2)
-                sliding_row[column] = math.exp(float(sliding.mean()))
+                sliding_row[column] = perplexity(float(sliding.mean()))
                 bar.update(1, f"{kind} sliding at {length}")
             long_rows.append(long_row)
             sliding_rows.append(sliding_row)
 
     result = StudyResult(
-        name="positions",
+        name="positions", quick=quick,
         title="Length extrapolation: perplexity at L, 2L, 4L and 8L tokens, one model per positional encoding",
         settings={"data": "tiny Shakespeare, characters", "training context L": s.context,
                   "model": f"decoder, {s.model.describe()}, embeddings x sqrt(d_model)",

@@ -20,8 +20,12 @@ from typing import Any
 
 from ..extras import require
 
-__all__ = ["StudyResult", "Progress", "markdown_table", "format_value", "write_result", "finish", "pyplot",
-           "save_figure"]
+# the line under the title of a quick run's results.md, also printed by ``qkv study --quick``
+QUICK_NOTE = ("**A quick run** (`--quick`: tiny models trained for seconds): it shows that the study runs, not what "
+              "it measures; run it without --quick for the results.")
+
+__all__ = ["QUICK_NOTE", "StudyResult", "Progress", "markdown_table", "format_value", "write_result", "finish",
+           "pyplot", "save_figure"]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class StudyResult:
     out_dir: Path | None = None
     seconds: float = 0.0  # wall time of the whole study
     cpu_seconds: float = 0.0  # CPU time of this process over the study (wall time inflates on a busy machine)
+    quick: bool = False  # a quick run (tiny sizes, seconds): results.md says so at the top
 
     def table(self, name: str) -> list[dict[str, Any]]:
         return self.tables[name]
@@ -109,7 +114,7 @@ def write_result(result: StudyResult, out_dir: str | Path) -> Path:
     result.out_dir = out_dir
     settings = "; ".join(f"{k} {format_value(v)}" for k, v in result.settings.items())
     load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    parts = [f"# {result.title}", "", f"Settings: {settings}.", "",
+    parts = [f"# {result.title}", "", *([QUICK_NOTE, ""] if result.quick else []), f"Settings: {settings}.", "",
              f"Wall time {result.seconds:.0f} s, CPU time {result.cpu_seconds:.0f} s{load}.", ""]
     for name, rows in result.tables.items():
         parts += [f"## {name}", ""]

@@ -209,7 +209,7 @@ def scale_study(*, quick: bool = False, out_dir: str | Path = "runs/study", seed
                                "seconds": round(time.perf_counter() - t0, 1)})
 
     result = StudyResult(
-        name="scale",
+        name="scale", quick=quick,
         title="The attention scale: softmax(QK^T / sqrt(d_k)) against softmax(QK^T)",
         settings={"at initialisation": f"q, k, v entries N(0, 1), {s.n_keys} keys, {s.n_rows} query rows per d_k",
                   "training": f"tiny Shakespeare characters, decoder {s.n_layers} layers, d_model {s.d_model}, "

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..checkpoint import fault_point, write_atomic
+from ..checkpoint import CheckpointNotSaved, fault_point, resolve_checkpoint, write_atomic
 from ..extras import require
 
 if TYPE_CHECKING:
@@ -168,8 +168,12 @@ class MetricsLog(Callback):
         if self.file is None:
             return
         fault_point("metrics:before-row")
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            self.writer.writerow(row)
+            self.file.flush()
+        except OSError as err:  # a full disk: one line naming what the run kept, as a failed checkpoint save says
+            raise CheckpointNotSaved(f"could not write a row of {self.file.name} ({err.strerror or err}); "
+                                     f"{_kept(trainer.out_dir)}") from None
         if self.tb is not None:
             for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
                 if key in row:
@@ -177,10 +181,24 @@ class MetricsLog(Callback):
 
     def finish(self, trainer: Trainer) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the row it still holds could not be written: log() has said so
+                pass
         if self.tb is not None:
             self.tb.close()
         self.file = self.writer = self.tb = None
+
+
+def _kept(run_dir: Path) -> str:
+    """What a run that cannot write any more is left with, and how to go on (the words of a failed save)."""
+    try:
+        kept = resolve_checkpoint(run_dir)
+    except OSError:
+        kept = None
+    if kept is None or not (kept / "config.json").is_file():
+        return "no checkpoint of this run was kept: free some space and start it again"
+    return f"the run is kept as it was at {kept}: free some space, then continue it with --resume {run_dir}"
 
 
 class LossCurve(Callback):
