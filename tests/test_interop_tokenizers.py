@@ -19,6 +19,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 import qkv
+from qkv.chat_template import ChatTemplate
 from qkv.checkpoint import load_checkpoint, save_checkpoint
 from qkv.interop import save_llama
 from qkv.interop.hf_tokenizers import gpt2_tokenizer, original_gpt2_files
@@ -175,6 +176,7 @@ def test_a_hugging_face_directory_states_the_roles_the_template_and_the_end_of_t
     assert tokenizer.chat_template == hf.chat_template == TEMPLATE
     eot, end_of_text, eom = (hf.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"))
     assert tokenizer.stop_ids == [eot, end_of_text, eom]  # eos, then generation_config.json's other eos ids
+    assert ChatTemplate(tokenizer).render(CHAT).ids == list(hf.apply_chat_template(CHAT, return_dict=False))
     model, loaded = qkv.load(directory)  # the model's ids are the tokenizer's roles, not config.json's first eos
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
         hf.bos_token_id, eot, hf.pad_token_id)
@@ -224,7 +226,8 @@ def test_a_qkv_checkpoint_keeps_the_roles_in_the_files_hugging_face_reads(llama3
     assert again.config == model.config
     reader = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")  # transformers reads the same roles
     assert (reader.bos_token, reader.eos_token, reader.pad_token) == (hf.bos_token, hf.eos_token, hf.pad_token)
-    assert reader.chat_template == TEMPLATE
+    assert list(reader.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)) == \
+        ChatTemplate(loaded).render(CHAT, add_generation_prompt=True).ids
 
 
 def test_roles_stated_in_code_are_checked_and_a_tokenizer_without_any_writes_none(tmp_path):

@@ -163,6 +163,14 @@ def _eot_tokens(config: dict[str, Any]) -> list[str | None]:
     return found
 
 
+def _walk(node: Any) -> Iterable[dict[str, Any]]:
+    """A tokenizer.json component and the components of a Sequence inside it."""
+    if isinstance(node, dict):
+        yield node
+        for child in node.get("pretokenizers") or []:
+            yield from _walk(child)
+
+
 def _template_text(value: Any) -> str | None:
     """``chat_template`` as a string, or a list of named templates: the one named "default", else the first."""
     if isinstance(value, list):
@@ -182,6 +190,7 @@ class Tokenizer:
         self.backend = backend
         self.roles = roles if roles is not None else TokenRoles()
         self._markup_backend: _Backend | None = None
+        self._continuation_backend: _Backend | None = None
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -339,17 +348,20 @@ class Tokenizer:
         """
         return self._encoding(text, add_special_tokens, markup).ids
 
-    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_spans(self, text: str, *, continued: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
         """As :meth:`encode` (special-token strings are text, nothing is added), with each token's (start, end)
-        character span in ``text``: how a chat template's pieces are laid end to end."""
-        encoding = self._encoding(text, False, False)
+        character span in ``text``: how a chat template's pieces are laid end to end. ``continued``: the text
+        goes on from an earlier piece (after a special token), so it gets no word-start marker that a
+        SentencePiece-style pre-tokenizer puts only at the start of a whole text (Metaspace
+        ``prepend_scheme="first"``), as the tokenizer itself encodes the pieces between special tokens."""
+        encoding = self._encoding(text, False, False, continued=continued)
         return encoding.ids, encoding.offsets
 
-    def _encoding(self, text: str, add_special_tokens: bool, markup: bool):
+    def _encoding(self, text: str, add_special_tokens: bool, markup: bool, *, continued: bool = False):
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         check_unicode(text)
-        backend = self._markup() if markup else self.backend
+        backend = self._markup() if markup else (self._continuation() if continued else self.backend)
         try:
             encoding = backend.encode(text, add_special_tokens=add_special_tokens)
         except Exception as err:
@@ -360,6 +372,19 @@ class Tokenizer:
         if unk is not None and self.kind == "char" and unk in encoding.ids:
             raise self._unknown(text)
         return encoding
+
+    def _continuation(self) -> _Backend:
+        """The backend, or a twin whose Metaspace pre-tokenizer marks no word start at the text's start (built
+        once): ``prepend_scheme`` "first" becomes "never"."""
+        if self._continuation_backend is None:
+            spec = json.loads(self.backend.to_str())
+            found = [node for node in _walk(spec.get("pre_tokenizer"))
+                     if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first"]
+            for node in found:
+                node["prepend_scheme"] = "never"
+            self._continuation_backend = _Backend.from_str(json.dumps(spec)) if found else self.backend
+            self._continuation_backend.encode_special_tokens = True
+        return self._continuation_backend
 
     def _markup(self) -> _Backend:
         """A twin of the backend that reads special-token strings as the special tokens (built once)."""
