@@ -76,20 +76,20 @@ def test_cached_logits_equal_the_full_forward_at_every_step_decoder(positional):
 
 @pytest.mark.parametrize("positional", POSITIONAL_KINDS)
 def test_model_cache_equals_full_forward_with_left_padding_and_positions(positional):
-    """The core contract generation relies on: forward(new, cache=...) == forward(prefix)[:, -1]."""
+    """The core contract generation relies on: forward(new, decode_state=...) == forward(prefix)[:, -1]."""
     model = decoder(positional, seed=3)
     ids, mask = left_pad([[4, 5, 6, 7], [8, 9]], pad_id=0)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        cache = model.new_cache(16)
-        out = model(ids, mask, positions=positions, cache=cache)
+        state = model.new_decode_state(2, 16)
+        out = model(ids, mask, decode_state=state)
         torch.testing.assert_close(out, model(ids, mask, positions=positions), atol=1e-5, rtol=0)
         for step in range(5):
             token = torch.tensor([[10 + step], [20 + step]])
             ids = torch.cat([ids, token], 1)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
             positions = torch.cat([positions, positions[:, -1:] + 1], 1)
-            cached = model(token, mask, positions=positions[:, -1:], cache=cache)[:, -1]
+            cached = model(token, decode_state=state)[:, -1]
             torch.testing.assert_close(cached, model(ids, mask, positions=positions)[:, -1], atol=1e-5, rtol=0)
 
 
@@ -107,7 +107,7 @@ def test_cached_logits_equal_the_full_forward_at_every_step_encoder_decoder(posi
             torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
             logits = stepper.step(targets[:, step: step + 1])
     # the encoder's keys and values were projected once and then only read
-    assert all(c.static and c.length == src.shape[1] for c in stepper.state.cross_caches)
+    assert all(c.static and c.keys.shape[-2] == src.shape[1] for c in stepper.state.cross_caches)
 
 
 def test_cache_and_no_cache_generate_the_same_tokens():

@@ -134,11 +134,11 @@ def test_cached_decoding_equals_full_forward(positional: str, norm_position: str
     ids = torch.randint(0, VOCAB, (2, 10), generator=gen)
     with torch.no_grad():
         full = model(ids)
-        for max_len in (None, 16):  # growing cache and preallocated cache
-            cache = model.new_cache(max_len=max_len) if max_len else [type(c)() for c in model.new_cache()]
-            steps = [model(ids[:, :4], cache=cache)]  # prefill with a prompt, then one token at a time
-            steps += [model(ids[:, i : i + 1], cache=cache) for i in range(4, 10)]
-            assert cache[0].length == 10
+        for max_len in (None, 10, 16):  # the whole context, exactly the tokens fed, more
+            state = model.new_decode_state(2, max_len)
+            steps = [model(ids[:, :4], decode_state=state)]  # prefill with a prompt, then one token at a time
+            steps += [model(ids[:, i : i + 1], decode_state=state) for i in range(4, 10)]
+            assert state.length == 10
             assert max_err(torch.cat(steps, dim=1), full) <= ATOL, max_len
 
 
@@ -152,10 +152,10 @@ def test_cached_seq2seq_decoding_equals_full_forward(positional: str) -> None:
     with torch.no_grad():
         full = model(src, tgt, src_attention_mask=src_mask)
         memory = model.encode(src, src_mask)
-        cache, cross_cache = model.new_cache(), model.new_cache()
-        steps = [model.decode(tgt[:, :1], memory, src_mask, cache=cache, cross_cache=cross_cache)]
-        for i in range(1, 6):  # after the first step the encoder's keys and values come from cross_cache
-            steps.append(model.decode(tgt[:, i : i + 1], None, src_mask, cache=cache, cross_cache=cross_cache))
+        state = model.new_decode_state(2, 6)
+        steps = [model.decode(tgt[:, :1], memory, src_mask, decode_state=state)]
+        for i in range(1, 6):  # after the first step the encoder's keys and values come from the state
+            steps.append(model.decode(tgt[:, i : i + 1], None, decode_state=state))
     assert max_err(torch.cat(steps, dim=1), full) <= ATOL
 
 

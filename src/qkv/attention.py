@@ -297,66 +297,47 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
 class KVCache:
     """The keys and values one attention layer has already computed, so each new token costs O(1) projections.
 
-    Memory is allocated once for ``max_len`` positions and filled in place; ``static=True`` marks a cache filled
-    once and then only read (the encoder's keys and values in cross-attention).
+    ``(batch, kv_heads, max_len, d_k)`` keys and values, allocated on the first write in the dtype and on the
+    device of the keys written (autocast's bf16 included: a cache never takes its dtype from a weight), then
+    written in place at *slot indices given as a tensor*, so a decoding step has the same shapes and the same
+    graph every step (what ``torch.compile`` needs). Which slot holds which token is the decode state's business
+    (``qkv.decode_state``); ``static=True`` marks a cache filled once and then only read (the encoder's keys and
+    values in cross-attention).
     """
 
-    def __init__(self, max_len: int | None = None):
-        self.max_len = max_len
+    def __init__(self, max_len: int = 0):
+        self.max_len = max_len  # slots
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
-        self.length = 0
         self.static = False
 
-    def allocate(self, batch: int, n_heads: int, d_k: int, *, dtype: torch.dtype,
-                 device: torch.device | str) -> KVCache:
-        """Allocate the ``(batch, n_heads, max_len, d_k)`` keys and values now (a fixed shape from the start)."""
-        self.keys = torch.empty(batch, n_heads, self.max_len, d_k, dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
-        return self
-
-    def drop_oldest(self, n: int) -> None:
-        """Forget the ``n`` oldest positions, in place: the rest move to the front (a sliding window)."""
-        if n <= 0 or self.keys is None:
-            return
-        keep = self.length - n
-        if keep > 0:  # clone: source and destination overlap
-            self.keys[:, :, :keep] = self.keys[:, :, n : self.length].clone()
-            self.values[:, :, :keep] = self.values[:, :, n : self.length].clone()
-        self.length = max(keep, 0)
-
-    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``(batch, heads, new, d_k)`` keys/values after the ones held; return all of them."""
-        new = keys.shape[-2]
-        if self.max_len is None:  # growing cache: simple, reallocates every step
-            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=-2)
-            self.values = values if self.values is None else torch.cat([self.values, values], dim=-2)
-            self.length += new
-            return self.keys, self.values
-        if self.keys is None or (self.length == 0 and self.keys.dtype != keys.dtype):  # (autocast changes it)
+    def write(self, slots: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Store ``(batch, heads, t, d_k)`` keys/values at the ``t`` slots ``slots`` (a LongTensor (t,))."""
+        if self.keys is None:
             b, h, _, d = keys.shape
-            self.keys = keys.new_empty(b, h, self.max_len, d)
-            self.values = values.new_empty(b, h, self.max_len, values.shape[-1])
-        if self.length + new > self.max_len:
-            raise ValueError(
-                f"KV cache holds at most {self.max_len} positions; {self.length} + {new} do not fit. "
-                "Allocate a larger cache (max_len) or shorten the prompt plus max_new_tokens"
-            )
-        self.keys[:, :, self.length : self.length + new] = keys
-        self.values[:, :, self.length : self.length + new] = values
-        self.length += new
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+            self.keys = keys.new_zeros(b, h, self.max_len, d)
+            self.values = values.new_zeros(b, h, self.max_len, values.shape[-1])
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
+
+    def drop_oldest(self, n: int, length: int) -> None:
+        """Forget the ``n`` oldest of the first ``length`` slots, in place: the rest move to the front (a window
+        that is re-encoded later; eager decoding only)."""
+        keep = length - n
+        if n > 0 and keep > 0 and self.keys is not None:  # clone: source and destination overlap
+            self.keys[:, :, :keep] = self.keys[:, :, n:length].clone()
+            self.values[:, :, :keep] = self.values[:, :, n:length].clone()
 
     def set_static(self, keys: Tensor, values: Tensor) -> None:
         """Fill once with keys/values that never change (cross-attention over the encoder output)."""
-        self.keys, self.values, self.length, self.static = keys, values, keys.shape[-2], True
+        self.keys, self.values, self.max_len, self.static = keys, values, keys.shape[-2], True
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (beam search reorders hypotheses every step); a preallocated cache keeps
-        its memory (rows are copied in place)."""
+        """Keep batch rows ``index`` (beam search reorders hypotheses every step); a cache of the same batch size
+        keeps its memory (rows are copied in place)."""
         if self.keys is None:
             return
-        if self.max_len is not None and not self.static and len(index) == self.keys.shape[0]:
+        if not self.static and len(index) == self.keys.shape[0]:
             self.keys.copy_(self.keys.index_select(0, index))
             self.values.copy_(self.values.index_select(0, index))
         else:
@@ -372,11 +353,23 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W_O, head_i = Attention(X W_Q^i, C W_K^i, C W_V^i).
 
-    C = X for self-attention; C = the encoder output (``context``) for cross-attention. W_Q, W_K and W_V of all
-    heads are stored as one matrix (``qkv``) so self-attention projects with a single matrix multiply; the
-    properties ``W_Q``, ``W_K``, ``W_V`` and ``W_O`` show the paper's matrices. ``n_kv_heads < n_heads`` gives
-    grouped-query attention (heads share keys and values in groups).
+    C = X for self-attention; C = the encoder output (``context``) for cross-attention. ``n_kv_heads < n_heads``
+    gives grouped-query attention (heads share keys and values in groups). The properties ``W_Q``, ``W_K``,
+    ``W_V`` and ``W_O`` show the paper's matrices.
+
+    Every projection is an ``nn.Linear`` module, called as a module, so an adapter (peft's LoRA) or a quantized
+    layer can stand in for any of them. How the three input projections are stored, ``layout``:
+
+    - ``"qkv"`` (self-attention's default): one module ``qkv`` = [W_Q | W_K | W_V], one matrix multiply;
+    - ``"q_kv"`` (cross-attention's default): ``q`` = W_Q on the decoder's x, ``kv`` = [W_K | W_V] on the
+      encoder output, each called once on its own input;
+    - ``"q_k_v"``: three modules ``q``, ``k``, ``v``: the seam for adapting or quantizing one *part* (LoRA on
+      W_Q and W_V only, as in the LoRA paper: ``target_modules=["q", "v"]``). ``ModelConfig.fused_qkv=False``
+      builds it; :meth:`set_layout` converts a model in place. The function and the weights are the same in
+      every layout (a checkpoint of one loads into another).
     """
+
+    LAYOUTS = ("qkv", "q_kv", "q_k_v")
 
     def __init__(
         self,
@@ -386,60 +379,139 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
+        layout: str = "qkv",
     ):
         super().__init__()
         if n_heads < 1 or d_model % n_heads != 0:
-            raise ValueError(
-                f"d_model={d_model} is not divisible by n_heads={n_heads}; "
-                f"pick d_model a multiple of {n_heads} (d_k = d_model / n_heads)"
-            )
+            fix = f"pick d_model a multiple of {n_heads}" if n_heads >= 1 else "n_heads must be at least 1"
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; {fix} "
+                             "(d_k = d_model / n_heads)")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(self.LAYOUTS)}")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.d_k = d_model // n_heads
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.d_k, bias=bias)  # [W_Q | W_K | W_V]
+        self.has_bias = bias
+        self.layout = layout
+        self._build(layout)
         self.out = nn.Linear(d_model, d_model, bias=bias)  # W_O
 
-    # The paper's matrices, as views of the stored weights (nn.Linear keeps W^T: y = x W^T + b).
+    def _build(self, layout: str) -> None:
+        kv = self.n_kv_heads * self.d_k
+        for name in ("qkv", "q", "kv", "k", "v"):
+            if name in self._modules:
+                del self._modules[name]
+        if layout == "qkv":
+            self.qkv = nn.Linear(self.d_model, self.d_model + 2 * kv, bias=self.has_bias)  # [W_Q | W_K | W_V]
+        else:
+            self.q = nn.Linear(self.d_model, self.d_model, bias=self.has_bias)  # W_Q
+            if layout == "q_kv":
+                self.kv = nn.Linear(self.d_model, 2 * kv, bias=self.has_bias)  # [W_K | W_V]
+            else:
+                self.k = nn.Linear(self.d_model, kv, bias=self.has_bias)  # W_K
+                self.v = nn.Linear(self.d_model, kv, bias=self.has_bias)  # W_V
+        self.layout = layout
+
+    # -- the paper's matrices, as views of the stored weights (nn.Linear keeps W^T: y = x W^T + b) ---------------
+    def _projection_weight(self, part: str) -> Tensor:
+        """The stored (out, d_model) rows of W_Q, W_K or W_V ("q", "k", "v") in any layout."""
+        kv = self.n_kv_heads * self.d_k
+        module, rows = {
+            "qkv": {"q": ("qkv", slice(0, self.d_model)), "k": ("qkv", slice(self.d_model, self.d_model + kv)),
+                    "v": ("qkv", slice(self.d_model + kv, None))},
+            "q_kv": {"q": ("q", slice(None)), "k": ("kv", slice(0, kv)), "v": ("kv", slice(kv, None))},
+            "q_k_v": {"q": ("q", slice(None)), "k": ("k", slice(None)), "v": ("v", slice(None))},
+        }[self.layout][part]
+        return _plain_weight(getattr(self, module), f"W_{part.upper()}")[rows]
+
     @property
     def W_Q(self) -> Tensor:  # noqa: N802 - the paper's name
-        return self.qkv.weight[: self.d_model].T
+        return self._projection_weight("q").T
 
     @property
     def W_K(self) -> Tensor:  # noqa: N802
-        return self.qkv.weight[self.d_model : self.d_model + self.n_kv_heads * self.d_k].T
+        return self._projection_weight("k").T
 
     @property
     def W_V(self) -> Tensor:  # noqa: N802
-        return self.qkv.weight[self.d_model + self.n_kv_heads * self.d_k :].T
+        return self._projection_weight("v").T
 
     @property
     def W_O(self) -> Tensor:  # noqa: N802
-        return self.out.weight.T
+        return _plain_weight(self.out, "W_O").T
 
+    def set_layout(self, layout: str) -> None:
+        """Store the input projections as ``layout`` ("qkv", "q_kv" or "q_k_v"), in place, the weights copied
+        exactly (the function does not change). Raises ValueError for a projection that is not a plain nn.Linear
+        (merge an adapter, or dequantize, first)."""
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(self.LAYOUTS)}")
+        if layout == self.layout:
+            return
+        for name in ("qkv", "q", "kv", "k", "v"):
+            if name in self._modules:
+                _plain_weight(self._modules[name], f"the {name} projection")
+        state = self.state_dict()
+        self._build(layout)
+        reference = state["out.weight"] if "out.weight" in state else next(iter(state.values()))
+        self.to(device=reference.device, dtype=reference.dtype)
+        self.load_state_dict(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint written in another layout (every qkv checkpoint written before cross-attention had W_Q
+        # and [W_K | W_V] modules of its own stored it as one qkv matrix): the same rows, regrouped by name.
+        kv = self.n_kv_heads * self.d_k
+        for end in ("weight", "bias"):
+            names = {n for n in ("qkv", "q", "kv", "k", "v") if f"{prefix}{n}.{end}" in state_dict}
+            wanted = {"qkv": {"qkv"}, "q_kv": {"q", "kv"}, "q_k_v": {"q", "k", "v"}}[self.layout]
+            parts = _split_projection(state_dict, prefix, end, self.d_model, kv)
+            if parts is None or names == wanted:
+                continue
+            for name in names:
+                del state_dict[f"{prefix}{name}.{end}"]
+            q, k, v = parts
+            regrouped = {"qkv": {"qkv": torch.cat([q, k, v])}, "q_kv": {"q": q, "kv": torch.cat([k, v])},
+                         "q_k_v": {"q": q, "k": k, "v": v}}[self.layout]
+            state_dict.update({f"{prefix}{name}.{end}": value for name, value in regrouped.items()})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # -- the computation -------------------------------------------------------------------------------------
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(batch, seq, n_heads * d_k) → (batch, n_heads, seq, d_k)."""
         b, t, _ = x.shape
         return x.view(b, t, n_heads, self.d_k).transpose(1, 2)
 
+    def project_queries(self, x: Tensor) -> Tensor:
+        """Q = X W_Q, split into heads (batch, heads, seq, d_k): cross-attention's step once K, V are cached."""
+        if self.layout == "qkv":  # the fused module computes all three; keep Q (a layout for self-attention)
+            return self.split_heads(self.qkv(x)[..., : self.d_model], self.n_heads)
+        return self.split_heads(self.q(x), self.n_heads)
+
+    def project_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """K = C W_K, V = C W_V, split into heads: each (batch, kv_heads, src_seq, d_k)."""
+        kv = self.n_kv_heads * self.d_k
+        if self.layout == "q_k_v":
+            k, v = self.k(context), self.v(context)
+        else:
+            k, v = (self.kv(context) if self.layout == "q_kv" else self.qkv(context)[..., self.d_model :]).split(kv, -1)
+        return self.split_heads(k, self.n_kv_heads), self.split_heads(v, self.n_kv_heads)
+
     def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Q = X W_Q, K = C W_K, V = C W_V, split into heads: each (batch, heads, seq, d_k)."""
-        kv = self.n_kv_heads * self.d_k
-        if context is None:  # one view splits all heads: [W_Q | W_K | W_V] outputs are head-major
+        if context is None and self.layout == "qkv":  # one view splits all heads: the outputs are head-major
             b, t, _ = x.shape
             heads = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.d_k)
             # Split before transposing: backward then joins the three gradients straight into the
             # (batch, seq, 3·d_model) layout the projection needs, with no extra copy.
             q, k, v = heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model])
-        k, v = F.linear(context, w[self.d_model :], None if b is None else b[self.d_model :]).split(kv, -1)
-        return self.split_heads(q, self.n_heads), self.split_heads(k, self.n_kv_heads), self.split_heads(
-            v, self.n_kv_heads
-        )
+        k, v = self.project_keys_values(x if context is None else context)
+        return self.project_queries(x), k, v
 
     def forward(
         self,
@@ -452,23 +524,27 @@ class MultiHeadAttention(nn.Module):
         rotate=None,
         bias: Tensor | None = None,
         cache: KVCache | None = None,
+        slots: Tensor | None = None,
+        n_keys: int | None = None,
+        checked: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x: (batch, seq, d_model); context: (batch, src_seq, d_model) or None → (output, weights or None).
 
         ``rotate`` (a callable on (batch, heads, seq, d_k)) is how rotary position embeddings act on queries
-        and keys; ``cache`` holds past keys/values when decoding token by token.
+        and keys. Decoding with a ``cache``: the new keys/values are written at ``slots`` (a LongTensor (seq,))
+        and attention reads the cache's first ``n_keys`` slots (all of them when None); ``mask`` then covers
+        those keys. ``checked=True``: the caller (a model) built ``mask`` and ``bias`` itself, so they are not
+        checked again (the input checks would cost each decoding step several percent).
         """
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"expected input of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
-        if context is not None and (context.dim() != 3 or context.shape[-1] != self.d_model):
-            raise ValueError(
-                f"expected context of shape (batch, src_seq, {self.d_model}), got {tuple(context.shape)}"
-            )
+        if not checked:
+            if x.dim() != 3 or x.shape[-1] != self.d_model:
+                raise ValueError(f"expected input of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
+            if context is not None and (context.dim() != 3 or context.shape[-1] != self.d_model):
+                raise ValueError(
+                    f"expected context of shape (batch, src_seq, {self.d_model}), got {tuple(context.shape)}"
+                )
         if cache is not None and cache.static:  # cross-attention keys/values computed once
-            w, b = self.qkv.weight, self.qkv.bias
-            q = self.split_heads(F.linear(x, w[: self.d_model], None if b is None else b[: self.d_model]),
-                                 self.n_heads)
-            k, v = cache.keys, cache.values
+            q, k, v = self.project_queries(x), cache.keys, cache.values
         else:
             q, k, v = self.project(x, context)
             if rotate is not None:
@@ -477,8 +553,11 @@ class MultiHeadAttention(nn.Module):
                 if context is not None:
                     cache.set_static(k, v)
                 else:
-                    k, v = cache.append(k, v)
-        if mask is not None or bias is not None:  # q, k, v are built here; only what callers pass needs checks
+                    cache.write(slots, k, v)
+                    k, v = cache.keys, cache.values
+                    if n_keys is not None and n_keys != k.shape[-2]:
+                        k, v = k[:, :, :n_keys], v[:, :, :n_keys]
+        if not checked and (mask is not None or bias is not None):  # only what callers pass needs checks
             every_head = k if self.n_kv_heads == self.n_heads else k[:, :1].expand(-1, self.n_heads, -1, -1)
             mask = _check_inputs(q, every_head, every_head, mask, bias)
         out, weights = _dispatch(q, k, v, mask, causal, None, self.dropout if self.training else 0.0,
@@ -486,3 +565,28 @@ class MultiHeadAttention(nn.Module):
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # Concat(head_1..head_h)
         return self.out(out), weights
+
+
+def _plain_weight(module: nn.Module, name: str) -> Tensor:
+    """The weight of a plain nn.Linear, for the W_Q..W_O views; one line for anything else."""
+    if type(module) is not nn.Linear:
+        raise ValueError(f"{name} is a view of a plain nn.Linear, but this projection is a {type(module).__name__} "
+                         "(an adapter or a quantized layer): merge the adapter (merge_and_unload) or dequantize "
+                         "first")
+    return module.weight
+
+
+def _split_projection(state: dict[str, Tensor], prefix: str, end: str, d_model: int, kv: int
+                      ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(W_Q, W_K, W_V) rows (or biases) from a state dict in any layout; None when it holds none."""
+    def get(name: str) -> Tensor | None:
+        return state.get(f"{prefix}{name}.{end}")
+
+    if get("qkv") is not None:
+        fused = get("qkv")
+        return fused[:d_model], fused[d_model : d_model + kv], fused[d_model + kv :]
+    if get("q") is not None and get("kv") is not None:
+        return get("q"), get("kv")[:kv], get("kv")[kv:]
+    if get("q") is not None and get("k") is not None and get("v") is not None:
+        return get("q"), get("k"), get("v")
+    return None

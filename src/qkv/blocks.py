@@ -29,6 +29,9 @@ class AttentionInputs:
     - ``bias``: an additive score term, ALiBi's (1, heads, queries, keys), or None;
     - ``need_weights``: return each layer's attention weights;
     - ``caches`` / ``cross_caches``: one KVCache per block (decoding), or None;
+    - ``slots``: where this forward's new keys/values go in each cache, a LongTensor (seq,); ``n_keys``: how many
+      cache slots attention reads (None: all, the fixed shape of a compiled step);
+    - ``checked``: the model built ``mask`` and ``bias`` itself, so attention does not check them again;
     - ``context`` / ``context_mask``: the encoder output (batch, source, d_model) and its (batch, 1, 1, source)
       mask, for a decoder block's cross-attention.
     """
@@ -40,6 +43,9 @@ class AttentionInputs:
     need_weights: bool = False
     caches: Sequence[KVCache] | None = None
     cross_caches: Sequence[KVCache] | None = None
+    slots: Tensor | None = None
+    n_keys: int | None = None
+    checked: bool = False
     context: Tensor | None = None
     context_mask: Tensor | None = None
 
@@ -102,7 +108,7 @@ class EncoderBlock(nn.Module):
         self.pre_norm = config.norm_position == "pre"
         self.self_attn = MultiHeadAttention(
             config.d_model, config.n_heads, n_kv_heads=config.n_kv_heads, bias=config.bias,
-            dropout=config.attn_dropout,
+            dropout=config.attn_dropout, layout="qkv" if config.fused_qkv else "q_k_v",
         )
         self.self_attn_norm = make_norm(config)
         self.ffn = FeedForward(config)
@@ -122,7 +128,8 @@ class EncoderBlock(nn.Module):
 
         def attend(h: Tensor) -> Tensor:
             out, w = self.self_attn(h, mask=inputs.mask, causal=inputs.causal, need_weights=inputs.need_weights,
-                                    rotate=inputs.rotate, bias=inputs.bias, cache=cache)
+                                    rotate=inputs.rotate, bias=inputs.bias, cache=cache, slots=inputs.slots,
+                                    n_keys=inputs.n_keys, checked=inputs.checked)
             weights.append(w)
             return out
 
@@ -146,9 +153,9 @@ class DecoderBlock(EncoderBlock):
         super().__init__(config)
         self.cross_attn = self.cross_attn_norm = None
         if cross_attention:
-            self.cross_attn = MultiHeadAttention(
+            self.cross_attn = MultiHeadAttention(  # W_Q on the decoder's x, [W_K | W_V] on the encoder output
                 config.d_model, config.n_heads, n_kv_heads=config.n_kv_heads, bias=config.bias,
-                dropout=config.attn_dropout,
+                dropout=config.attn_dropout, layout="q_kv" if config.fused_qkv else "q_k_v",
             )
             self.cross_attn_norm = make_norm(config)
 
@@ -164,7 +171,7 @@ class DecoderBlock(EncoderBlock):
 
             def cross(h: Tensor) -> Tensor:
                 out, w = self.cross_attn(h, inputs.context, mask=inputs.context_mask,
-                                         need_weights=inputs.need_weights, cache=cross_cache)
+                                         need_weights=inputs.need_weights, cache=cross_cache, checked=inputs.checked)
                 found.append(w)
                 return out
 

@@ -50,6 +50,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the token embedding with the output projection (and across sides)
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model), as the paper does
     bias: bool = True  # biases in attention and feed-forward projections
+    fused_qkv: bool = True  # one [W_Q | W_K | W_V] module; False: q, k, v modules (an adapter per part)
     final_norm: bool | None = None  # a norm after the last block; default: True for pre-LN, False for post-LN
     embedding_norm: bool = False  # a norm right after the embeddings (BERT)
     n_token_types: int = 0  # segment embeddings (BERT uses 2)

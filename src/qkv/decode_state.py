@@ -4,27 +4,37 @@
     logits = model(prompt_ids, attention_mask, decode_state=state)      # (batch, prompt, vocab)
     logits = model(next_ids, decode_state=state)                        # (batch, 1, vocab), and so on
 
-It holds, in tensors allocated once at a fixed shape and written in place:
+It holds, in tensors allocated on the first call at a fixed shape and then written in place:
 
 - one key/value cache per decoder layer, ``(batch, kv_heads, capacity, d_k)``;
+- which column (the count of tokens fed before it) each cache slot holds, ``(capacity,)``;
 - the token ids whose keys are cached, ``(batch, capacity)`` (to re-encode a window, below);
 - the padding mask of those tokens (None while no token was padding), True at real tokens;
 - each row's next position, counted from the row's first real token, so that a left-padded row sees the
   positions it would see alone;
 - for an encoder-decoder, the cross-attention keys/values of the encoder output and the source mask.
 
+**One graph for every step.** Keys and values are written at slot indices held in tensors, and everything that
+changes from step to step (the column count, positions, the slots' columns) is a tensor too, so
+``torch.compile(fullgraph=True)`` of a decoding step traces it once (and once more for the prompt, whose length
+differs). Eagerly, a step attends to the slots filled so far (and needs no mask at all while nothing is
+padding); compiled, it attends to the whole cache with a mask that hides the slots not yet written.
+
 **Past the context** (more than ``max_seq_len`` tokens) the state slides a window of the last ``max_seq_len``
 tokens, unless it was created with ``sliding_window=False`` (then the step is refused). How depends on the
 positional encoding:
 
-- relative or no positions (``rope``, ``alibi``, ``none``): the oldest keys and values are dropped and positions
-  keep counting. Scores depend on position differences only, so each new token attends to the last
-  ``max_seq_len`` tokens exactly as a forward pass over the whole sequence with a *sliding-window* causal mask
-  would (Mistral's sliding-window attention). It is not a fresh forward pass over the window: keys of a deeper
-  layer still carry what their token saw before older tokens left the window.
+- relative or no positions (``rope``, ``alibi``, ``none``): the cache is a ring: the new token's keys and values
+  overwrite the oldest slot and positions keep counting. Scores depend on position differences only, so each
+  new token attends to the last ``max_seq_len`` tokens exactly as a forward pass over the whole sequence with a
+  *sliding-window* causal mask would (Mistral's sliding-window attention); compiled, it is still the same graph.
+  It is not a fresh forward pass over the window: keys of a deeper layer still carry what their token saw before
+  older tokens left the window.
 - absolute positions (``sinusoidal``, ``learned``): a position the model never saw has no meaning, so the window
   is re-encoded from position 0 whenever a real token must leave it: each such step equals a forward pass
-  without cache over the most recent ``max_seq_len`` tokens (and costs one).
+  without cache over the most recent ``max_seq_len`` tokens (and costs one). Deciding when needs the count on
+  the host, so a compiled step refuses a state that may have to re-encode (decode such a model eagerly past its
+  context, or give it a state of fewer than max_seq_len positions).
 
 Dropping only padding (the oldest slots of a left-padded row) changes nothing, so it never re-encodes.
 """
@@ -36,70 +46,119 @@ from torch import Tensor
 
 from .attention import KVCache
 
-__all__ = ["DecodeState", "ROLLING_POSITIONALS"]
+__all__ = ["DecodeState", "ROLLING_POSITIONALS", "UNWRITTEN"]
 
 # Positional encodings whose cache may roll: attention scores depend only on position differences (or on
 # nothing), so keys computed at earlier positions stay valid as the window slides.
 ROLLING_POSITIONALS = ("rope", "alibi", "none")
+
+UNWRITTEN = 2**62  # the column of a slot that holds no token yet: after every query's column
 
 
 class DecodeState:
     """Per-row decoding state of one batch (see the module docstring). Create it with
     ``model.new_decode_state(batch, max_len)``; only the model reads and writes it.
 
-    ``capacity`` = min(max_len, max_seq_len) positions are allocated. ``length`` is how many are filled.
+    ``capacity`` = min(max_len, max_seq_len) slots are allocated. ``length`` is how many hold a token (read by
+    eager steps; a compiled step keeps its counts in tensors only).
     """
 
     def __init__(self, *, batch: int, capacity: int, max_len: int, max_seq_len: int, positional: str,
-                 sliding_window: bool, caches: list[KVCache], cross_caches: list[KVCache] | None,
-                 device: torch.device):
+                 sliding_window: bool, caches: list[KVCache], cross_caches: list[KVCache] | None):
         self.batch, self.capacity, self.max_len, self.max_seq_len = batch, capacity, max_len, max_seq_len
         self.sliding_window = sliding_window
         self.rolls = positional in ROLLING_POSITIONALS
+        slides = sliding_window and capacity >= max_seq_len  # a smaller state refuses instead (see free())
+        self.ring = slides and self.rolls  # the cache is a ring: the newest token overwrites the oldest slot
+        self.keeps_ids = slides and not self.rolls  # the ids are kept to re-encode a window
+        # RoPE's table holds max_seq_len positions; a ring keeps counting past them (no bound).
+        self.position_limit = UNWRITTEN if self.ring else None
         self.caches, self.cross_caches = caches, cross_caches
-        # The ids are kept only where a window may be re-encoded: a sliding state with absolute positions.
-        self.keeps_ids = sliding_window and not self.rolls
-        self.ids = torch.zeros(batch, capacity if self.keeps_ids else 0, dtype=torch.long, device=device)
-        self.counting = torch.arange(max(max_len, capacity), device=device).unsqueeze(0)  # (1, n): 0, 1, 2, ...
-        self.mask: Tensor | None = None  # (batch, capacity) True at real tokens; None: no padding so far
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.source_mask: Tensor | None = None  # (batch, 1, 1, source) for cross-attention
-        self.length = 0  # positions filled
-        self.fed = 0  # columns fed since the last (re-)start: positions never reach it
+        self.mask: Tensor | None = None  # (batch, capacity) True at real tokens; None: no padding so far
         self.checked = False  # inputs are checked on the first call only
+        # Tensors, allocated on the first call on the device of the ids (see allocate()).
+        # (1,) tokens fed since the last (re-)start: the next token's column, and its slot (modulo the capacity
+        # in a ring; a window that re-encodes renumbers its columns when it drops its oldest)
+        self.column: Tensor | None = None
+        self.slot_column: Tensor | None = None  # (capacity,) the column each slot holds; UNWRITTEN when none
+        self.next_position: Tensor | None = None  # (batch,) each row's next position, once padding was seen
+        self.ids: Tensor | None = None  # (batch, capacity) the ids held, when a window may be re-encoded
+        self.offsets: Tensor | None = None  # (capacity,) 0, 1, 2, ...
+        # Host counts, kept by eager steps (a compiled step leaves them stale; the next eager step re-reads them).
+        self.length = 0  # slots that hold a token
+        self.fed = 0  # tokens fed since the last (re-)start
+        self.synced = True
+
+    def allocate(self, device: torch.device) -> None:
+        """Create the per-step tensors (the first call does, on the device of its ids)."""
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.offsets = torch.arange(self.capacity, device=device)
+        self.slot_column = torch.full((self.capacity,), UNWRITTEN, dtype=torch.long, device=device)
+        self.next_position = torch.zeros(self.batch, dtype=torch.long, device=device)
+        if self.keeps_ids:
+            self.ids = torch.zeros(self.batch, self.capacity, dtype=torch.long, device=device)
 
     # -- what the model asks ----------------------------------------------------------------------------------
-    def key_mask(self) -> Tensor | None:
-        """(batch, 1, 1, length): which cached positions are real tokens; None when all are."""
-        return None if self.mask is None else self.mask[:, None, None, : self.length]  # built here: no checks
+    def sync(self) -> None:
+        """Re-read the host counts after compiled steps (an eager step calls this first; one read per step at
+        most, none while every step is eager)."""
+        if not self.synced:
+            self.fed = int(self.column)
+            self.length = min(self.fed, self.capacity)
+            self.synced = True
 
-    def add(self, ids: Tensor, mask: Tensor | None) -> Tensor:
-        """Record the new tokens ``ids`` (batch, t) and their mask (or None) → their positions (batch or 1, t).
+    def add(self, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Record the new tokens ``ids`` (batch, t) and their mask (or None) → (their positions (batch or 1, t),
+        the slots they are written to (t,), their columns (t,)).
 
         The caller made room first (:meth:`free`)."""
-        t, start = ids.shape[1], self.length
+        t = ids.shape[1]
+        if self.column is None:
+            self.allocate(ids.device)
+        columns = self.column.clone() if t == 1 else self.column + self.offsets[:t]
+        slots = columns % self.capacity if self.ring else columns
+        self.slot_column.index_copy_(0, slots, columns)
         if self.keeps_ids:
-            self.ids[:, start : start + t] = ids
+            self.ids.index_copy_(1, slots, ids)
         if mask is not None and self.mask is None:  # the first padding seen: every earlier column was real
             self.mask = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=ids.device)
-            self.next_position.fill_(self.fed)
+            self.next_position.copy_(self.column)
         if self.mask is None:
-            if self.fed + t <= self.counting.shape[1]:
-                positions = self.counting[:, self.fed : self.fed + t]  # a view: cheaper than a new arange
-            else:  # more than max_len tokens, in a window that rolls
-                positions = torch.arange(self.fed, self.fed + t, device=ids.device).unsqueeze(0)
+            positions = columns.unsqueeze(0)  # (1, t): every row counts from its first token, column 0
         else:
             real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
-            self.mask[:, start : start + t] = real
+            self.mask.index_copy_(1, slots, real)
             counted = real.long().cumsum(-1)
             positions = (self.next_position[:, None] + counted - 1).clamp(min=0)  # padding: clamped, unused
             self.next_position += counted[:, -1]
-        self.length += t
-        self.fed += t
-        return positions
+        self.column += t
+        if torch.compiler.is_compiling():
+            self.synced = False  # a constant store: the graph does not depend on the counts
+        else:
+            self.fed += t
+            self.length = min(self.length + t, self.capacity)
+        return positions, slots, columns
+
+    def attention_view(self, columns: Tensor) -> tuple[Tensor | None, bool, int | None]:
+        """What the new tokens (at ``columns`` (t,)) attend to → (mask, causal, n_keys): the first ``n_keys``
+        slots (all when None), whose columns are ``slot_column[:n_keys]``.
+
+        Eagerly: the ``length`` slots held, in order until a ring wraps; ``causal`` for several new tokens; a
+        mask only where padding was seen. Compiled: every slot, with a mask that hides the slots not yet written
+        and those after each query (one shape for every step)."""
+        if torch.compiler.is_compiling():
+            visible = (self.slot_column[None, :] <= columns[:, None])[None, None]  # (1, 1, t, capacity)
+            mask = visible if self.mask is None else visible & self.mask[:, None, None, :]
+            return mask, False, None
+        n = self.length
+        mask = None if self.mask is None else self.mask[:, None, None, :n]  # built here: no checks
+        # A ring that wrapped takes one token at a time (the model splits), which may see every slot held.
+        return mask, columns.shape[0] > 1, n
 
     def free(self, n: int) -> bool:
-        """Drop the ``n`` oldest positions of every row → whether a real token may have been among them.
+        """Drop the ``n`` oldest positions of every row (a state that re-encodes: absolute positions) → whether a
+        real token may have been among them. Eager steps only.
 
         Raises ValueError when the state may not slide (``sliding_window=False``, or allocated for fewer than
         ``max_seq_len`` positions)."""
@@ -112,14 +171,17 @@ class DecodeState:
                              "generate fewer tokens, or pass sliding_window=True to keep the last "
                              f"{self.max_seq_len} tokens")
         # Only a re-encoding state needs to know (a device sync): were the dropped slots all padding?
-        dropped_real = self.rolls or self.mask is None or bool(self.mask[:, :n].any())
-        keep = self.length - n
-        for t in (self.ids if self.keeps_ids else None, self.mask):
+        dropped_real = self.mask is None or bool(self.mask[:, :n].any())
+        keep, length = self.length - n, self.length
+        for t in (self.ids, self.mask):
             if t is not None:
-                t[:, :keep] = t[:, n : self.length].clone()
+                t[:, :keep] = t[:, n:length].clone()
         for cache in self.caches:
-            cache.drop_oldest(n)
-        self.length = keep
+            cache.drop_oldest(n, length)
+        self.slot_column[:keep] = self.slot_column[n:length] - n  # columns renumbered: slot == column again
+        self.slot_column[keep:] = UNWRITTEN
+        self.column -= n
+        self.length, self.fed = keep, self.fed - n
         return dropped_real
 
     def window(self) -> tuple[Tensor, Tensor | None]:
@@ -127,9 +189,9 @@ class DecodeState:
         ids = self.ids[:, : self.length].clone()
         mask = None if self.mask is None else self.mask[:, : self.length].clone()
         self.length, self.fed, self.mask = 0, 0, None
-        self.next_position.zero_()
-        for cache in self.caches:
-            cache.length = 0
+        for t in (self.column, self.next_position):
+            t.zero_()
+        self.slot_column.fill_(UNWRITTEN)
         return ids, mask
 
     # -- what a search may do between steps ------------------------------------------------------------------
@@ -150,5 +212,6 @@ class DecodeState:
                 t.copy_(t.index_select(0, index))
 
     def __repr__(self) -> str:
+        how = "a ring" if self.ring else ("re-encodes" if self.keeps_ids else "stays within its capacity")
         return (f"DecodeState(batch={self.batch}, length={self.length}/{self.capacity}, "
-                f"sliding_window={self.sliding_window}, {'rolls' if self.rolls else 're-encodes'} past the context)")
+                f"sliding_window={self.sliding_window}, {how} past the context)")

@@ -9,8 +9,13 @@ True at real tokens (or Hugging Face's 1/0 integers; float masks are refused).
 
 Decoding step by step: ``state = model.new_decode_state(batch, max_len)``, then ``model(ids, mask,
 decode_state=state)`` with the prompt and each new token (``Transformer.decode(..., decode_state=state)``); the
-state keeps the caches, positions and mask, and slides past the context (``qkv.decode_state``). Whether a
-request fits the context at all: ``model.check_fits(n_tokens, max_new_tokens)``.
+state keeps the caches, positions and mask, and slides past the context (``qkv.decode_state``). A step has the
+same shapes every time, so ``torch.compile(fullgraph=True)`` traces it once. Whether a request fits the context
+at all: ``model.check_fits(n_tokens, max_new_tokens)``.
+
+Every weight is used by calling its module: the output layer is the module ``lm_head`` (an ``nn.Linear`` whose
+weight *is* the token embedding's when ``tie_embeddings``), attention's projections are ``nn.Linear`` modules
+(``qkv.attention.MultiHeadAttention``), so a peft adapter or a quantized layer can stand in for any of them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, check_mask, padding_mask
@@ -75,7 +79,7 @@ class _Model(nn.Module):
             raise TypeError(f"expected a qkv.ModelConfig, got {type(config).__name__}")
         self.config = config
         self.embed = Embeddings(config)
-        self.lm_head: nn.Linear | None = None  # the output projection when it is not tied to the embedding
+        self.lm_head: nn.Module | None = None  # the output layer (models that predict tokens)
 
     # -- checks ---------------------------------------------------------------------------------------------
     def _check_ids(self, ids: Tensor, name: str = "ids") -> None:
@@ -137,28 +141,37 @@ class _Model(nn.Module):
         return padding_mask(attention_mask)
 
     def _inputs(self, positions: Tensor, n_queries: int, n_keys: int, *, mask: Tensor | None = None,
-                causal: bool = False, need_weights: bool = False, caches: list[KVCache] | None = None,
-                cross_caches: list[KVCache] | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, limit: int | None = None) -> AttentionInputs:
-        """What every block of this forward pass reads, with what the positional encoding does inside attention
-        (RoPE's rotation of queries and keys, ALiBi's distance bias); ``limit`` bounds ``positions``."""
+                causal: bool = False, need_weights: bool = False, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> AttentionInputs:
+        """What every block of a forward pass without a decode state reads, with what the positional encoding
+        does inside attention (RoPE's rotation of queries and keys, ALiBi's distance bias)."""
         pe = self.embed.positional
-        return AttentionInputs(mask=mask, causal=causal, rotate=pe.rotary(positions, limit),
+        return AttentionInputs(mask=mask, causal=causal, rotate=pe.rotary(positions),
                                bias=pe.attention_bias(n_queries, n_keys, positions.device), need_weights=need_weights,
-                               caches=caches, cross_caches=cross_caches, context=context, context_mask=context_mask)
+                               context=context, context_mask=context_mask)
 
     # -- output ---------------------------------------------------------------------------------------------
-    def output_weight(self) -> Tensor:
-        """W_out of the final linear layer: the token embedding itself when ``tie_embeddings``."""
-        return self.embed.token.weight if self.lm_head is None else self.lm_head.weight
-
     def logits(self, hidden: Tensor) -> Tensor:
-        """logits = h W_out^T; softmax(logits) is the next-token distribution (the loss applies it)."""
-        return F.linear(hidden, self.output_weight())
+        """logits = h W_out^T, by the output layer ``lm_head``; softmax(logits) is the next-token distribution
+        (the loss applies it)."""
+        return self.lm_head(hidden)
 
-    def _make_lm_head(self) -> None:
+    def _make_lm_head(self, tied: bool) -> None:
+        """The output layer: an ``nn.Linear`` (d_model → vocab), whose weight is the token embedding's own
+        Parameter when ``tie_embeddings`` (one matrix, E, both reads and writes tokens: the paper's 3.4).
+
+        Tied, checkpoints hold the matrix once (``embed.token.weight``, as before the output layer was a module):
+        the state dict leaves ``lm_head.weight`` out and loading fills it from the embedding. An adapter or a
+        quantized copy put in ``lm_head``'s place leaves the embedding lookup exact.
+        """
         c = self.config
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if not tied:
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            return
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, device="meta")  # no matrix, no random draw
+        self.lm_head.weight = self.embed.token.weight
+        self._register_state_dict_hook(_drop_tied_output)
+        self.register_load_state_dict_post_hook(_tied_output_is_not_missing)
 
     # -- initialisation -------------------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -172,6 +185,8 @@ class _Model(nn.Module):
         n_layers = max(1, c.n_encoder_layers * isinstance(self, (Encoder, Transformer))
                        + c.n_decoder_layers * isinstance(self, (DecoderLM, Transformer)))
         for name, module in self.named_modules():
+            if module is self.lm_head and self.lm_head.weight is self.embed.token.weight:
+                continue  # its weight is the token embedding, initialised as one
             if isinstance(module, nn.Linear):
                 scaled = name.endswith(("attn.out", "ffn.w2"))
                 nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * n_layers) if scaled else std)
@@ -186,10 +201,9 @@ class _Model(nn.Module):
             total -= sum(p.numel() for p in self.embed.positional.parameters())
         return total
 
-    def new_cache(self, max_len: int | None = None, layers: int | None = None) -> list[KVCache]:
-        """One empty key/value cache per decoder layer; ``max_len`` preallocates (default: max_seq_len)."""
-        n = self.config.n_decoder_layers if layers is None else layers
-        return [KVCache(self.config.max_seq_len if max_len is None else max_len) for _ in range(n)]
+    def new_cache(self, *args: object, **kwargs: object) -> None:
+        """Gone: decoding keeps its caches in a decode state, ``model.new_decode_state(batch, max_len)``."""
+        raise TypeError(_NO_CACHE)
 
     # -- decoding with a DecodeState --------------------------------------------------------------------------
     def new_decode_state(self, batch: int, max_len: int | None = None, *, sliding_window: bool = True
@@ -201,7 +215,7 @@ class _Model(nn.Module):
         positions are allocated). Past ``max_seq_len`` the state slides a window of the last max_seq_len tokens;
         ``sliding_window=False`` refuses instead (here when ``max_len`` is already too long).
         """
-        if not isinstance(self, (DecoderLM, Transformer)):
+        if self.model_type == "encoder":
             raise TypeError(f"a {type(self).__name__} does not decode step by step; use a DecoderLM or Transformer")
         c = self.config
         max_len = c.max_seq_len if max_len is None else max_len
@@ -210,13 +224,12 @@ class _Model(nn.Module):
         if not sliding_window:
             self.check_fits(max_len, what="max_len")
         capacity = min(max_len, c.max_seq_len)
-        weight = self.output_weight()
-        caches = [KVCache(capacity).allocate(batch, c.n_kv_heads or c.n_heads, c.d_k, dtype=weight.dtype,
-                                             device=weight.device) for _ in range(c.n_decoder_layers)]
-        cross = [KVCache(0) for _ in range(c.n_decoder_layers)] if isinstance(self, Transformer) else None
+        # The caches take their dtype and device from the first keys written (the activations), not a weight.
+        caches = [KVCache(capacity) for _ in range(c.n_decoder_layers)]
+        cross = [KVCache(0) for _ in range(c.n_decoder_layers)] if self.model_type == "seq2seq" else None
         return DecodeState(batch=batch, capacity=capacity, max_len=max_len, max_seq_len=c.max_seq_len,
                            positional=c.positional, sliding_window=sliding_window, caches=caches,
-                           cross_caches=cross, device=weight.device)
+                           cross_caches=cross)
 
     def _decode_step(self, stack: Stack, ids: Tensor, mask: Tensor | None, state: DecodeState, need_weights: bool,
                      name: str, context: Tensor | None = None, context_mask: Tensor | None = None
@@ -229,30 +242,43 @@ class _Model(nn.Module):
                 raise ValueError(f"{name} has {b} rows but the decode state was created for batch={state.batch}")
             if mask is not None:
                 mask = self._key_mask(mask, b, t, name.replace("ids", "attention_mask"))[:, 0, 0]
-                mask = None if bool(mask.all()) else mask  # nothing is padding: the fast path needs no mask
+                if not torch.compiler.is_compiling() and bool(mask.all()):
+                    mask = None  # nothing is padding: the fast path needs no mask
             state.checked = True
         elif mask is not None:
             mask = mask.bool()
-        if state.length + t > state.capacity:  # past the context: slide the window
-            if t > 1:  # one token at a time, so each sees the window it would see alone
-                outs = [self._decode_step(stack, ids[:, i : i + 1], None if mask is None else mask[:, i : i + 1],
-                                          state, need_weights, name, context, context_mask) for i in range(t)]
-                return torch.cat([o[0] for o in outs], 1), [w for o in outs for w in o[1]], [
-                    w for o in outs for w in o[2]]
-            if state.free(state.length + t - state.capacity) and not state.rolls:
-                # absolute positions: re-encode the window from position 0, then take the new token's output
-                old_ids, old_mask = state.window()
-                if mask is not None or old_mask is not None:
-                    mask = torch.cat([torch.ones_like(old_ids, dtype=torch.bool) if old_mask is None else old_mask,
-                                      torch.ones_like(ids, dtype=torch.bool) if mask is None else mask], 1)
-                x, sw, cw = self._decode_step(stack, torch.cat([old_ids, ids], 1), mask, state, need_weights,
-                                              name, context, context_mask)
-                return x[:, -t:], sw, cw
-        positions = state.add(ids, mask)
+        if torch.compiler.is_compiling():
+            if state.keeps_ids:
+                raise ValueError("a compiled decoding step cannot re-encode the window of a model with "
+                                 f"{self.config.positional} positions past its context; create the decode state "
+                                 "with max_len < max_seq_len or sliding_window=False, or decode it eagerly")
+        else:
+            state.sync()
+            if state.length + t > state.capacity:  # past the context: slide the window
+                if t > 1:  # one token at a time, so each sees the window it would see alone
+                    outs = [self._decode_step(stack, ids[:, i : i + 1], None if mask is None else mask[:, i : i + 1],
+                                              state, need_weights, name, context, context_mask) for i in range(t)]
+                    return torch.cat([o[0] for o in outs], 1), [w for o in outs for w in o[1]], [
+                        w for o in outs for w in o[2]]
+                if not state.ring and state.free(state.length + t - state.capacity):
+                    # absolute positions: re-encode the window from position 0, then take the new token's output
+                    old_ids, old_mask = state.window()
+                    if mask is not None or old_mask is not None:
+                        mask = torch.cat([torch.ones_like(old_ids, dtype=torch.bool) if old_mask is None else old_mask,
+                                          torch.ones_like(ids, dtype=torch.bool) if mask is None else mask], 1)
+                    x, sw, cw = self._decode_step(stack, torch.cat([old_ids, ids], 1), mask, state, need_weights,
+                                                  name, context, context_mask)
+                    return x[:, -t:], sw, cw
+        positions, slots, columns = state.add(ids, mask)
+        attend_mask, causal, n_keys = state.attention_view(columns)
+        pe = self.embed.positional
         x = self.embed(ids, positions)
-        return stack(x, self._inputs(positions, t, state.length, mask=state.key_mask(), causal=True,
-                                     need_weights=need_weights, caches=state.caches, limit=state.fed,
-                                     cross_caches=state.cross_caches, context=context, context_mask=context_mask))
+        return stack(x, AttentionInputs(
+            mask=attend_mask, causal=causal, rotate=pe.rotary(positions, state.position_limit),
+            bias=pe.attention_bias(t, state.capacity if n_keys is None else n_keys, ids.device,
+                                   query_positions=columns, key_positions=state.slot_column),
+            need_weights=need_weights, caches=state.caches, cross_caches=state.cross_caches, slots=slots,
+            n_keys=n_keys, context=context, context_mask=context_mask, checked=True))
 
 
 class Encoder(_Model):
@@ -265,6 +291,7 @@ class Encoder(_Model):
         if config.n_encoder_layers < 1:
             raise ValueError("an Encoder needs n_encoder_layers >= 1")
         self.layers = Stack(config, config.n_encoder_layers, lambda: EncoderBlock(config))
+        self._make_lm_head(tied=True)  # the masked-LM logits read the token embedding (BERT ties them too)
         self.init_weights()
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *, token_type_ids: Tensor | None = None,
@@ -290,12 +317,12 @@ class DecoderLM(_Model):
             raise ValueError("a DecoderLM needs n_decoder_layers >= 1")
         self.layers = Stack(config, config.n_decoder_layers,
                             lambda: DecoderBlock(config, cross_attention=False))
-        self._make_lm_head()
+        self._make_lm_head(config.tie_embeddings)
         self.init_weights()
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
-                cache: list[KVCache] | None = None, decode_state: DecodeState | None = None,
-                return_attention: bool = False, return_hidden: bool = False, logits_to_keep: int = 0):
+                decode_state: DecodeState | None = None, return_attention: bool = False,
+                return_hidden: bool = False, logits_to_keep: int = 0, cache: None = None):
         """ids (batch, seq) → logits (batch, seq, vocab) [, attention per layer].
 
         ``logits_to_keep=n`` computes the output layer for the last n positions only (batch, n, vocab): a
@@ -304,31 +331,30 @@ class DecoderLM(_Model):
         With ``decode_state`` (from ``new_decode_state()``), ids are the *new* tokens only (the prompt, then one
         token per step), ``attention_mask`` covers those same tokens (left padding of the prompt), and the
         state keeps the keys, values, positions and mask of the earlier ones; it slides past the context.
-        With ``cache`` (from ``new_cache()``), ids are the new tokens only and ``attention_mask`` (if any)
-        covers the cached and the new tokens: (batch, past + seq).
         """
+        if cache is not None:
+            raise TypeError(_NO_CACHE)
         if decode_state is not None:
-            _alone(positions, cache)
+            _alone(positions)
             x, weights, _ = self._decode_step(self.layers, ids, attention_mask, decode_state, return_attention,
                                               "ids")
         else:
-            x, weights = self._forward(ids, attention_mask, positions, cache, return_attention)
+            x, weights = self._forward(ids, attention_mask, positions, return_attention)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         out = x if return_hidden else self.logits(x)
         return (out, weights) if return_attention else out
 
     def _forward(self, ids: Tensor, attention_mask: Tensor | None, positions: Tensor | None,
-                 cache: list[KVCache] | None, return_attention: bool) -> tuple[Tensor, list[Tensor]]:
+                 return_attention: bool) -> tuple[Tensor, list[Tensor]]:
         """The forward pass without a decode state → (hidden states, attention weights per layer)."""
         self._check_ids(ids)
         b, t = ids.shape
-        past = cache[0].length if cache else 0
-        positions = self._positions(ids, past, positions)
+        positions = self._positions(ids, 0, positions)
         x = self.embed(ids, positions)
         x, weights, _ = self.layers(x, self._inputs(
-            positions, t, past + t, mask=self._key_mask(attention_mask, b, past + t, "attention_mask"), causal=True,
-            caches=cache, need_weights=return_attention))
+            positions, t, t, mask=self._key_mask(attention_mask, b, t, "attention_mask"), causal=True,
+            need_weights=return_attention))
         return x, weights
 
 
@@ -346,7 +372,7 @@ class Transformer(_Model):
             raise ValueError("a Transformer needs n_encoder_layers >= 1 and n_decoder_layers >= 1")
         self.encoder = Stack(config, config.n_encoder_layers, lambda: EncoderBlock(config))
         self.decoder = Stack(config, config.n_decoder_layers, lambda: DecoderBlock(config, cross_attention=True))
-        self._make_lm_head()
+        self._make_lm_head(config.tie_embeddings)
         self.init_weights()
 
     def encode(self, src_ids: Tensor, src_attention_mask: Tensor | None = None, *,
@@ -363,16 +389,18 @@ class Transformer(_Model):
 
     def decode(self, tgt_ids: Tensor, memory: Tensor | None, src_attention_mask: Tensor | None = None,
                tgt_attention_mask: Tensor | None = None, *, positions: Tensor | None = None,
-               cache: list[KVCache] | None = None, cross_cache: list[KVCache] | None = None,
-               decode_state: DecodeState | None = None, return_attention: bool = False):
+               decode_state: DecodeState | None = None, return_attention: bool = False, cache: None = None,
+               cross_cache: None = None):
         """tgt_ids (batch, tgt_seq) + memory → logits (batch, tgt_seq, vocab) [, (self, cross) weights].
 
         With ``decode_state`` (from ``new_decode_state()``) tgt_ids are the new tokens only; on the first call
         the encoder's keys and values (from ``memory``) and ``src_attention_mask`` go into the state, and
-        ``memory`` may be None afterwards. ``cache``/``cross_cache`` (from ``new_cache()``) work the same way.
+        ``memory`` may be None afterwards.
         """
+        if cache is not None or cross_cache is not None:
+            raise TypeError(_NO_CACHE)
         if decode_state is not None:
-            _alone(positions, cache, cross_cache)
+            _alone(positions)
             state = decode_state
             first = state.cross_caches[0].keys is None
             if first:
@@ -386,16 +414,16 @@ class Transformer(_Model):
             logits = self.logits(x)
             return (logits, self_w, cross_w) if return_attention else logits
         self._check_ids(tgt_ids, "tgt_ids")
+        if memory is None:
+            raise ValueError("decode needs the encoder output: pass memory=model.encode(src_ids, src_attention_mask)")
         b, t = tgt_ids.shape
-        past = cache[0].length if cache else 0
-        positions = self._positions(tgt_ids, past, positions)
-        src_len = memory.shape[1] if memory is not None else cross_cache[0].length
+        positions = self._positions(tgt_ids, 0, positions)
         x = self.embed(tgt_ids, positions)
         x, self_w, cross_w = self.decoder(x, self._inputs(
-            positions, t, past + t, mask=self._key_mask(tgt_attention_mask, b, past + t, "tgt_attention_mask"),
-            causal=True, context=memory, context_mask=self._key_mask(src_attention_mask, b, src_len,
+            positions, t, t, mask=self._key_mask(tgt_attention_mask, b, t, "tgt_attention_mask"),
+            causal=True, context=memory, context_mask=self._key_mask(src_attention_mask, b, memory.shape[1],
                                                                       "src_attention_mask"),
-            caches=cache, cross_caches=cross_cache, need_weights=return_attention))
+            need_weights=return_attention))
         logits = self.logits(x)
         return (logits, self_w, cross_w) if return_attention else logits
 
@@ -416,11 +444,29 @@ class Transformer(_Model):
         return logits, {"encoder": enc_w, "decoder_self": self_w, "cross": cross_w}
 
 
-def _alone(*given: object) -> None:
-    """A decode state keeps its own positions and caches: refuse them given beside it."""
-    if any(g is not None for g in given):
-        raise ValueError("decode_state keeps its own positions and key/value caches; pass positions=, cache= or "
-                         "cross_cache= only without it")
+def _alone(positions: Tensor | None) -> None:
+    """A decode state keeps its own positions: refuse them given beside it."""
+    if positions is not None:
+        raise ValueError("decode_state keeps its own positions; pass positions= only without it")
+
+
+_NO_CACHE = ("cache= and new_cache() are gone: decoding keeps its key/value caches in a decode state, "
+             "state = model.new_decode_state(batch, max_len), then model(ids, decode_state=state) with the new "
+             "tokens (Transformer.decode(..., decode_state=state))")
+
+
+def _drop_tied_output(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A tied output layer's weight is the token embedding: the state dict holds it once, as embed.token.weight."""
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _tied_output_is_not_missing(module: nn.Module, incompatible) -> None:
+    """Loading a tied model fills lm_head.weight through the embedding, so its absence is expected; loading with
+    ``assign=True`` puts a new embedding Parameter in place, which the output layer then shares again."""
+    for key in [k for k in incompatible.missing_keys if k.endswith("lm_head.weight")]:
+        incompatible.missing_keys.remove(key)
+    if isinstance(module.lm_head, nn.Linear):  # an adapter or a quantized copy in its place keeps its own
+        module.lm_head.weight = module.embed.token.weight
 
 
 MODEL_TYPES: dict[str, type[_Model]] = {"encoder": Encoder, "decoder": DecoderLM, "seq2seq": Transformer}

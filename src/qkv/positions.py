@@ -85,12 +85,17 @@ class PositionalEncoding(nn.Module):
     def rotary(self, positions: Tensor, limit: int | None = None) -> Callable[[Tensor], Tensor] | None:
         """A function applied to queries and keys (batch, heads, seq, d_k), or None.
 
-        ``limit``: an upper bound (exclusive) on ``positions`` known to the caller; past ``max_positions`` a
-        relative encoding computes its values instead of reading its table (decoding past the context)."""
+        ``limit``: an upper bound (exclusive) on ``positions`` known to the caller (None: they lie within
+        ``max_positions``); past ``max_positions`` a relative encoding computes its values instead of reading its
+        table (decoding past the context)."""
         return None
 
-    def attention_bias(self, n_queries: int, n_keys: int, device: torch.device) -> Tensor | None:
-        """An additive term for the attention scores, broadcastable to (batch, heads, queries, keys), or None."""
+    def attention_bias(self, n_queries: int, n_keys: int, device: torch.device, *,
+                       query_positions: Tensor | None = None, key_positions: Tensor | None = None) -> Tensor | None:
+        """An additive term for the attention scores, broadcastable to (batch, heads, queries, keys), or None.
+
+        The queries are the last ``n_queries`` of the ``n_keys`` positions 0, 1, ..., unless decoding gives the
+        positions of its queries (queries,) and of the keys it holds (the first ``n_keys`` of ``key_positions``)."""
         return None
 
     def table(self, n_positions: int) -> Tensor | None:
@@ -204,12 +209,14 @@ class ALiBiPositions(PositionalEncoding):
         super().__init__(max_positions)
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
-    def attention_bias(self, n_queries: int, n_keys: int, device: torch.device) -> Tensor:
-        # Queries are the last n_queries of n_keys positions (decoding with a cache). Only differences of
-        # positions matter, so a left-padded row, whose positions are shifted, needs nothing special.
-        q = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
-        k = torch.arange(n_keys, device=device)[None, :]
-        distance = (q - k).abs().to(self.slopes.dtype)
+    def attention_bias(self, n_queries: int, n_keys: int, device: torch.device, *,
+                       query_positions: Tensor | None = None, key_positions: Tensor | None = None) -> Tensor:
+        # Without positions, queries are the last n_queries of n_keys positions 0, 1, ... Decoding gives the
+        # columns of its queries and of the keys its cache holds (a ring's slots are not in order). Only
+        # differences matter, so a left-padded row, whose positions are shifted, needs nothing special.
+        q = torch.arange(n_keys - n_queries, n_keys, device=device) if query_positions is None else query_positions
+        k = torch.arange(n_keys, device=device) if key_positions is None else key_positions[:n_keys]
+        distance = (q[:, None] - k[None, :]).abs().to(self.slopes.dtype)
         return (-self.slopes[:, None, None] * distance).unsqueeze(0)  # (1, heads, queries, keys)
 
 

@@ -70,8 +70,9 @@ class WithoutScale(PositionalEncoding):
             return lambda x: x * factor
         return lambda x: rotate(x) * factor
 
-    def attention_bias(self, n_queries: int, n_keys: int, device: torch.device) -> Tensor | None:
-        return self.inner.attention_bias(n_queries, n_keys, device)
+    def attention_bias(self, n_queries: int, n_keys: int, device: torch.device, **positions: Tensor | None
+                       ) -> Tensor | None:
+        return self.inner.attention_bias(n_queries, n_keys, device, **positions)
 
     def table(self, n_positions: int) -> Tensor | None:
         return self.inner.table(n_positions)

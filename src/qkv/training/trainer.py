@@ -40,7 +40,7 @@ from .distributed import (
     say_once,
 )
 from .objectives import OBJECTIVES, BatchSource, Objective, mean_loss
-from .optimizer import adamw_kernel, param_groups
+from .optimizer import adamw_kernel, param_groups, upgrade_saved_state
 from .options import TrainConfig
 from .schedules import learning_rate
 
@@ -354,7 +354,7 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(upgrade_saved_state(self.model, state["optimizer"]))
         # The schedule keeps the end the run started with, and the last step's lr (older runs: from their settings)
         schedule, saved = state.get("schedule", {}), state["train_config"]
         self.horizon = tuple(schedule.get("horizon", (saved["max_steps"], saved["time_budget"])))
