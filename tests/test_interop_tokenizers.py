@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # every tokenizer here is built in the test:
 
 import pytest
 import tiktoken
+import torch
 import transformers
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +22,8 @@ from tokenizers import Tokenizer as Backend
 import qkv
 from qkv.chat_template import ChatTemplate
 from qkv.checkpoint import load_checkpoint, save_checkpoint
-from qkv.interop import save_llama
+from qkv.generation import generate_text, stream_text
+from qkv.interop import save_gpt2, save_llama
 from qkv.interop.hf_tokenizers import gpt2_tokenizer, original_gpt2_files
 from qkv.interop.llama import config_from_llama
 from qkv.tokenizers import Tokenizer, TokenRoles
@@ -129,7 +131,7 @@ def test_half_a_tokenizer_is_an_error_naming_the_missing_file(tmp_path):
 
 
 # -- roles: what a tokenizer's files say each special token is for ------------------------------------------------
-LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>"]
+LLAMA3_TOKENS = ["<|eom_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"]
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
             "+ m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
             "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
@@ -181,6 +183,37 @@ def test_a_hugging_face_directory_states_the_roles_the_template_and_the_end_of_t
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
         hf.bos_token_id, eot, hf.pad_token_id)
     assert loaded.roles == tokenizer.roles
+
+
+def test_text_generation_stops_at_the_end_of_turn_tokens_the_files_state(llama3_directory):
+    """The model's eos is <|eot_id|>; generation_config.json also lists <|eom_id|>. With its output layer zeroed,
+    the model's logits are all equal and greedy decoding takes id 0, <|eom_id|>: the reply ends there."""
+    directory, _ = llama3_directory
+    model, tokenizer = qkv.load(directory)
+    with torch.no_grad():
+        dict(model.named_parameters())["lm_head.weight"].zero_()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert generate_text(model, tokenizer, "The cat", 6, temperature=0) == "" and len(calls) == 1
+    assert "".join(stream_text(model, tokenizer, "The cat", 6, temperature=0)) == "" and len(calls) == 2
+    generate_text(model, tokenizer, "The cat", 6, temperature=0, stop_token_ids=())  # the call's own list wins
+    assert len(calls) == 2 + 6
+
+
+def test_a_gpt2_directory_takes_its_models_ids_from_the_tokenizers_roles(tmp_path):
+    """A GPT-2 fine-tuned for ChatML: config.json names no bos/eos, the tokenizer's files do."""
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=small_bpe(["<|endoftext|>", "<|im_start|>",
+                                                                          "<|im_end|>"]),
+                                              bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                              pad_token="<|endoftext|>")
+    config = qkv.ModelConfig.preset("gpt2-small", vocab_size=len(hf), d_model=16, n_heads=2, d_ff=32,
+                                    n_decoder_layers=1, max_seq_len=32, tie_embeddings=False, bos_token_id=None,
+                                    eos_token_id=None)
+    save_gpt2(qkv.DecoderLM(config), tmp_path)
+    hf.save_pretrained(tmp_path)
+    model, tokenizer = qkv.load(tmp_path)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
 
 
 def test_a_role_the_files_state_as_none_is_not_guessed_by_name(tmp_path):

@@ -1,7 +1,7 @@
 """When a row stops: stop token ids and stop strings, in one place.
 
-- A **stop token** (``stop_token_ids``; default the model's ``eos_token_id``) ends a row after it is produced; it
-  is kept in the ids and left out of the text.
+- A **stop token** (``stop_token_ids``; default the model's ``eos_token_id``, and for text the end-of-turn tokens
+  its tokenizer's files state) ends a row after it is produced; it is kept in the ids and left out of the text.
 - A **stop string** ends a row once its generated text contains it; the text is cut before it. Only the tail of
   the text that a new token can have changed is searched (the last ``len(longest stop string) - 1`` characters
   already searched, then the new ones), and the text is decoded after the prompt
@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..tokenizers import decode_continuation
 from .config import GenerationConfig
 
-__all__ = ["stop_token_ids", "until_stop_token", "find_stop", "StopStrings", "check_tokenizer"]
+__all__ = ["stop_token_ids", "with_turn_ends", "until_stop_token", "find_stop", "StopStrings", "check_tokenizer"]
 
 
 def stop_token_ids(cfg: GenerationConfig, config: ModelConfig) -> tuple[int, ...]:
@@ -29,6 +29,17 @@ def stop_token_ids(cfg: GenerationConfig, config: ModelConfig) -> tuple[int, ...
             raise ValueError(f"stop token id {t} is outside [0, vocab_size={config.vocab_size}); pass ids of the "
                              "model's vocabulary")
     return stop
+
+
+def with_turn_ends(cfg: GenerationConfig, eos_token_id: int | None, tokenizer: Any) -> GenerationConfig:
+    """Text generation's stop tokens, unless the call names its own: the model's eos and the end-of-turn tokens
+    the tokenizer's files state (LLaMA 3.1's ``<|eom_id|>`` and ``<|end_of_text|>`` beside its eos
+    ``<|eot_id|>``), each once. A tokenizer that states none leaves the model's eos alone."""
+    roles = getattr(tokenizer, "roles", None)
+    if cfg.stop_token_ids is not None or roles is None or not roles.end_of_turn:
+        return cfg
+    ids = [eos_token_id, *tokenizer.stop_ids]
+    return cfg.replace(stop_token_ids=tuple(dict.fromkeys(i for i in ids if i is not None)))
 
 
 def check_tokenizer(cfg: GenerationConfig, tokenizer: Any) -> None:

@@ -20,19 +20,20 @@ from ..tokenizers import decode_continuation
 from .config import GenerationConfig, resolve
 from .prompt import prepare
 from .sampling import run, stream_prepared
-from .stopping import StopStrings, until_stop_token
+from .stopping import StopStrings, until_stop_token, with_turn_ends
 
 __all__ = ["generate_text", "stream_text"]
 
 
 def _text_defaults(cfg: GenerationConfig, model: DecoderLM | Transformer, tokenizer: Any) -> GenerationConfig:
     """Text goes on past the context (a sliding window) unless the call says ``sliding_window=False``; the
-    tokenizer's BOS starts an empty prompt (or a target) when neither the call nor the model names one."""
+    tokenizer's BOS starts an empty prompt (or a target) when neither the call nor the model names one; a reply
+    also stops at the end-of-turn tokens the tokenizer's files state."""
     if cfg.sliding_window is None:
         cfg = cfg.replace(sliding_window=True)
     if cfg.bos_token_id is None and model.config.bos_token_id is None and tokenizer.bos_id is not None:
         cfg = cfg.replace(bos_token_id=tokenizer.bos_id)
-    return cfg
+    return with_turn_ends(cfg, model.config.eos_token_id, tokenizer)
 
 
 def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str | Sequence[str],

@@ -36,7 +36,7 @@ from .hf import (
     strip_prefix,
     write_hf_directory,
 )
-from .hf_tokenizers import check_fits, gpt2_tokenizer
+from .hf_tokenizers import check_fits, config_with_roles, gpt2_tokenizer
 
 __all__ = ["config_from_gpt2", "config_to_gpt2", "gpt2_rules", "load_gpt2", "save_gpt2"]
 
@@ -140,18 +140,22 @@ def load_gpt2(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
     """A Hugging Face GPT-2 directory → (qkv ``DecoderLM`` in eval mode, its tokenizer).
 
     The tokenizer comes from the directory's ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``, else it is
-    GPT-2's original one (see ``qkv.interop.hf_tokenizers``). ``dtype=None`` keeps the stored precision.
+    GPT-2's original one (see ``qkv.interop.hf_tokenizers``); the model's bos/eos/pad ids are the ones the
+    tokenizer's files state (config.json's where they say nothing, or with ``tokenizer=False``). ``dtype=None``
+    keeps the stored precision.
     """
     directory = Path(directory)
     hf = read_config(directory)
     model_type_of(hf, directory, ["gpt2"])
     config = config_from_gpt2(hf, str(directory / "config.json"))
+    found = gpt2_tokenizer(directory) if tokenizer else None
+    config = config_with_roles(config, found)  # the bos/eos/pad ids the tokenizer's files state
     weights = strip_prefix(load_weights(directory), ["transformer."])
     # attn.bias / attn.masked_bias are causal-mask buffers older files carry; a tied lm_head repeats wte.
     ignore = matches(r"h\.\d+\.attn\.(masked_)?bias", *(["lm_head\\.weight"] if config.tie_embeddings else []))
     model = build_with_weights(DecoderLM, config, weights, gpt2_rules(config), ignore=ignore,
                                source=str(directory), dtype=dtype)
-    return model, (check_fits(gpt2_tokenizer(directory), config.vocab_size, directory) if tokenizer else None)
+    return model, (check_fits(found, config.vocab_size, directory) if found is not None else None)
 
 
 def save_gpt2(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:

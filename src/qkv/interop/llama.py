@@ -154,14 +154,13 @@ def load_llama(directory: str | Path, *, dtype: torch.dtype | None = torch.float
     model_type_of(hf, directory, ["llama"])
     config = config_from_llama(hf, str(directory / "config.json"))
     found = load_tokenizer_json(directory) if tokenizer else None
-    if found is not None:  # the bos/eos/pad ids are the ones the tokenizer's files state
-        config = config_with_roles(config, check_fits(found, config.vocab_size, directory))
+    config = config_with_roles(config, found)  # the bos/eos/pad ids the tokenizer's files state
     # rotary_emb.inv_freq: a buffer older files carry; a tied lm_head repeats embed_tokens.
     ignore = matches(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
                      *(["lm_head\\.weight"] if config.tie_embeddings else []))
     model = build_with_weights(DecoderLM, config, load_weights(directory), llama_rules(config), ignore=ignore,
                                source=str(directory), dtype=dtype)
-    return model, found
+    return model, (check_fits(found, config.vocab_size, directory) if found is not None else None)
 
 
 def save_llama(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
