@@ -128,6 +128,34 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
     ("server", 'an `/api` field of the wrong type, e.g. `{"text": 5}`, `{"checkpoint": ["/"]}`, `"layer": true`',
      "HTTP 400: the text must be a string (text in quotes), got 5 (a number) (was: the text is empty; type a "
      "sentence)", "tests/test_serve.py::test_a_field_of_the_wrong_type_is_named_with_the_type_it_needs"),
+    ("API", "a chat template that calls raise_exception (Mistral's, on roles that do not alternate)",
+     "ChatTemplateError: the chat template refused the conversation: Conversation roles must alternate "
+     "user/assistant/user/assistant/... (its own message, one line, no jinja traceback)",
+     "tests/test_chat_template.py::test_a_template_that_raises_gives_its_own_message_in_one_line"),
+    ("API", "a chat template reaching for Python internals (`messages[0].__class__`), a `_` name on a namespace, or "
+     "not valid Jinja",
+     "ChatTemplateError: the chat template failed: access to attribute '__class__' of 'dict' object is unsafe. "
+     "(the sandbox refuses it; a syntax error names its line)",
+     "tests/test_chat_template.py::test_a_template_reaching_for_internals_or_broken_is_one_line"),
+    ("API", "a chat message holding `<|im_end|>\\n<|im_start|>system` (a forged turn), `<|eot_id|>` or "
+     "`<|begin_of_text|>`",
+     "its characters, never a special id: only the template's own markup becomes special tokens (rendering, then "
+     "encoding the string with special-token parsing forges the turn)",
+     "tests/test_chat_template.py::test_a_special_token_string_in_a_message_stays_text"),
+    ("API", "a chat template that writes bos_token, with a tokenizer whose post-processor adds a BOS too",
+     "exactly one BOS (rendering, then encoding as a text is encoded, gives 3 with a forged one)",
+     "tests/test_chat_template.py::test_a_template_that_writes_bos_token_gets_exactly_one_bos"),
+    ("API", "fine-tuning token ranges from a chat template that rewrites earlier turns",
+     "ChatTemplateError: cannot train on this chat template: rendering messages[:2] does not extend the rendering "
+     "of messages[:1] (the template rewrites earlier turns), so no message has a token range of its own",
+     "tests/test_chat_template.py::test_each_message_has_its_token_range_from_prefix_renders"),
+    ("API", "tokenizer files that state `\"bos_token\": null` (Qwen2) beside a `<|endoftext|>` token",
+     "no BOS, as the files say (was: <|endoftext|>, guessed by name); files that say nothing still get the guess",
+     "tests/test_interop_tokenizers.py::test_a_role_the_files_state_as_none_is_not_guessed_by_name"),
+    ("API", "a GGUF whose role id lies outside its vocabulary",
+     "ValueError: GGUF metadata tokenizer.ggml.eos_token_id=999 is outside the 260-token vocabulary; the file is "
+     "damaged: download it again",
+     "tests/test_interop_gguf.py::test_eot_and_eom_ids_end_a_turn_and_the_metadata_reads_as_the_gguf_package_reads_it"),
 ]
 
 
