@@ -244,3 +244,14 @@ def test_a_sentencepiece_style_tokenizer_gets_transformers_ids_between_special_t
     for template in (MISTRAL, MISTRAL.removeprefix("{{ bos_token }}")):  # text first, or a special token first
         hf.chat_template = template
         assert ChatTemplate(ours, template).render(ALTERNATING).ids == hf_ids(hf, ALTERNATING, False)
+
+
+def test_the_template_environment_is_transformers_tojson_strftime_now_and_loop_controls():
+    """jinja's own tojson escapes <, >, & and ' and sorts keys; transformers' (and qkv's) writes the JSON as is."""
+    template = ("{{ strftime_now('%Y-%m-%d') }} {{ messages | tojson }}\n  {% for m in messages %}"
+                "{% if loop.index > 1 %}{% break %}{% endif %}{{ m['content'] }}{% endfor %}")
+    ours, hf = pair(bpe(CHATML_SPECIALS), template, eos_token="<|im_end|>")
+    messages = [{"role": "user", "content": "Café <b>&'</b>", "name": None}, {"role": "assistant", "content": "x"}]
+    expected = hf.apply_chat_template(messages, tokenize=False)
+    assert ChatTemplate(ours, template).render_text(messages) == expected
+    assert '"Café <b>&\'</b>"' in expected and '"name"' not in expected  # None values are dropped, as there
