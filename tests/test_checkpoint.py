@@ -128,3 +128,124 @@ def test_checkpoint_files_and_folders_get_the_modes_the_umask_gives(tmp_path, um
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in run.glob("step-*")} == {
         "step-000002": oct(0o777 & ~umask), "step-000003": oct(0o777 & ~umask)}
     assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000002", "step-000003"]
+
+
+# -- integrity: a manifest of every file's sha256, written by the one writer, verified on load ---------------------
+def _flip_low_bytes(path, n: int = 200) -> None:
+    """Flip the lowest bit of the lowest byte of ``n`` float32 values in a safetensors file's tensor data: every
+    value stays finite and close to what it was, and nothing but the bytes tells the damage."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # the JSON header's length, then the tensors
+    for k in range(n):
+        data[start + 4 * k] ^= 0x01  # little-endian float32: byte 0 is the lowest of the mantissa
+    path.write_bytes(bytes(data))
+
+
+def _saved_run(tmp_path):
+    model, tok = _model()
+    state = {"step": 1, "elapsed": 1.0, "tokens": 8, "optimizer": {"state": {}, "param_groups": []},
+             "rng": {"torch": torch.get_rng_state(), "numpy": [], "python": []}, "train_config": {},
+             "run": {"recipe": "language-model"}}
+    return save_run_checkpoint(tmp_path / "run", 1, model, tok, trainer_state=state)
+
+
+def test_every_file_a_checkpoint_holds_is_in_its_manifest_with_its_sha256(tmp_path):
+    import hashlib
+
+    path = _saved_run(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["algorithm"] == "sha256"
+    on_disk = {p.name: p.read_bytes() for p in path.iterdir() if p.name != "manifest.json"}
+    assert set(manifest["files"]) == set(on_disk) >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                      "trainer_state.json", "trainer_state.safetensors"}
+    for name, data in on_disk.items():
+        assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+DAMAGE = {  # each file changed so that it still reads as a valid file of its kind
+    "model.safetensors": _flip_low_bytes,
+    "config.json": lambda p: _edit_json(p, lambda c: c.update(layer_norm_eps=2e-5)),
+    "tokenizer.json": lambda p: p.write_text(p.read_text().replace('"t":', '"T":', 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_file_changed_after_it_was_written_is_refused_naming_it(tmp_path, name):
+    path = _saved_run(tmp_path)
+    DAMAGE[name](path / name)
+    with pytest.raises(ValueError, match=rf"^{path / name} is damaged: use an earlier checkpoint \(its sha256"):
+        qkv.load(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"{name} is damaged: use an earlier checkpoint"):
+        load_checkpoint(path)
+
+
+def test_flipped_weight_bytes_stop_generate_and_eval_with_one_line(tmp_path, capsys):
+    from qkv.cli import main
+
+    path = _saved_run(tmp_path)
+    _flip_low_bytes(path / "model.safetensors")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 20)
+    for argv in (["generate", "--checkpoint", str(path), "to be"],
+                 ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(text)]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        assert "model.safetensors is damaged: use an earlier checkpoint" in err
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "trainer_state.safetensors"])
+def test_a_damaged_trainer_state_is_refused_before_a_run_resumes_or_is_read(tmp_path, name):
+    from qkv.checkpoint import load_trainer_state, read_run_info
+
+    path = _saved_run(tmp_path)
+    if name == "trainer_state.json":
+        _edit_json(path / name, lambda s: s.update(tokens=9))
+    else:
+        data = bytearray((path / name).read_bytes())
+        data[-1] ^= 0x01
+        (path / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{name} is damaged: use an earlier checkpoint"):
+        load_trainer_state(tmp_path / "run")
+    if name == "trainer_state.json":  # what `qkv eval` reads of it
+        with pytest.raises(ValueError, match=rf"{name} is damaged"):
+            read_run_info(path)
+
+
+def test_a_checkpoint_without_a_manifest_loads_without_the_check(tmp_path):
+    path = _saved_run(tmp_path)
+    (path / "manifest.json").unlink()  # as runs written before manifests, and tests/fixtures/checkpoints
+    _flip_low_bytes(path / "model.safetensors")
+    qkv.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"manifest.json is damaged: use an earlier checkpoint"):
+        qkv.load(path)
+
+
+def test_the_one_writer_records_whatever_its_caller_writes_and_replaces_atomically(tmp_path):
+    from qkv.checkpoint import read_manifest, verify_files, write_directory
+
+    target = tmp_path / "adapter"
+    with write_directory(target) as folder:  # what an adapter or an export writes, through the same function
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "weights.bin").write_bytes(b"\0" * 10)
+    manifest = read_manifest(target)
+    assert set(manifest) == {"adapter_config.json", "sub/weights.bin"}
+    verify_files(target, manifest, manifest)
+    with pytest.raises(RuntimeError, match="mid-write"), write_directory(target) as folder:
+        (folder / "adapter_config.json").write_text('{"r": 8}')
+        raise RuntimeError("mid-write")
+    assert (target / "adapter_config.json").read_text() == "{}"  # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left
+    (target / "sub" / "weights.bin").write_bytes(b"\1" * 10)
+    with pytest.raises(ValueError, match=r"sub/weights.bin is damaged"):
+        verify_files(target, manifest, manifest)

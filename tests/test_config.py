@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +149,159 @@ def test_d_model_must_divide_into_heads() -> None:
 def test_invalid_values_are_rejected_naming_the_value(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig.preset("tiny-decoder", **overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every field of config.json and trainer_state.json checked by name and type before use, naming the file.
+# --------------------------------------------------------------------------------------------------------------
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import typing  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qkv.checkpoint import TrainerState  # noqa: E402
+from qkv.config import ConfigFileHeader, FieldTypeError, check_fields  # noqa: E402
+from qkv.training import TrainConfig  # noqa: E402
+
+# One value of each JSON type: for any field, those its annotation does not allow are the wrong-typed values.
+JSON_VALUES = ["1", "true", "", 1, 0, -3, 1.5, True, False, None, [], [1], {}, {"a": 1}]
+
+
+def _wrong_values(cls: type, name: str) -> list:
+    def allowed(value) -> bool:
+        try:
+            check_fields(cls, {**_required(cls), name: value})
+        except FieldTypeError:
+            return False
+        except ValueError:  # the right type, holding something else wrong (an object missing its fields)
+            return True
+        return True
+    return [v for v in JSON_VALUES if not allowed(v)]
+
+
+def _required(cls: type) -> dict:
+    """Stand-ins for the fields without a default (they are only type-checked here)."""
+    stand_in = {int: 1, float: 1.0, dict: {}, list: []}
+    hints = typing.get_type_hints(cls)
+    return {f.name: (_required(hints[f.name]) if dataclasses.is_dataclass(hints[f.name])
+                     else stand_in[hints[f.name]])
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+
+def _field_and_wrong_value(cls: type):
+    return st.sampled_from([f.name for f in dataclasses.fields(cls)]).flatmap(
+        lambda name: st.tuples(st.just(name), st.sampled_from(_wrong_values(cls, name))))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from qkv.checkpoint import save_checkpoint
+    from qkv.tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.char("to be or not to be")
+    directory = tmp_path_factory.mktemp("typed") / "ckpt"
+    save_checkpoint(directory, build_model(ModelConfig.preset("tiny-decoder", vocab_size=tok.vocab_size,
+                                                                d_model=32, d_ff=64)), tok)
+    return directory
+
+
+def test_a_format_version_given_as_a_string_names_the_field_and_the_file(checkpoint, tmp_path, capsys):
+    """It was "'>' not supported between instances of 'str' and 'int'"."""
+    import shutil
+
+    import qkv
+    from qkv.cli import main
+
+    directory = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "format_version": "1"}))
+    with pytest.raises(ValueError, match=rf"^{directory / 'config.json'}: field format_version='1' must be an "
+                                         "integer, got str$"):
+        qkv.load(directory)
+    assert main(["generate", "--checkpoint", str(directory), "to be"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json: field format_version='1' must be an integer" in err
+
+
+@settings(max_examples=40)
+@given(st.one_of(_field_and_wrong_value(ModelConfig), _field_and_wrong_value(ConfigFileHeader).filter(
+    lambda case: case[0] != "format")))  # a config.json whose format is not "qkv" is not read as a qkv config
+def test_any_config_json_field_of_the_wrong_type_is_a_value_error_naming_field_and_file(checkpoint, case):
+    import qkv
+
+    name, value = case
+    saved = (checkpoint / "config.json").read_text()
+    try:
+        (checkpoint / "config.json").write_text(json.dumps({**json.loads(saved), name: value}))
+        with pytest.raises(ValueError) as info:
+            qkv.load(checkpoint)
+    finally:
+        (checkpoint / "config.json").write_text(saved)
+    message = str(info.value)
+    assert message.startswith(f"{checkpoint / 'config.json'}: ") and f" {name}=" in message, message
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-step run, its manifest removed (a run written before manifests: what is read is only type-checked)."""
+    from qkv.recipes.language_model import train_language_model
+
+    root = tmp_path_factory.mktemp("typed-run")
+    text = root / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 40)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("QKV_CACHE_DIR", str(root / "cache"))
+        result = train_language_model(ModelConfig.preset("tiny-decoder", d_model=32, d_ff=64, max_seq_len=16),
+                                      TrainConfig(max_steps=1, batch_size=2, eval_batches=1, progress=False),
+                                      data=text, out_dir=root / "run", print_fn=lambda _: None)
+    (result.checkpoint / "manifest.json").unlink()
+    return result.checkpoint
+
+
+def _state_cases():
+    """(path of the field in trainer_state.json, a value of the wrong type for it)."""
+    from qkv.checkpoint import RunInfo
+
+    return st.one_of(*[_field_and_wrong_value(cls).map(lambda case, outer=outer: ((*outer, case[0]), case[1]))
+                       for outer, cls in (((), TrainerState), (("run",), RunInfo), (("train_config",), TrainConfig))])
+
+
+@settings(max_examples=40)
+@given(_state_cases())
+def test_any_trainer_state_field_of_the_wrong_type_is_a_value_error_naming_field_and_file(run, case):
+    assert sorted(p.name for p in run.parent.glob("step-*")) == [run.name]  # no example trained on
+    from qkv.recipes import resume
+
+    path, value = case
+    state_file = run / "trainer_state.json"
+    saved = state_file.read_text()
+    state = json.loads(saved)
+    (state if len(path) == 1 else state[path[0]])[path[-1]] = value
+    try:
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(ValueError) as info:  # refused before anything is trained or written
+            resume(run, {"max_steps": 2}, print_fn=lambda _: None)
+    finally:
+        state_file.write_text(saved)
+    message = str(info.value)
+    assert message.startswith(f"{state_file}: ") and f"{path[-1]}=" in message, message
+
+
+@pytest.mark.parametrize("garbage", [b"\x89PNG\r\n\x1a\n\x00\xff", b"[1, 2]", b'{"step": '])
+def test_a_garbage_trainer_state_names_its_file_to_resume_and_eval(run, capsys, garbage):
+    from qkv.cli import main
+
+    state_file = run / "trainer_state.json"
+    saved = state_file.read_bytes()
+    try:
+        state_file.write_bytes(garbage)
+        for argv in (["train", "--resume", str(run.parent), "--max-steps", "2"], ["eval", "--checkpoint", str(run)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{state_file} " in err and "damaged" in err, err
+    finally:
+        state_file.write_bytes(saved)

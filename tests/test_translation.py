@@ -379,6 +379,9 @@ def test_checkpoint_averaging_is_the_mean_of_the_newest_weights(tiny_run, tmp_pa
     older = run / "step-000001"
     shutil.copytree(newest, older)
     save_file({k: 3 * v for k, v in weights.items()}, str(older / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"step-000001/model.safetensors is damaged: use an earlier checkpoint"):
+        average_checkpoints(run, 2)  # its manifest recorded other bytes: averaging checks every file it reads
+    (older / "manifest.json").unlink()  # a checkpoint without a manifest is read without the check
     model, _, steps = average_checkpoints(run, 2)
     assert steps == [older, newest]
     for name, value in model.state_dict().items():

@@ -6,7 +6,11 @@ A qkv checkpoint directory holds
 - ``model.safetensors``: the model's ``state_dict``;
 - ``tokenizer.json``: the Hugging Face ``tokenizers`` file;
 - for training runs, ``trainer_state.json`` (step, schedule, data position, RNG states, options) and
-  ``trainer_state.safetensors`` (the optimizer's moment tensors and the torch RNG states).
+  ``trainer_state.safetensors`` (the optimizer's moment tensors and the torch RNG states);
+- ``manifest.json``: each file's sha256 and size, written by :func:`write_directory` (the one writer every qkv
+  directory goes through) and checked by every reader (``CheckpointDamaged`` names a file that changed since);
+  a checkpoint written before manifests loads unchecked. Every field of config.json and trainer_state.json is
+  checked by name and type before use (``ModelConfig``, ``TrainerState``).
 
 A training run directory holds checkpoints ``step-000100/``, ``step-000200/``, ... and a file ``latest`` naming
 the newest one; every path that takes a checkpoint also takes the run directory. A checkpoint is written into a
@@ -25,13 +29,15 @@ as SIGKILL would, the N-th time it reaches a named point (:data:`FAULT_POINTS`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .config import FORMAT_VERSION, ModelConfig
+from .config import FORMAT_VERSION, ConfigFileHeader, ModelConfig, check_fields
 from .models import build_model, check_finite_weights
 from .tokenizers import Tokenizer
 
@@ -47,12 +53,15 @@ __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PIC
            "save_run_checkpoint", "write_atomic", "resolve_checkpoint", "check_checkpoint_dir", "load_checkpoint",
            "load_trainer_state", "flatten_state", "unflatten_state", "is_qkv_checkpoint", "claim_run_directory",
            "run_directory_of", "read_run_info", "RunDirectoryInUse", "CheckpointNotSaved", "fault_point",
-           "FAULT_POINTS", "average_checkpoints"]
+           "FAULT_POINTS", "average_checkpoints",
+           "MANIFEST", "write_directory", "sha256_of", "read_manifest", "verify_files", "CheckpointDamaged",
+           "TrainerState", "RunInfo", "read_trainer_state_json"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
 LATEST = "latest"
 LOCK, LOCK_OWNER = ".lock", ".lock-owner"
+MANIFEST = "manifest.json"  # each file's sha256 and size, written by write_directory, verified on load
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -150,25 +159,35 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, *,
-                    trainer_state: dict | None = None, weights: dict[str, Tensor] | None = None) -> Path:
-    """Write a checkpoint directory atomically: into a temporary sibling, then renamed to ``directory``.
+def sha256_of(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (a 270 MB file never sits in memory whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-    ``weights``: the tensors to write when ``model.state_dict()`` does not hold them whole (a sharded model)."""
+
+def _manifest_of(folder: Path) -> dict:
+    files = {p.relative_to(folder).as_posix(): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
+    return {"format": "qkv-manifest", "version": 1, "algorithm": "sha256", "files": files}
+
+
+@contextlib.contextmanager
+def write_directory(directory: str | Path) -> Iterator[Path]:
+    """The one way qkv writes a directory of files (a checkpoint; adapters and exports go through it too):
+    atomically, with a manifest of every file's sha256 that loading verifies.
+
+    ``with write_directory(DIR) as tmp:`` the caller writes its files into ``tmp``, a fresh temporary sibling of
+    DIR (mode 0777 less the umask, not a temporary folder's private 0700). When the block ends, ``manifest.json``
+    records each file's sha256 and size, and ``tmp`` is renamed to DIR; a DIR already there is set aside first and
+    deleted only once the new one is in place. An exception removes ``tmp`` and leaves DIR as it was; so does a
+    kill, whose leftover ``.*.tmp`` folder the next claim of the run deletes (``claim_run_directory``)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(directory)
-    tmp.mkdir()  # mode 0777 less the umask (tempfile.mkdtemp's would be a private 0700)
+    tmp.mkdir()
     try:
-        model.config.save(tmp / CONFIG, model_type=model.model_type)
-        weights = model.state_dict() if weights is None else weights
-        _save_tensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
-        fault_point("save:mid")
-        tokenizer.save(tmp / TOKENIZER)
-        if trainer_state is not None:
-            meta, tensors = flatten_state(trainer_state)
-            _save_tensors(tensors, tmp / STATE_TENSORS)
-            _write_json(tmp / STATE_JSON, meta)
+        yield tmp
+        _write_json(tmp / MANIFEST, _manifest_of(tmp))
         fault_point("save:before-rename")
         if directory.exists():  # replace: move the old one aside first, drop it only once the new one is in place
             old = _set_aside(directory)
@@ -181,6 +200,24 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: To
     except BaseException:
         _remove(tmp)
         raise
+
+
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, *,
+                    trainer_state: dict | None = None, weights: dict[str, Tensor] | None = None) -> Path:
+    """Write a checkpoint directory atomically, with its manifest (``write_directory``).
+
+    ``weights``: the tensors to write when ``model.state_dict()`` does not hold them whole (a sharded model)."""
+    directory = Path(directory)
+    with write_directory(directory) as tmp:
+        model.config.save(tmp / CONFIG, model_type=model.model_type)
+        weights = model.state_dict() if weights is None else weights
+        _save_tensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        fault_point("save:mid")
+        tokenizer.save(tmp / TOKENIZER)
+        if trainer_state is not None:
+            meta, tensors = flatten_state(trainer_state)
+            _save_tensors(tensors, tmp / STATE_TENSORS)
+            _write_json(tmp / STATE_JSON, meta)
     return directory
 
 
@@ -364,14 +401,90 @@ def check_checkpoint_dir(directory: Path, *, need_state: bool = False) -> None:
         raise FileNotFoundError(f"checkpoint {directory} is missing {', '.join(missing)}{hint}")
 
 
+# -- integrity: each file against the sha256 its manifest recorded ------------------------------------------------
+class CheckpointDamaged(ValueError):
+    """A file of a checkpoint is not the one qkv wrote: its bytes differ from the sha256 in ``manifest.json``."""
+
+
+@dataclass
+class _ManifestEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class _Manifest:
+    files: dict
+    format: str = "qkv-manifest"
+    version: int = 1
+    algorithm: str = "sha256"
+
+
+def _damaged(path: Path, why: str) -> CheckpointDamaged:
+    return CheckpointDamaged(f"{path} is damaged: use an earlier checkpoint ({why})")
+
+
+def read_manifest(directory: str | Path) -> dict[str, dict] | None:
+    """The files a directory's ``manifest.json`` lists → {relative path: {"sha256", "bytes"}}; None when it has
+    none (written before manifests, or by another program): such a directory loads without the check."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        check_fields(_Manifest, data, unknown="keep", what="")
+        for name, entry in data["files"].items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"the entry of {name} is not an object")
+            check_fields(_ManifestEntry, entry, unknown="keep", prefix=f"{name}: ", what="")
+    except ValueError as err:
+        raise _damaged(path, str(err)) from None
+    return data["files"]
+
+
+def verify_files(directory: str | Path, names: Iterable[str], manifest: dict[str, dict] | None) -> None:
+    """Check each named file of ``directory`` against its entry in ``manifest`` (``read_manifest``): the same
+    size and sha256, or ``CheckpointDamaged`` naming the file. Nothing is checked without a manifest, nor a name
+    it does not list."""
+    if manifest is None:
+        return
+    for name in names:
+        entry, path = manifest.get(name), Path(directory) / name
+        if entry is None:
+            continue
+        if not path.is_file():
+            raise _damaged(path, f"{MANIFEST} lists it, and it is missing")
+        if path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
+            raise _damaged(path, f"its sha256 is not the one {MANIFEST} recorded when qkv wrote it; if you changed "
+                                 f"it on purpose, delete its entry from {MANIFEST}")
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is one line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not UTF-8 text
+        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged: use an earlier one") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; the checkpoint is damaged: "
+                         "use an earlier one")
+    return data
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
-    """→ (model in eval mode, tokenizer, checkpoint directory). The model is built from config.json."""
+    """→ (model in eval mode, tokenizer, checkpoint directory). The model is built from config.json.
+
+    Each file is checked for what it must hold (JSON of the right fields and types, readable finite weights that
+    fit the config, a tokenizer), then against the sha256 the checkpoint's manifest recorded (when it has one)."""
     directory = resolve_checkpoint(path)
     check_checkpoint_dir(directory)
-    try:
-        data = json.loads((directory / CONFIG).read_text())
-    except ValueError as err:
-        raise ValueError(f"{directory / CONFIG} is not valid JSON ({err}); the checkpoint is damaged") from None
+    manifest = read_manifest(directory)
+    data = _read_json_object(directory / CONFIG)
+    header = {name: data[name] for name in ("format", "format_version", "model_type") if name in data}
+    check_fields(ConfigFileHeader, header, source=directory / CONFIG, what="")  # before comparing versions
     if data.get("format") != "qkv":
         raise ValueError(f"{directory / CONFIG} is not a qkv config (no \"format\": \"qkv\"); "
                          "load Hugging Face directories with qkv.load")
@@ -379,6 +492,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
         raise ValueError(f"{directory} was written by a newer qkv (format_version {data['format_version']} > "
                          f"{FORMAT_VERSION}); upgrade qkv to load it")
     config = ModelConfig.from_dict(data, source=directory / CONFIG)
+    verify_files(directory, [CONFIG], manifest)
     model = build_model(config, data.get("model_type")).to(device)
     try:
         weights = load_file(str(directory / WEIGHTS), device=str(device))
@@ -391,26 +505,119 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
     except RuntimeError as err:
         raise ValueError(f"{directory / WEIGHTS} does not match {CONFIG}: {str(err).splitlines()[0]} "
                          f"{str(err).splitlines()[1:2]}; the files come from different models") from None
-    return model.eval(), Tokenizer.load(directory / TOKENIZER), directory
+    verify_files(directory, [WEIGHTS], manifest)  # finite values of the right shapes can still be flipped bytes
+    tokenizer = Tokenizer.load(directory / TOKENIZER)
+    # the tokenizer's files and whatever else the checkpoint holds; the trainer state is checked where it is read
+    verify_files(directory, [name for name in manifest or () if name not in (CONFIG, WEIGHTS, STATE_JSON,
+                                                                               STATE_TENSORS)], manifest)
+    return model.eval(), tokenizer, directory
+
+
+@dataclass
+class RunInfo:
+    """What a training run records about itself (trainer_state.json's ``run``, written by its recipe): checked by
+    name and type before use; keys a later recipe adds are kept."""
+
+    recipe: str | None = None  # "language-model", "masked-lm", "translation"
+    task: str | None = None
+    data: str | None = None  # the absolute path of its data, or the bundled text's name
+    data_sha256: str | None = None
+    tokenizer: str | None = None
+    model_type: str | None = None
+    split_seed: int | None = None  # translation: how the pairs were split and batched
+    n_test: int | None = None
+    n_valid: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class _Evaluation:
+    step: int
+    elapsed_s: float
+    val_loss: float
+
+
+@dataclass
+class _Schedule:
+    name: str | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    progress: float | None = None
+    horizon: list | None = None
+    lr_ratio: float | None = None
+
+
+@dataclass
+class _RandomState:
+    torch: dict  # {"__tensor__": key}: the tensor is in trainer_state.safetensors
+    numpy: list
+    python: list
+    cuda: list | None = None
+    processes: list | None = None
+
+
+@dataclass
+class TrainerState:
+    """trainer_state.json: the JSON side of what ``Trainer.state_dict`` saves (tensors stand as
+    ``{"__tensor__": key}``), checked field by field, by these annotations, before a run resumes from it. Its
+    ``train_config`` holds ``TrainConfig``'s fields, checked by ``TrainConfig.from_dict`` a layer above."""
+
+    step: int
+    elapsed: float
+    tokens: int
+    optimizer: dict
+    rng: _RandomState
+    train_config: dict
+    run: RunInfo
+    train_time: float | None = None
+    data_position: int | None = None
+    world_size: int = 1
+    schedule: _Schedule | None = None
+    history: list[_Evaluation] | None = None
+
+
+@dataclass
+class _RunOnly:
+    run: RunInfo | None = None
+
+
+def read_trainer_state_json(path: str | Path, *, whole: bool = True) -> dict:
+    """A checkpoint's trainer_state.json, checked: JSON, an object, each field of the type ``TrainerState`` says
+    (``whole=False``: only its ``run``), the bytes its manifest recorded. {} for a checkpoint without one."""
+    directory = resolve_checkpoint(path)
+    state_path = directory / STATE_JSON
+    if not state_path.is_file():
+        return {}
+    meta = _read_json_object(state_path)
+    if whole:
+        check_fields(TrainerState, meta, source=state_path, unknown="keep", what="")
+    else:
+        check_fields(_RunOnly, {"run": meta.get("run")}, source=state_path, unknown="keep", what="")
+    verify_files(directory, [STATE_JSON], read_manifest(directory))
+    return meta
 
 
 def read_run_info(path: str | Path) -> dict:
     """The ``run`` metadata a training checkpoint recorded (recipe, data path and sha256, ...); {} if none."""
-    state_path = resolve_checkpoint(path) / STATE_JSON
-    if not state_path.is_file():
-        return {}
-    try:
-        return json.loads(state_path.read_text()).get("run", {})
-    except ValueError as err:
-        raise ValueError(f"{state_path} is not valid JSON ({err}); the checkpoint is damaged") from None
+    return read_trainer_state_json(path, whole=False).get("run") or {}
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict, Path]:
-    """→ (the nested trainer state saved with the checkpoint, the checkpoint directory)."""
+    """→ (the nested trainer state saved with the checkpoint, the checkpoint directory), every file checked."""
     directory = resolve_checkpoint(path)
     check_checkpoint_dir(directory, need_state=True)
-    meta = json.loads((directory / STATE_JSON).read_text())
-    return unflatten_state(meta, load_file(str(directory / STATE_TENSORS))), directory
+    meta = read_trainer_state_json(directory)
+    verify_files(directory, [STATE_TENSORS], read_manifest(directory))
+    try:
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{directory / STATE_TENSORS} is not a readable safetensors file ({err}); "
+                         "the checkpoint is damaged: use an earlier one") from None
+    try:
+        return unflatten_state(meta, tensors), directory
+    except KeyError as err:
+        raise ValueError(f"{directory / STATE_JSON} names the tensor {err} that {STATE_TENSORS} lacks; the "
+                         "checkpoint is damaged: use an earlier one") from None
 
 
 def average_checkpoints(run_dir: str | Path, n: int) -> tuple[torch.nn.Module, Tokenizer, list[Path]]:
@@ -423,6 +630,7 @@ def average_checkpoints(run_dir: str | Path, n: int) -> tuple[torch.nn.Module, T
     model, tokenizer, _ = load_checkpoint(steps[-1])
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.state_dict().items()}
     for step in steps:
+        verify_files(step, [WEIGHTS], read_manifest(step))
         for k, v in load_file(str(step / WEIGHTS)).items():
             total[k] += v.double()
     model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in total.items()})

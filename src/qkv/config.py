@@ -15,7 +15,7 @@ from typing import Any
 
 from .positions import POSITIONAL_KINDS
 
-__all__ = ["ModelConfig", "PRESETS", "FORMAT_VERSION"]
+__all__ = ["ModelConfig", "PRESETS", "FORMAT_VERSION", "ConfigFileHeader", "FieldTypeError", "check_fields"]
 
 FORMAT_VERSION = 1
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu")
@@ -60,8 +60,8 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # first the types, so that the checks below compare numbers with numbers
-            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+        # first the types, so that the checks below compare numbers with numbers
+        check_fields(ModelConfig, {f.name: getattr(self, f.name) for f in fields(self)})
 
         def positive(name: str) -> None:
             value = getattr(self, name)
@@ -141,22 +141,21 @@ class ModelConfig:
         """Build from a mapping; an unknown key is an error that names the closest field.
 
         ``source`` (the file the values were read from) is named in every error: a value of the wrong type
-        (TypeError) or out of range (ValueError).
+        (``FieldTypeError``, both a TypeError and a ValueError) or out of range (ValueError). The keys a
+        config.json holds beside the fields (``ConfigFileHeader``) are type-checked too, then left out.
         """
-        values = {k: v for k, v in values.items() if k not in ("format", "format_version", "model_type")}
-        known = cls.field_names()
-        where = "" if source is None else f"{source}: "
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
-                raise ValueError(f"{where}unknown ModelConfig field {key!r}{hint}")
+        if not isinstance(values, dict):
+            where = "" if source is None else f"{source}: "
+            raise ValueError(f"{where}expected a JSON object of ModelConfig fields, got {type(values).__name__}")
+        header = {f.name for f in fields(ConfigFileHeader)}
+        check_fields(ConfigFileHeader, {k: v for k, v in values.items() if k in header}, source=source, what="")
+        values = check_fields(cls, {k: v for k, v in values.items() if k not in header}, source=source)
         try:
             return cls(**values)
         except (TypeError, ValueError) as err:
             if source is None:
                 raise
-            raise type(err)(f"{where}{err}") from None
+            raise type(err)(f"{source}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,34 +175,105 @@ class ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()), source=path)
 
 
+@dataclass
+class ConfigFileHeader:
+    """What a qkv config.json holds beside the ``ModelConfig`` fields: who wrote it, in which version of the
+    format, and the model's shape (``build_model``'s ``model_type``). Checked by name like the fields."""
+
+    format: str | None = None  # "qkv"
+    format_version: int = 0
+    model_type: str | None = None  # "decoder", "encoder", "seq2seq"
+
+
+# -- fields checked by name and type, from a dataclass's own annotations ------------------------------------------
+class FieldTypeError(TypeError, ValueError):
+    """A field holds a value of the wrong type. A TypeError, as Python calls it, and a ValueError, as a bad file
+    is: code that handles either kind of bad input catches it."""
+
+
+_TYPE_WORDS = {type(None): "null", bool: "a bool (true/false)", int: "an integer", float: "a number",
+               str: "a string", dict: "a JSON object", list: "a list"}
+
+
 @functools.cache
-def _field_types() -> dict[str, Any]:
+def _field_types(cls: type) -> dict[str, Any]:
     """Each field's annotation, resolved (``int | None`` → a union of int and NoneType)."""
-    return typing.get_type_hints(ModelConfig)
+    return typing.get_type_hints(cls)
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    """Raise TypeError unless ``value`` is of the field's annotated type.
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
-    Strict where Python is lax: a bool must be a real bool (the string "false" is truthy and would read as True),
-    an int a real int (not True, not "2"); a float field takes ints (JSON writes 10000.0 as 10000) but not bools
-    or strings.
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Is ``value`` of type ``kind``? Strict where Python is lax: a bool must be a real bool (the string "false"
+    is truthy and would read as True), an int a real int (not True, not "2"); a float takes ints (JSON writes
+    10000.0 as 10000) but not bools or strings."""
+    origin = typing.get_origin(kind) or kind
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(kind):
+        return isinstance(value, dict)
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def _describe(kind: Any) -> str:
+    if dataclasses.is_dataclass(kind):
+        return "a JSON object"
+    origin = typing.get_origin(kind) or kind
+    return _TYPE_WORDS.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def check_fields(cls: type, values: dict[str, Any], *, source: str | Path | None = None,
+                 unknown: str = "refuse", prefix: str = "", what: str | None = None) -> dict[str, Any]:
+    """Check ``values`` by name against the fields of the dataclass ``cls`` → ``values``.
+
+    Each value must be of its field's annotated type (``FieldTypeError`` naming the field, the file and what was
+    expected); a field without a default must be there (ValueError); an unknown name is refused naming the closest
+    field, or kept unchecked with ``unknown="keep"`` (metadata a later qkv may add). A field whose type is itself
+    such a dataclass, or a list of them, is checked the same way, its name dotted (``run.split_seed``).
+    ``source``: the file the values came from, named first in every error; ``what``: the words before "field"
+    in them (default: the class's name).
     """
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    for kind in allowed:
-        if kind is type(None) and value is None:
-            return
-        if kind is bool and isinstance(value, bool):
-            return
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if kind is str and isinstance(value, str):
-            return
-    expected = " or ".join({type(None): "null", bool: "a bool (true/false)", int: "an integer",
-                            float: "a number", str: "a string"}[k] for k in allowed)
-    raise TypeError(f"ModelConfig field {name}={value!r} must be {expected}, got {type(value).__name__}")
+    where = "" if source is None else f"{source}: "
+    field_of = f"{cls.__name__ if what is None else what} field".lstrip()  # "ModelConfig field", "field"
+    known = {f.name: f for f in fields(cls)}
+    for key in values:
+        if key not in known and unknown != "keep":
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+            raise ValueError(f"{where}unknown {field_of} {prefix}{key!r}{hint}")
+    for name, field in known.items():
+        if name not in values:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}{field_of} {prefix}{name} is missing")
+            continue
+        value, annotation = values[name], _field_types(cls)[name]
+        allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        kind = next((k for k in allowed if _matches(value, k)), None)
+        if kind is None:
+            expected = " or ".join(_describe(k) for k in allowed)
+            raise FieldTypeError(f"{where}{field_of} {prefix}{name}={_short(value)} must be {expected}, "
+                                 f"got {type(value).__name__}")
+        item = (typing.get_args(kind) or (None,))[0] if typing.get_origin(kind) is list else None
+        if dataclasses.is_dataclass(kind):
+            check_fields(kind, value, source=source, unknown=unknown, prefix=f"{prefix}{name}.", what=what)
+        elif item is not None:
+            for i, entry in enumerate(value):
+                if dataclasses.is_dataclass(item) and isinstance(entry, dict):
+                    check_fields(item, entry, source=source, unknown=unknown, prefix=f"{prefix}{name}[{i}].",
+                                 what=what)
+                elif not _matches(entry, item):
+                    raise FieldTypeError(f"{where}{field_of} {prefix}{name}[{i}]={_short(entry)} must be "
+                                         f"{_describe(item)}, got {type(entry).__name__}")
+    return values
 
 
 _VASWANI = dict(

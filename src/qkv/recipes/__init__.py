@@ -93,6 +93,7 @@ def resume(path: str | Path, overrides: dict | None = None, *, data: str | Path 
     with claim_run_directory(run_dir, resuming=True, primary=process_rank()[0] == 0):
         state, directory = load_trainer_state(path)
         model, tok, _ = load_checkpoint(directory)
-        config = TrainConfig(**{**state["train_config"], **overrides})
+        config = TrainConfig.from_dict(state["train_config"], source=directory / "trainer_state.json").replace(
+            **overrides)
         return continue_run(recipe_of_run(state["run"]), model, tok, state, directory, config, data=data,
                             out_dir=run_dir, say=say)

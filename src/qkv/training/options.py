@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import check_fields
 
 __all__ = ["TrainConfig", "SCHEDULES", "PRECISIONS", "PARALLELS", "RESUMABLE_OPTIONS"]
 
@@ -55,6 +59,8 @@ class TrainConfig:
     progress: bool = True  # a progress bar (tqdm) on stderr
 
     def __post_init__(self) -> None:
+        # first the types, by each field's annotation, so that the checks below compare numbers with numbers
+        check_fields(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)})
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.parallel not in PARALLELS:
@@ -87,3 +93,21 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str | Path | None = None) -> TrainConfig:
+        """Build from a mapping (a run's saved options): an unknown key names the closest field, a value of the
+        wrong type its field and expected type, each error naming ``source`` (the file the values came from)."""
+        if not isinstance(values, dict):
+            where = "" if source is None else f"{source}: "
+            raise ValueError(f"{where}expected a JSON object of TrainConfig fields, got {type(values).__name__}")
+        try:
+            return cls(**check_fields(cls, values, source=source))
+        except ValueError as err:
+            if source is None or str(err).startswith(str(source)):
+                raise
+            raise type(err)(f"{source}: {err}") from None
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        """A copy with ``overrides`` applied, checked like any other options."""
+        return self.from_dict({**asdict(self), **overrides})
