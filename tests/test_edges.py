@@ -783,7 +783,8 @@ def test_a_seed_that_is_not_an_integer_is_refused(ckpt, observe):
 def test_generating_past_the_context_without_a_window_is_refused_before_any_output(ckpt, capsys, observe):
     message = observe(cli_error(capsys, ["generate", "--checkpoint", ckpt["decoder"], "the", "--no-sliding-window",
                                          "--max-new-tokens", "500"]))
-    assert "lower max_new_tokens to at most 126" in message
+    assert "lower --max-new-tokens to at most 126" in message and "(without --no-sliding-window)" in message
+    assert "max_new_tokens" not in message and "sliding_window" not in message  # the command's words only
     assert capsys.readouterr().out == ""
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .attention import KVCache
+from .errors import OptionError
 
 __all__ = ["DecodeState", "ROLLING_POSITIONALS", "UNWRITTEN"]
 
@@ -166,10 +167,10 @@ class DecodeState:
             raise ValueError(f"this decode state holds max_len={self.max_len} positions and {self.length} + "
                              f"{self.length + n - self.capacity} do not fit; create it with a larger max_len")
         if not self.sliding_window:
-            raise ValueError(f"{self.length + n} positions do not fit the model's context max_seq_len="
-                             f"{self.max_seq_len}, and the decode state was created with sliding_window=False; "
-                             "generate fewer tokens, or pass sliding_window=True to keep the last "
-                             f"{self.max_seq_len} tokens")
+            raise OptionError(f"{self.length + n} positions do not fit the model's context max_seq_len="
+                              f"{self.max_seq_len}, and the decode state was created with {{sliding_window:False}}; "
+                              "generate fewer tokens, or slide a window ({sliding_window:True}) to keep the last "
+                              f"{self.max_seq_len} tokens")
         # Only a re-encoding state needs to know (a device sync): were the dropped slots all padding?
         dropped_real = self.mask is None or bool(self.mask[:, :n].any())
         keep, length = self.length - n, self.length

@@ -32,6 +32,7 @@ from .attention import KVCache, check_mask, padding_mask
 from .blocks import AttentionInputs, DecoderBlock, EncoderBlock, Stack, make_norm
 from .config import ModelConfig
 from .decode_state import DecodeState
+from .errors import OptionError
 from .positions import PositionalEncoding, build_positional
 
 __all__ = ["Embeddings", "positional_encoding", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES",
@@ -114,10 +115,10 @@ class _Model(nn.Module):
                              f"(keep its last {limit} tokens at most) or build the model with a larger max_seq_len")
         used = n_tokens + max_new_tokens - 1
         if not sliding_window and used > limit:
-            raise ValueError(f"{what} of {n_tokens} tokens + max_new_tokens={max_new_tokens} need {used} positions "
-                             f"but the model's context is max_seq_len={limit}; lower max_new_tokens to at most "
-                             f"{limit - n_tokens + 1}, shorten the {what}, or slide a window past the context "
-                             "(sliding_window=True)")
+            raise OptionError(f"{what} of {n_tokens} tokens + {{max_new_tokens}} need {used} positions but the "
+                              f"model's context is max_seq_len={limit}; lower {{max_new_tokens:name}} to at most "
+                              f"{limit - n_tokens + 1}, shorten the {what}, or slide a window past the context "
+                              "({sliding_window:True})", max_new_tokens=max_new_tokens)
 
     def _positions(self, ids: Tensor, past: int, positions: Tensor | None) -> Tensor:
         self.check_fits(past + ids.shape[1])
