@@ -294,3 +294,22 @@ def test_reorder_within_groups_of_one_source_may_leave_the_cross_attention_input
             state.reorder(index, same_source=same_source)
             outputs.append(model.decode(tgt[:, 2:], None, decode_state=state))
     assert max_err(*outputs) <= ATOL
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_a_rewound_state_continues_as_a_fresh_one_fed_the_kept_prefix(positional: str) -> None:
+    """A conversation resent whole reuses the prefix it shares with the last request and feeds only the rest."""
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.preset("tiny-decoder", vocab_size=30, max_seq_len=32,
+                                         positional=positional)).eval()
+    first, second = torch.tensor([[3, 4, 5, 6, 7, 8]]), torch.tensor([[3, 4, 5, 9, 10]])
+    with torch.inference_mode():
+        state = model.new_decode_state(1, 20)
+        model(first, decode_state=state)
+        state.rewind(3)  # the common prefix: 3, 4, 5
+        reused = model(second[:, 3:], decode_state=state)
+        fresh = model(second, decode_state=model.new_decode_state(1, 20))[:, 3:]
+        torch.testing.assert_close(reused, fresh, atol=1e-5, rtol=0)
+        assert state.length == 5
+        with pytest.raises(ValueError, match="rewind needs 0 <= n <= 5"):
+            state.rewind(6)

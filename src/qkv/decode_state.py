@@ -90,6 +90,7 @@ class DecodeState:
         self.length = 0  # slots that hold a token
         self.fed = 0  # tokens fed since the last (re-)start
         self.synced = True
+        self.restarted = False  # a window was re-encoded: the first tokens are gone
 
     def allocate(self, device: torch.device) -> None:
         """Create the per-step tensors (the first call does, on the device of its ids)."""
@@ -190,10 +191,32 @@ class DecodeState:
         ids = self.ids[:, : self.length].clone()
         mask = None if self.mask is None else self.mask[:, : self.length].clone()
         self.length, self.fed, self.mask = 0, 0, None
+        self.restarted = True  # its columns count from the window's start, no longer from the first token
         for t in (self.column, self.next_position):
             t.zero_()
         self.slot_column.fill_(UNWRITTEN)
         return ids, mask
+
+    def rewind(self, n: int) -> None:
+        """Forget every token after the first ``n`` fed, in place, so the next call continues at position ``n``:
+        a conversation that resends its history reuses the keys and values of the prefix it shares with the last
+        request and feeds only what follows (as llama.cpp's server reuses its prompt cache). Eager only.
+
+        Raises ValueError when ``n`` is not in [0, tokens fed], or when the first tokens are no longer held (the
+        window slid past the context): start a new state then."""
+        self.sync()
+        if not isinstance(n, int) or not 0 <= n <= self.fed:
+            raise ValueError(f"rewind needs 0 <= n <= {self.fed} (the tokens fed), got {n!r}")
+        if self.fed > self.length or self.restarted:
+            raise ValueError("this decode state slid its window past the context, so its first tokens are gone; "
+                             "create a new one and feed the whole sequence")
+        if n == self.fed:
+            return
+        self.column.fill_(n)
+        self.slot_column[n:] = UNWRITTEN
+        if self.mask is not None:
+            self.next_position.copy_(self.mask[:, :n].sum(-1))
+        self.length = self.fed = n
 
     # -- what a search may do between steps ------------------------------------------------------------------
     def reorder(self, index: Tensor, *, same_source: bool = False) -> None:
