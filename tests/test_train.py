@@ -117,6 +117,38 @@ def test_encoder_learns_masked_tokens_beyond_letter_frequencies(small_text, tmp_
     assert result.val_loss < unigram_entropy(SMALL) - 0.1
 
 
+@pytest.mark.parametrize("model_type", ["decoder", "encoder"])
+def test_a_label_smoothed_run_reports_the_validation_loss_qkv_eval_gives(model_type, small_text, tmp_path):
+    """Label smoothing belongs to the training objective: the validation loss a run returns, prints and logs is
+    plain cross-entropy, the number `qkv eval` gives for the same checkpoint and windows (a masked LM: with the
+    masks the trainer drew, from the run's own seed and mask rate), and the training loss says it is smoothed."""
+    said: list[str] = []
+    result = train(tiny(model_type), TrainConfig(max_steps=2, batch_size=8, label_smoothing=0.1, eval_every=2,
+                                                 mlm_probability=0.3, seed=5, final_eval_batches=100, **QUIET),
+                   data=small_text, out_dir=tmp_path / "run", print_fn=said.append)
+    evaluated = evaluate_checkpoint(result.checkpoint, batch_size=8)  # the trainer's windows, batched alike
+    assert result.val_loss == pytest.approx(evaluated["loss"], rel=1e-6)
+    row = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))[-1]
+    assert float(row["val_loss"]) == pytest.approx(evaluated["loss"], rel=1e-6)
+    assert float(row["val_ppl"]) == pytest.approx(math.exp(evaluated["loss"]), rel=1e-6)
+    assert row["label_smoothing"] == "0.1"
+    line = next(m for m in said if m.startswith("step      2 |"))
+    assert "(label-smoothed 0.1) | val" in line and f"val {evaluated['loss']:.4f}" in line
+
+
+def test_a_metrics_file_written_before_the_label_smoothing_column_continues_on_resume(small_text, tmp_path):
+    options = dict(batch_size=4, log_every=1, eval_every=2, **QUIET)
+    train(tiny("decoder"), TrainConfig(max_steps=2, **options), data=small_text, out_dir=tmp_path / "run",
+          print_fn=lambda _: None)
+    metrics = tmp_path / "run" / "metrics.csv"
+    old = [",".join(line.split(",")[:-1]) for line in metrics.read_text().splitlines()]  # without the new column
+    metrics.write_text("\r\n".join(old) + "\r\n")
+    resume(tmp_path / "run", {"max_steps": 3}, print_fn=lambda _: None)
+    rows = list(csv.DictReader(metrics.open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [r["label_smoothing"] for r in rows] == ["", "", "0.0"]
+
+
 def test_bpe_run_trains_and_saves_its_tokenizer(small_text, tmp_path):
     result = train(tiny("decoder", vocab_size=300), TrainConfig(max_steps=3, batch_size=4, **QUIET),
                    data=small_text, out_dir=tmp_path / "run", tokenizer="bpe", print_fn=lambda _: None)

@@ -325,6 +325,26 @@ def test_qkv_train_translate_and_eval_bleu_work_end_to_end(tiny_run, capsys, mon
     assert [s["beam"] for s in saved["scores"]] == [1, 4] and len(saved["translations"]) == 6
 
 
+def test_the_trainers_validation_loss_is_the_one_qkv_eval_gives_though_it_trains_label_smoothed(tiny_run):
+    """One checkpoint, one validation loss: the recipe trains with label smoothing 0.1, and the validation loss its
+    trainer reports (history, metrics.csv, hence the `done:` line) is plain cross-entropy, the number `qkv eval`
+    gives for the same checkpoint and split; its perplexity is exp of it."""
+    import csv
+    import json
+
+    from qkv.evaluation import evaluate_checkpoint
+
+    run = tiny_run / "run"
+    state = json.loads((run / (run / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert state["train_config"]["label_smoothing"] == 0.1
+    evaluated = evaluate_checkpoint(run)
+    assert state["history"][-1]["val_loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
+    last = list(csv.DictReader((run / "metrics.csv").open()))[-1]
+    assert float(last["val_loss"]) == pytest.approx(evaluated["loss"], rel=1e-6)
+    assert float(last["val_ppl"]) == pytest.approx(evaluated["perplexity"], rel=1e-5)
+    assert float(last["label_smoothing"]) == 0.1  # the train_loss beside it is the smoothed objective
+
+
 def test_translation_commands_explain_user_errors(tiny_run, tmp_path, capsys):
     from qkv.cli import main
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import average_checkpoints, load_checkpoint, read_run_info
+from .checkpoint import STATE_JSON, average_checkpoints, load_checkpoint, read_run_info, read_trainer_state_json
 from .data import Pair, references_by_source
 from .extras import require
 from .loading import load
@@ -34,7 +34,9 @@ __all__ = ["evaluate_checkpoint", "BleuResult", "corpus_scores", "evaluate_bleu"
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, split: str = "val",
                         batch_size: int = 32, context: int | None = None, max_batches: int = 10_000) -> dict:
-    """Loss (nats per predicted token, no label smoothing) and perplexity exp(loss) of a checkpoint.
+    """Loss (nats per predicted token, no label smoothing) and perplexity exp(loss) of a checkpoint: the
+    validation loss as the trainer computes it (``qkv.training.mean_loss``, with the run's own options and seed),
+    so on the batches the trainer validated on, the trainer's figure and this one are the same number.
 
     Dispatches on the recipe the run recorded. A language model or masked LM: on a text, ``data`` defaulting to
     the one the run trained on; ``split`` "val" takes its last 10%, "all" the whole text. A translation run: the
@@ -47,14 +49,22 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     run = read_run_info(directory)  # {} for a checkpoint without training state: the bundled corpus
     if model.model_type not in OBJECTIVES:
         raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")
-    objective = OBJECTIVES[model.model_type](tok, TrainConfig())
+    options = _training_options(directory)  # a masked LM's mask rate and the seed of its masks, as in training
+    objective = OBJECTIVES[model.model_type](tok, options)
     batches, source = recipe_of_run(run).evaluation_batches(
         model, tok, objective, run, directory, data=data, split=split, batch_size=batch_size, context=context,
         max_batches=max_batches)
-    loss = mean_loss(model, objective, batches)
+    loss = mean_loss(model, objective, batches, seed=options.seed)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "tokens": sum(objective.tokens_in(b) for b in batches), "data": source, "split": split,
             "checkpoint": str(directory)}
+
+
+def _training_options(directory: Path) -> TrainConfig:
+    """The options a run trained with (checked field by field, naming trainer_state.json), or the defaults for
+    a checkpoint without training state."""
+    saved = read_trainer_state_json(directory, whole=False).get("train_config")
+    return TrainConfig() if saved is None else TrainConfig.from_dict(saved, source=directory / STATE_JSON)
 
 
 @dataclass

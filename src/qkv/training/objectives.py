@@ -6,7 +6,9 @@
 
 A batch source is anything with ``batch(index)`` (training batch number ``index``, a pure function of the index)
 and ``fixed(n_batches)`` (the evaluation batches); the objective turns what the source yields into a loss.
-``mean_loss`` is the loss per predicted token over a list of batches (what validation and ``qkv eval`` report).
+``mean_loss`` is the validation loss: plain cross-entropy per predicted token over a list of batches, never
+label-smoothed, the one figure the trainer's validation, metrics.csv and ``qkv eval`` all report. Label smoothing
+belongs to the training objective alone (``loss(..., smoothed=True)``, the default while training).
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ class Objective:
     def __init__(self, tokenizer: Tokenizer, config: TrainConfig):
         self.tokenizer, self.config = tokenizer, config
 
-    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator, *,
-             reduction: str = "mean") -> tuple[Tensor, int]:
-        """→ (the loss over the predicted tokens, their mean or with ``reduction="sum"`` their sum; how many)."""
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator, *, reduction: str = "mean",
+             smoothed: bool = True) -> tuple[Tensor, int]:
+        """→ (the loss over the predicted tokens, their mean or with ``reduction="sum"`` their sum; how many).
+
+        ``smoothed``: the training objective, label-smoothed by ``config.label_smoothing``; ``False``: plain
+        cross-entropy, the validation loss (see ``mean_loss``)."""
         raise NotImplementedError
+
+    def label_smoothing(self, smoothed: bool) -> float:
+        """ε of the loss: the training options' when ``smoothed``, else 0 (plain cross-entropy)."""
+        return self.config.label_smoothing if smoothed else 0.0
 
     def predicted(self, batch: Any, generator: torch.Generator) -> int:
         """How many tokens ``loss(model, batch, generator)`` predicts, known before the forward pass (gradient
@@ -62,10 +71,10 @@ class NextToken(Objective):
 
     window_extra = 1
 
-    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean"):
+    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean", smoothed: bool = True):
         ids = batch.to(self.device(model), non_blocking=True)
         logits = model(ids[:, :-1])  # (batch, T, vocab)
-        return (cross_entropy(logits, ids[:, 1:], label_smoothing=self.config.label_smoothing, reduction=reduction),
+        return (cross_entropy(logits, ids[:, 1:], label_smoothing=self.label_smoothing(smoothed), reduction=reduction),
                 self.predicted(batch, generator))
 
     def predicted(self, batch: Tensor, generator) -> int:
@@ -106,25 +115,25 @@ class MaskedLM(Objective):
         inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
         return inputs, torch.where(chosen, ids, IGNORE_INDEX)
 
-    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean"):
+    def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean", smoothed: bool = True):
         inputs, targets = self.corrupt(batch, generator)
         count = int((targets != IGNORE_INDEX).sum())  # counted on the CPU: no wait for the device
         device = NextToken.device(model)
         hidden = model(inputs.to(device))  # (batch, T, d_model)
         logits = getattr(model, "module", model).logits(hidden)  # the model itself under DistributedDataParallel
-        return cross_entropy(logits, targets.to(device), label_smoothing=self.config.label_smoothing,
+        return cross_entropy(logits, targets.to(device), label_smoothing=self.label_smoothing(smoothed),
                              reduction=reduction), count
 
 
 class Seq2SeqObjective(Objective):
     """L = -mean_t log P(y_t | y_<t, x): teacher forcing, label smoothing from the training options."""
 
-    def loss(self, model: nn.Module, batch: Seq2SeqBatch, generator: torch.Generator, *,
-             reduction: str = "mean") -> tuple[Tensor, int]:
+    def loss(self, model: nn.Module, batch: Seq2SeqBatch, generator: torch.Generator, *, reduction: str = "mean",
+             smoothed: bool = True) -> tuple[Tensor, int]:
         count = self.predicted(batch, generator)  # counted on the CPU: no wait for the device
         batch = batch.to(next(model.parameters()).device)
         logits = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (batch, tgt_len, vocab)
-        return (cross_entropy(logits, batch.tgt_out, label_smoothing=self.config.label_smoothing,
+        return (cross_entropy(logits, batch.tgt_out, label_smoothing=self.label_smoothing(smoothed),
                               reduction=reduction), count)
 
     def predicted(self, batch: Seq2SeqBatch, generator: torch.Generator) -> int:
@@ -147,7 +156,8 @@ OBJECTIVES: dict[str, Callable[[Tokenizer, TrainConfig], Objective]] = {
 @torch.no_grad()
 def mean_loss(model: nn.Module, objective: Objective, batches: list, *, seed: int = 0, bf16: bool = False,
              share: tuple[int, int] = (0, 1)) -> float:
-    """Mean loss per predicted token over ``batches`` (model in eval mode; its mode is restored after).
+    """The validation loss: mean cross-entropy per predicted token over ``batches``, without label smoothing
+    whatever the objective trains with (model in eval mode; its mode is restored after).
 
     ``share=(r, N)``: under torchrun, process r of N evaluates batches r, r + N, ... and the sums are added up
     across the processes, so the mean is the one a single process computes."""
@@ -158,7 +168,7 @@ def mean_loss(model: nn.Module, objective: Objective, batches: list, *, seed: in
     rank, world = share
     for i in range(rank, len(batches), world):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = objective.loss(model, batches[i], torch.Generator().manual_seed(seed + i))
+            loss, n = objective.loss(model, batches[i], torch.Generator().manual_seed(seed + i), smoothed=False)
         total += float(loss) * n
         count += n
     model.train(was_training)

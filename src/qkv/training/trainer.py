@@ -192,8 +192,16 @@ class Trainer:
             return contextlib.nullcontext()
         return fsdp_accumulating(self.model) if self.sharded else self.replica.no_sync()
 
+    @property
+    def objective_label(self) -> str:
+        """What the training loss printed beside it is, when it is not plain cross-entropy: with label smoothing
+        ε it is the smoothed objective, larger than the cross-entropy the validation loss and ``qkv eval`` give."""
+        eps = self.config.label_smoothing
+        return f" (label-smoothed {eps:g})" if eps else ""
+
     def validation_loss(self, final: bool = False) -> float:
-        """Mean validation loss per predicted token over the fixed evaluation batches."""
+        """The validation loss: mean cross-entropy per predicted token over the fixed evaluation batches, never
+        label-smoothed (``qkv.training.mean_loss``: the figure ``qkv eval`` gives for the same batches)."""
         c = self.config
         batches = self.val_batches
         if final and c.final_eval_batches not in (None, c.eval_batches):
@@ -245,13 +253,13 @@ class Trainer:
                     raise TrainingDiverged(self._divergence_message(loss, norm))
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 if self.step == 1 or self.step == self._resumed_at + 1:
-                    self.print(f"step {self.step}: loss {loss:.4f}, {spent:.2f} s")
+                    self.print(f"step {self.step}: loss {loss:.4f}{self.objective_label}, {spent:.2f} s")
                 done = self._done()
                 evaluating = done or self._evaluation_due(clock_before_step)
                 if self.step % c.log_every == 0 or evaluating:
                     row = {"step": self.step, "elapsed_s": round(self.elapsed, 3), "tokens": self.tokens,
                            "lr": self.optimizer.param_groups[0]["lr"], "train_loss": window_loss / window_steps,
-                           "tokens_per_s": round(self.tokens_per_s)}
+                           "tokens_per_s": round(self.tokens_per_s), "label_smoothing": c.label_smoothing}
                     window_loss, window_steps = 0.0, 0
                     if evaluating:
                         start, at = time.perf_counter(), self.elapsed
@@ -261,8 +269,8 @@ class Trainer:
                             self._agree()
                         row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
                         self.history.append({"step": self.step, "elapsed_s": at, "val_loss": val_loss})
-                        self._say(f"step {self.step:>6} | {self.elapsed:7.1f} s | train {row['train_loss']:.4f} | "
-                                  f"val {val_loss:.4f} (ppl {row['val_ppl']:.2f}) | "
+                        self._say(f"step {self.step:>6} | {self.elapsed:7.1f} s | train {row['train_loss']:.4f}"
+                                  f"{self.objective_label} | val {val_loss:.4f} (ppl {row['val_ppl']:.2f}) | "
                                   f"{self.tokens_per_s:,.0f} tok/s")
                     for callback in self.callbacks:
                         callback.log(self, row)
