@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .config import FORMAT_VERSION, ConfigFileHeader, ModelConfig, check_fields
+from .interop.hf import model_to_save
 from .models import build_model, check_finite_weights
 from .tokenizers import Tokenizer
 
@@ -206,7 +207,10 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, tokenizer: To
                     trainer_state: dict | None = None, weights: dict[str, Tensor] | None = None) -> Path:
     """Write a checkpoint directory atomically, with its manifest (``write_directory``).
 
-    ``weights``: the tensors to write when ``model.state_dict()`` does not hold them whole (a sharded model)."""
+    ``weights``: the tensors to write when ``model.state_dict()`` does not hold them whole (a sharded model).
+    A model wrapped by torch.compile, DDP or FSDP is saved as the qkv model inside (its own tensor names); one
+    with peft adapters is refused, naming the fix (save ``model.merge_and_unload()``, or the adapters alone)."""
+    model = model_to_save(model, "save_checkpoint(DIR, model.merge_and_unload(), tokenizer)")
     directory = Path(directory)
     with write_directory(directory) as tmp:
         model.config.save(tmp / CONFIG, model_type=model.model_type)

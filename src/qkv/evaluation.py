@@ -23,7 +23,7 @@ from .checkpoint import STATE_JSON, average_checkpoints, load_checkpoint, read_r
 from .data import Pair, references_by_source
 from .extras import require
 from .loading import load
-from .models import Transformer
+from .models import model_type_of
 from .recipes import recipe_of_run
 from .recipes.translation import held_out_test_split, translate
 from .tokenizers import Tokenizer
@@ -131,7 +131,7 @@ def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha:
         say(f"averaging {len(steps)} checkpoints: {', '.join(p.name for p in steps)}")
     else:
         model, tokenizer = load(checkpoint)
-    if not isinstance(model, Transformer):
+    if model_type_of(model) != "seq2seq":
         raise TypeError(f"{checkpoint} holds a {type(model).__name__}; BLEU needs an encoder-decoder Transformer "
                         "trained with `qkv train vaswani-small --data PARALLEL_FILE`")
     test, run = held_out_test_split(checkpoint)

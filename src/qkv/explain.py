@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention, causal_mask
-from .models import DecoderLM, Encoder, Transformer
+from .models import unwrap
 from .tokenizers import Tokenizer
 from .viz.maps import attention_kinds, check_index, encode_input, run_model
 
@@ -112,7 +112,7 @@ def find_token(labels: list[str], spec: int | str) -> int:
 def attention_module(model: nn.Module, kind: str, layer: int) -> MultiHeadAttention:
     """The MultiHeadAttention that computes ``kind`` ("encoder", "decoder_self", "cross") in ``layer``."""
     if kind not in attention_kinds(model):
-        raise ValueError(f"a {type(model).__name__} has no {kind!r} attention; choose one of "
+        raise ValueError(f"a {type(unwrap(model)).__name__} has no {kind!r} attention; choose one of "
                          f"{', '.join(attention_kinds(model))}")
     stack = _stack_of(model, kind)
     block = stack.layers[check_index("layer", layer, len(stack.layers))]
@@ -195,8 +195,8 @@ def explain_head(model: nn.Module, tokenizer: Tokenizer, text: str, *, layer: in
 
 
 def _stack_of(model: nn.Module, kind: str):
-    if isinstance(model, Transformer):
-        return model.encoder if kind == "encoder" else model.decoder
-    if isinstance(model, (Encoder, DecoderLM)):
-        return model.layers
-    raise TypeError(f"expected a qkv Encoder, DecoderLM or Transformer, got {type(model).__name__}")
+    """The stack of blocks that computes ``kind``, inside the qkv model a wrapper may hold (see ``unwrap``)."""
+    core = unwrap(model)
+    if core.model_type == "seq2seq":
+        return core.encoder if kind == "encoder" else core.decoder
+    return core.layers

@@ -12,7 +12,9 @@ One configuration, a few entry points:
   (greedy or beam search, batched sources with padding masks) → lists of target ids.
 
 Every function takes a ``DecoderLM`` (ids = the prompt; the result is prompt + continuation) or a
-``Transformer`` (ids = the source sentence; the result is the target, starting with its start token).
+``Transformer`` (ids = the source sentence; the result is the target, starting with its start token), or
+either one wrapped by peft, ``torch.compile``, DDP or FSDP (:func:`~qkv.models.unwrap` finds the model inside;
+a decoder-only model runs through its wrapper, compiled or with the wrapper's hooks).
 Batches of prompts of different lengths are **left**-padded (:func:`~qkv.data.left_pad`) with an
 ``attention_mask`` (True at real tokens); each row then decodes exactly as it would alone, because absolute
 positions are counted from each row's first real token. Other padding (``right_pad``'s) is moved to the left.

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..models import DecoderLM, Transformer
+from ..models import unwrap
 from .config import GenerationConfig, resolve
 from .logits import process
 from .prompt import Prompt, Stepper, check_fits, evaluating, prepare
@@ -21,7 +21,7 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def beam_search(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | None = None, *,
+def beam_search(model: nn.Module, ids: Tensor, max_new_tokens: int | None = None, *,
                 config: GenerationConfig | None = None, attention_mask: Tensor | None = None,
                 return_scores: bool = False, **options: Any) -> Tensor | tuple[Tensor, Tensor]:
     """Keep the ``num_beams`` best partial hypotheses per row; → the best finished one, as :func:`generate` does.
@@ -32,25 +32,26 @@ def beam_search(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int
     a row is done as soon as it holds ``num_beams`` finished hypotheses; without, once no live hypothesis can
     still beat the worst of them. Deterministic: temperature, top-k, top-p and seed do not apply; the
     repetition penalty and min_new_tokens do. ``return_scores=True`` also returns each row's best score.
+    The model may be wrapped by peft, torch.compile, DDP or FSDP.
     """
     cfg = resolve(config, max_new_tokens, options)
     return search(model, prepare(model, ids, attention_mask, cfg), cfg, return_scores=return_scores)
 
 
-def search(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, *, return_scores: bool = False
+def search(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, *, return_scores: bool = False
            ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`beam_search` on a prepared prompt."""
     if cfg.stop_strings:
         raise ValueError("stop_strings work with sampling and greedy decoding (num_beams=1); beam search stops "
                          "on stop_token_ids")
     check_fits(model, prompt, cfg)
-    n_batch, beams, vocab = prompt.ids.shape[0], cfg.num_beams, model.config.vocab_size
+    n_batch, beams, vocab = prompt.ids.shape[0], cfg.num_beams, unwrap(model).config.vocab_size
     device, n_new = prompt.ids.device, cfg.max_new_tokens
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n_batch)]
     if n_new == 0:
         return (prompt.start.clone(), torch.zeros(n_batch)) if return_scores else prompt.start.clone()
     stop_set = set(prompt.stop)
-    with evaluating(model):
+    with evaluating(model), torch.inference_mode():
         expand = torch.arange(n_batch, device=device).repeat_interleave(beams)  # row b*beams + j → prompt b
         mask = None if prompt.mask is None else prompt.mask[expand]
         stepper = Stepper(model, prompt.ids[expand], mask, n_new, cfg.use_cache, bool(cfg.sliding_window))

@@ -8,16 +8,16 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..attention import check_mask
-from ..models import DecoderLM, Transformer
+from ..models import model_type_of, unwrap
 from ..tokenizers import SEAM_CONTEXT
 from .config import GenerationConfig
 from .logits import check_finite, seen_tokens
 from .stopping import stop_token_ids
 
-__all__ = ["Prompt", "prepare", "check_fits", "Stepper", "evaluating"]
+__all__ = ["Prompt", "prepare", "generating_kind", "check_fits", "Stepper", "evaluating"]
 
 
 class Prompt(NamedTuple):
@@ -55,16 +55,29 @@ class Prompt(NamedTuple):
         return seen_tokens(self.ids, self.mask, vocab_size)
 
 
+def generating_kind(model: Any) -> str:
+    """"decoder" | "seq2seq": the kind of the qkv model that ``model`` is or wraps (peft, torch.compile, DDP,
+    FSDP; see :func:`~qkv.models.unwrap`); anything else is a TypeError naming it."""
+    try:
+        kind, name = model_type_of(model), type(unwrap(model)).__name__
+    except TypeError:
+        kind, name = None, type(model).__name__
+    if kind not in ("decoder", "seq2seq"):
+        raise TypeError(f"generation needs a qkv DecoderLM or Transformer, got {name}; an Encoder has no "
+                        "next-token distribution to sample from")
+    return kind
+
+
 def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig) -> Prompt:
     """Check the inputs once for the whole call (the decoding steps then skip every check) → :class:`Prompt`.
 
-    Errors name the problem and the fix: not a generating model, ids not (batch, seq), a mask of another shape or
-    a float mask, an empty prompt without a BOS token, a prompt or source longer than the context.
+    ``model``: a DecoderLM or Transformer, or one wrapped by peft, torch.compile, DDP or FSDP. Errors name the
+    problem and the fix: not a generating model, ids not (batch, seq), a mask of another shape or a float mask,
+    an empty prompt without a BOS token, a prompt or source longer than the context.
     """
-    if not isinstance(model, (DecoderLM, Transformer)):
-        raise TypeError(f"generation needs a qkv DecoderLM or Transformer, got {type(model).__name__}; an "
-                        "Encoder has no next-token distribution to sample from")
-    mc = model.config
+    seq2seq = generating_kind(model) == "seq2seq"
+    core = unwrap(model)
+    mc = core.config
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
         raise ValueError(f"ids must be a (batch, seq) tensor of token ids, got {shape}; add a batch "
@@ -84,17 +97,17 @@ def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig)
         mask = check_mask(mask, "attention_mask").to(ids.device)  # bool or 1/0; float masks refused
         if bool(mask.all()):
             mask = None  # nothing is padding: the fast path needs no mask at all
-        elif not isinstance(model, Transformer):
+        elif not seq2seq:
             # Padding anywhere (right_pad's output, or holes) becomes left padding: a stable sort moves each
             # row's real tokens, in order, to the end, so every row continues from its own last real token
             # exactly as it would alone. (A source sentence may be padded on either side.)
             order = mask.to(torch.int8).argsort(dim=-1, stable=True)
             ids, mask = ids.gather(1, order), mask.gather(1, order)
     empty = ids.shape[1] == 0 or (mask is not None and not bool(mask.any(-1).all()))
-    if isinstance(model, Transformer):
+    if seq2seq:
         if empty:
             raise ValueError("a source sentence is empty; give every row at least one source token")
-        model.check_fits(ids.shape[1], what="source")
+        core.check_fits(ids.shape[1], what="source")
         if bos is None:
             raise ValueError("the encoder-decoder model has no start token for the target "
                              "(ModelConfig.bos_token_id is None); pass bos_token_id=...")
@@ -115,16 +128,20 @@ def prepare(model: Any, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig)
     return Prompt(ids, mask, stop, pad, ids)
 
 
-def check_fits(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig) -> None:
+def check_fits(model: nn.Module, prompt: Prompt, cfg: GenerationConfig) -> None:
     """The prompt (or the target's start token) must fit the model's context, and with ``sliding_window`` off so
     must prompt + max_new_tokens - 1 (the model's one check, :meth:`~qkv.DecoderLM.check_fits`)."""
     what = "target" if prompt.seq2seq else "prompt"  # a target starts as its one start token
-    model.check_fits(prompt.start.shape[1], cfg.max_new_tokens, sliding_window=bool(cfg.sliding_window), what=what)
+    unwrap(model).check_fits(prompt.start.shape[1], cfg.max_new_tokens, sliding_window=bool(cfg.sliding_window),
+                             what=what)
 
 
 class Stepper:
     """Feeds a model its prompt, then one token per row per step → the next-token logits (batch, vocab).
 
+    ``model`` may be a wrapper (peft, torch.compile, DDP, FSDP): a decoder-only model runs through the wrapper it
+    was given (compiled, or with the wrapper's hooks); the config and the decode state come from the qkv model
+    inside (``self.core``), which also runs an encoder-decoder's ``encode``/``decode``, methods no wrapper routes.
     With the cache, the model keeps the keys, values, positions and padding of the tokens fed so far in its decode
     state (``model.new_decode_state``) and each step feeds only the new token: ``model(ids, decode_state=...)``.
     Past ``max_seq_len`` the state slides a window of the last max_seq_len tokens when ``sliding_window`` (see
@@ -133,19 +150,20 @@ class Stepper:
     cached window, whose deeper keys still carry older tokens).
     """
 
-    def __init__(self, model: DecoderLM | Transformer, ids: Tensor, mask: Tensor | None, max_new_tokens: int,
+    def __init__(self, model: nn.Module, ids: Tensor, mask: Tensor | None, max_new_tokens: int,
                  use_cache: bool, sliding_window: bool = False):
-        self.model, self.seq2seq = model, isinstance(model, Transformer)
+        self.model, self.core = model, unwrap(model)
+        self.seq2seq = self.core.model_type == "seq2seq"
         batch = ids.shape[0]
         if self.seq2seq:  # ids is the source; the target starts empty (the caller feeds the start token)
-            self.src_mask, self.memory = mask, model.encode(ids, mask)
+            self.src_mask, self.memory = mask, self.core.encode(ids, mask)
             self.tokens, self.mask = ids.new_empty(batch, 0), None
         else:
             self.tokens, self.mask = ids, mask
         # Room for the prompt (or start token) and every new token (the last is fed only by a caller that wants
         # the logits after it); at most max_seq_len positions are allocated.
-        fed = min(self.tokens.shape[1] + max_new_tokens + self.seq2seq, model.config.max_seq_len)
-        self.state = model.new_decode_state(batch, fed, sliding_window=sliding_window) if use_cache else None
+        fed = min(self.tokens.shape[1] + max_new_tokens + self.seq2seq, self.core.config.max_seq_len)
+        self.state = self.core.new_decode_state(batch, fed, sliding_window=sliding_window) if use_cache else None
         self.first = True
 
     def prefill(self, start: Tensor | None = None) -> Tensor:
@@ -166,17 +184,17 @@ class Stepper:
             return check_finite(self._full())
         if self.seq2seq:
             memory, self.first = (self.memory if self.first else None), False
-            logits = self.model.decode(ids, memory, self.src_mask, decode_state=self.state)
+            logits = self.core.decode(ids, memory, self.src_mask, decode_state=self.state)
         else:
             logits = self.model(ids, decode_state=self.state)
         return check_finite(logits[:, -1])
 
     def _full(self) -> Tensor:
         """The plain forward over the prefix (its last max_seq_len tokens) → the last position's logits."""
-        window = self.model.config.max_seq_len
+        window = self.core.config.max_seq_len
         tokens = self.tokens[:, -window:]
         if self.seq2seq:
-            return self.model.decode(tokens, self.memory, self.src_mask)[:, -1]
+            return self.core.decode(tokens, self.memory, self.src_mask)[:, -1]
         if self.mask is None:
             return self.model(tokens)[:, -1]
         mask = self.mask[:, -window:]
@@ -194,12 +212,18 @@ class Stepper:
 
 
 @contextmanager
-def evaluating(model: DecoderLM | Transformer) -> Iterator[None]:
-    """Run the model in eval mode (no dropout) and inference mode, then restore its training flag."""
-    was_training = model.training
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run the model in eval mode (no dropout), then give every module back the training flag it had.
+
+    Only the model's own state changes, so a generator may hold it across its yields. Gradient and inference
+    mode are the caller's: they belong to the thread, and a generator that held them across a yield would leave
+    the code that drives it in that mode; it takes them from a decorator instead (``@torch.inference_mode()``
+    enters the mode for each step of a generator and leaves it at each yield).
+    """
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
-            yield
+        yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

@@ -12,22 +12,21 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data import right_pad
-from ..models import DecoderLM, Transformer
+from ..models import unwrap
 from .beam import search
 from .config import GenerationConfig, resolve
 from .logits import next_token_probs, process
-from .prompt import Prompt, Stepper, check_fits, prepare
+from .prompt import Prompt, Stepper, check_fits, evaluating, generating_kind, prepare
 from .stopping import StopStrings, check_tokenizer, until_stop_token
 
 __all__ = ["generate", "stream", "generate_seq2seq", "run", "steps", "stream_prepared"]
 
 
-@torch.inference_mode()
-def steps(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None
-          ) -> Iterator[Tensor]:
+@torch.inference_mode()  # entered for each step and left at each yield: the caller never runs in it
+def steps(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None) -> Iterator[Tensor]:
     """Yield (batch,) next tokens, one step at a time; rows that stopped get the pad id; ends when all did, or
     after ``max_new_tokens``. Nothing runs before the first token is asked for."""
     if cfg.max_new_tokens == 0:
@@ -35,14 +34,12 @@ def steps(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig,
     stop, pad = prompt.stop, prompt.pad
     batch, n_new, device = prompt.ids.shape[0], cfg.max_new_tokens, prompt.ids.device
     stop_strings = StopStrings(cfg.stop_strings, tokenizer, prompt.tails() if cfg.stop_strings else None)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         stepper = Stepper(model, prompt.ids, prompt.mask, n_new, cfg.use_cache, bool(cfg.sliding_window))
         logits = stepper.prefill(prompt.target_start)  # the model checks the token ids here
         generator = None if cfg.seed is None else torch.Generator(device).manual_seed(cfg.seed)
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
-        seen = prompt.seen_tokens(model.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
+        seen = prompt.seen_tokens(stepper.core.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device) if (stop or stop_strings) else None
         greedy, filtering = cfg.greedy, cfg.top_k is not None or cfg.top_p < 1.0
         for step in range(n_new):
@@ -68,15 +65,15 @@ def steps(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig,
             if step + 1 == n_new or (finished is not None and bool(finished.all())):
                 return
             logits = stepper.step(token.unsqueeze(1))
-    finally:
-        model.train(was_training)
 
 
-def stream(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | None = None, *,
+def stream(model: nn.Module, ids: Tensor, max_new_tokens: int | None = None, *,
            config: GenerationConfig | None = None, attention_mask: Tensor | None = None, tokenizer: Any = None,
            **options: Any) -> Iterator[Tensor]:
     """Yield each step's new tokens, a (batch,) LongTensor, as soon as they are chosen.
 
+    ``model``: a DecoderLM or Transformer, or one wrapped by peft, torch.compile, DDP or FSDP (see
+    :func:`~qkv.models.unwrap`); a decoder-only model runs through its wrapper.
     ``ids``: (batch, prompt) for a DecoderLM (left-padded with ``attention_mask`` when lengths differ, see
     :func:`~qkv.data.left_pad`; other padding is moved to the left), or the (batch, source) sentence for a
     Transformer (padded on either side, with ``attention_mask``). Options are :class:`GenerationConfig` fields.
@@ -89,7 +86,7 @@ def stream(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | No
     return stream_prepared(model, prepare(model, ids, attention_mask, cfg), cfg, tokenizer)
 
 
-def stream_prepared(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None
+def stream_prepared(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None
                     ) -> Iterator[Tensor]:
     """:func:`stream` on a prepared prompt: the remaining checks now, then an iterator over the steps."""
     if cfg.num_beams > 1:
@@ -100,7 +97,7 @@ def stream_prepared(model: DecoderLM | Transformer, prompt: Prompt, cfg: Generat
     return steps(model, prompt, cfg, tokenizer)
 
 
-def generate(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | None = None, *,
+def generate(model: nn.Module, ids: Tensor, max_new_tokens: int | None = None, *,
              config: GenerationConfig | None = None, attention_mask: Tensor | None = None, tokenizer: Any = None,
              **options: Any) -> Tensor:
     """Continue each row → (batch, prompt + new) ids for a DecoderLM, (batch, 1 + new) targets for a Transformer.
@@ -110,13 +107,14 @@ def generate(model: DecoderLM | Transformer, ids: Tensor, max_new_tokens: int | 
     early (a stop token, kept, or a stop string) are filled with the pad id; the tensor ends when the last
     row stopped. A Transformer's target starts with its start token (``bos_token_id``). ``num_beams > 1``
     runs :func:`~qkv.generation.beam_search`. A right-padded batch continues each row from its last real token
-    (as it would alone); the prompt part of the result is then left-padded.
+    (as it would alone); the prompt part of the result is then left-padded. The model may be wrapped by peft,
+    torch.compile, DDP or FSDP.
     """
     cfg = resolve(config, max_new_tokens, options)
     return run(model, prepare(model, ids, attention_mask, cfg), cfg, tokenizer)
 
 
-def run(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None) -> Tensor:
+def run(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None) -> Tensor:
     """:func:`generate` on a prepared prompt (greedy, sampling or beam search) → prompt (or start) + new ids."""
     if cfg.num_beams > 1:
         return search(model, prompt, cfg)
@@ -124,7 +122,7 @@ def run(model: DecoderLM | Transformer, prompt: Prompt, cfg: GenerationConfig, t
     return torch.cat([prompt.start, torch.stack(new, 1)], dim=1) if new else prompt.start.clone()
 
 
-def generate_seq2seq(model: Transformer, src_ids: Tensor | Sequence[Sequence[int]],
+def generate_seq2seq(model: nn.Module, src_ids: Tensor | Sequence[Sequence[int]],
                      src_attention_mask: Tensor | None = None, *, num_beams: int = 1, length_penalty: float = 0.6,
                      max_new_tokens: int | None = None, bos_token_id: int | None = None,
                      eos_token_id: int | None = None, **options: Any) -> list[list[int]]:
@@ -135,16 +133,17 @@ def generate_seq2seq(model: Transformer, src_ids: Tensor | Sequence[Sequence[int
     paper's beam search. ``bos_token_id`` / ``eos_token_id`` default to the model config's; decoding stops
     at EOS. ``max_new_tokens`` defaults to source length + 50 (as in the paper), capped by the context.
     Other options are :class:`GenerationConfig` fields (e.g. ``temperature`` for sampling when num_beams=1;
-    the default is greedy).
+    the default is greedy). The model may be wrapped by peft, torch.compile, DDP or FSDP.
     """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"generate_seq2seq needs a qkv Transformer (encoder-decoder), got {type(model).__name__};"
-                        " use generate() for a DecoderLM")
+    if generating_kind(model) != "seq2seq":
+        raise TypeError(f"generate_seq2seq needs a qkv Transformer (encoder-decoder), got "
+                        f"{type(unwrap(model)).__name__}; use generate() for a DecoderLM")
+    config = unwrap(model).config
     if not isinstance(src_ids, Tensor):
-        src_ids, src_attention_mask = right_pad(src_ids, model.config.pad_token_id or 0)
+        src_ids, src_attention_mask = right_pad(src_ids, config.pad_token_id or 0)
     if max_new_tokens is None:
-        max_new_tokens = min(src_ids.shape[1] + 50, model.config.max_seq_len)
-    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+        max_new_tokens = min(src_ids.shape[1] + 50, config.max_seq_len)
+    eos = eos_token_id if eos_token_id is not None else config.eos_token_id
     options.setdefault("temperature", 0.0)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
                            bos_token_id=bos_token_id, stop_token_ids=None if eos is None else (eos,)).replace(

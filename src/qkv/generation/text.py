@@ -12,44 +12,45 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data import left_pad, right_pad
-from ..models import DecoderLM, Transformer
+from ..models import unwrap
 from ..tokenizers import decode_continuation
 from .config import GenerationConfig, resolve
-from .prompt import prepare
+from .prompt import generating_kind, prepare
 from .sampling import run, stream_prepared
 from .stopping import StopStrings, until_stop_token, with_turn_ends
 
 __all__ = ["generate_text", "stream_text"]
 
 
-def _text_defaults(cfg: GenerationConfig, model: DecoderLM | Transformer, tokenizer: Any) -> GenerationConfig:
+def _text_defaults(cfg: GenerationConfig, model: nn.Module, tokenizer: Any) -> GenerationConfig:
     """Text goes on past the context (a sliding window) unless the call says ``sliding_window=False``; the
     tokenizer's BOS starts an empty prompt (or a target) when neither the call nor the model names one; a reply
     also stops at the end-of-turn tokens the tokenizer's files state."""
     if cfg.sliding_window is None:
         cfg = cfg.replace(sliding_window=True)
-    if cfg.bos_token_id is None and model.config.bos_token_id is None and tokenizer.bos_id is not None:
+    if cfg.bos_token_id is None and unwrap(model).config.bos_token_id is None and tokenizer.bos_id is not None:
         cfg = cfg.replace(bos_token_id=tokenizer.bos_id)
-    return with_turn_ends(cfg, model.config.eos_token_id, tokenizer)
+    return with_turn_ends(cfg, unwrap(model).config.eos_token_id, tokenizer)
 
 
-def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str | Sequence[str],
+def generate_text(model: nn.Module, tokenizer: Any, prompts: str | Sequence[str],
                   max_new_tokens: int | None = None, *, config: GenerationConfig | None = None,
                   **options: Any) -> str | list[str]:
     """Text in, generated text out (the continuation only, cut before a stop token or stop string).
 
     One string gives one string; a list gives a list, decoded as one padded batch. For a Transformer the
     prompts are source sentences and the result their targets. Past the model's context the text goes on over
-    a sliding window of the last max_seq_len tokens (``sliding_window=False``: an error instead).
+    a sliding window of the last max_seq_len tokens (``sliding_window=False``: an error instead). The model
+    may be wrapped by peft, torch.compile, DDP or FSDP.
     """
     cfg = _text_defaults(resolve(config, max_new_tokens, options), model, tokenizer)
     single = isinstance(prompts, str)
     encoded = [tokenizer.encode(t, add_special_tokens=True) for t in ([prompts] if single else list(prompts))]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_id or 0)
-    seq2seq = isinstance(model, Transformer)
+    seq2seq = generating_kind(model) == "seq2seq"
     prompt = prepare(model, *(right_pad if seq2seq else left_pad)(encoded, pad), cfg)
     out = run(model, prompt, cfg, tokenizer)
     stop_strings = StopStrings(cfg.stop_strings)
@@ -61,7 +62,7 @@ def generate_text(model: DecoderLM | Transformer, tokenizer: Any, prompts: str |
     return results[0] if single else results
 
 
-def stream_text(model: DecoderLM | Transformer, tokenizer: Any, prompt: str, max_new_tokens: int | None = None,
+def stream_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int | None = None,
                 *, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
     """Yield the continuation of one prompt as pieces of text, as soon as they are certain.
 
@@ -73,7 +74,7 @@ def stream_text(model: DecoderLM | Transformer, tokenizer: Any, prompt: str, max
     encoded = tokenizer.encode(prompt, add_special_tokens=True)
     prepared = prepare(model, torch.tensor([encoded], dtype=torch.long), None, cfg)
     tokens = stream_prepared(model, prepared, cfg, tokenizer)  # checks the rest now
-    context = [] if isinstance(model, Transformer) else encoded
+    context = [] if prepared.seq2seq else encoded
     return _pieces(tokens, tokenizer, context, prepared.stop, StopStrings(cfg.stop_strings))
 
 

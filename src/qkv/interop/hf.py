@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import Embeddings, check_finite_weights, positional_encoding
+from ..models import Embeddings, check_finite_weights, positional_encoding, unwrap
 
 __all__ = [
     "Rule",
@@ -38,6 +38,7 @@ __all__ = [
     "model_type_of",
     "check_exportable",
     "write_hf_directory",
+    "model_to_save",
     "WEIGHT_FILES",
 ]
 
@@ -245,3 +246,17 @@ def write_hf_directory(directory: str | Path, hf_config: Mapping[str, Any], tens
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
     return directory
+
+
+def model_to_save(model: nn.Module, merged: str) -> nn.Module:
+    """The qkv model whose weights a save writes: the one inside torch.compile, DDP or FSDP (their prefixes are
+    not part of a checkpoint). peft adapters are refused in one line naming ``merged``, the call that saves the
+    merged model: their layers rename the base weights, and a full copy of a base is not how adapters are kept
+    (peft's ``model.save_pretrained(DIR)`` writes them alone)."""
+    core = unwrap(model)
+    adapted = [name for name, module in core.named_modules() if type(module).__module__.split(".")[0] == "peft"]
+    if adapted:
+        raise ValueError(f"the model carries peft adapters ({adapted[0]}{', ...' if len(adapted) > 1 else ''}); "
+                         f"merge them into the weights to save a standalone model: {merged}, or keep the adapters "
+                         "alone with peft's model.save_pretrained(DIR)")
+    return core

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..models import DecoderLM
+from ..models import DecoderLM, unwrap
 from ..tokenizers import Tokenizer
 from .hf import (
     Rule,
@@ -37,6 +37,7 @@ from .hf import (
     layer_rules,
     load_weights,
     matches,
+    model_to_save,
     model_type_of,
     read_config,
     write_hf_directory,
@@ -167,11 +168,13 @@ def save_llama(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | N
     """Write a qkv ``DecoderLM`` as a Hugging Face LLaMA directory (``LlamaForCausalLM.from_pretrained`` reads it).
 
     Files: ``config.json``, ``model.safetensors`` (names as ``save_pretrained`` writes them), and the
-    tokenizer's ``tokenizer.json`` when one is given.
+    tokenizer's ``tokenizer.json`` when one is given. A model wrapped by torch.compile, DDP or FSDP is saved as
+    the model inside; one with peft adapters is refused (merge them first: ``model.merge_and_unload()``).
     """
-    if not isinstance(model, DecoderLM):
-        raise TypeError(f"cannot save a {type(model).__name__} as LLaMA: LLaMA is a decoder-only language model "
-                        "(qkv.DecoderLM)")
+    if unwrap(model).model_type != "decoder":
+        raise TypeError(f"cannot save a {type(unwrap(model)).__name__} as LLaMA: LLaMA is a decoder-only language "
+                        "model (qkv.DecoderLM)")
+    model = model_to_save(model, "save_llama(model.merge_and_unload(), DIR)")
     hf_config = config_to_llama(model.config)  # refuses what LLaMA cannot express before anything is written
     tensors = from_qkv_state_dict(model.state_dict(), llama_rules(model.config))
     return write_hf_directory(directory, hf_config, tensors, tokenizer)

@@ -31,7 +31,7 @@ from ..data import (
     split_by_source,
 )
 from ..generation import generate_seq2seq
-from ..models import Transformer
+from ..models import Transformer, model_type_of, unwrap
 from ..tokenizers import Tokenizer
 from ..training import Objective, TrainConfig, Trainer, TrainResult, say_once
 from .runs import Recipe, absolute_source, check_data_unchanged, claim_new_run, recorded_data, run_recipe
@@ -188,9 +188,9 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
     than the model's context is an error (never silently cut).
     """
 
-    if not isinstance(model, Transformer):
-        raise TypeError(f"a {type(model).__name__} is not an encoder-decoder Transformer; translate with a checkpoint "
-                        "trained by `qkv train vaswani-small --data PARALLEL_FILE`")
+    if model_type_of(model) != "seq2seq":  # a Transformer, or one wrapped by peft, torch.compile, DDP or FSDP
+        raise TypeError(f"a {type(unwrap(model)).__name__} is not an encoder-decoder Transformer; translate with "
+                        "a checkpoint trained by `qkv train vaswani-small --data PARALLEL_FILE`")
     if beam < 1:
         raise ValueError(f"beam={beam} must be >= 1 (1 = greedy)")
     if batch_size < 1:
@@ -202,7 +202,7 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
     sentences = list(sentences)
     if not sentences:
         return []
-    limit = model.config.max_seq_len
+    limit = unwrap(model).config.max_seq_len
     eos = tokenizer.eos_id
     encoded = [ids + [eos] for ids in tokenizer.encode_batch(sentences)]
     for i, ids in enumerate(encoded):

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import causal_mask
-from ..models import DecoderLM, Encoder, Transformer
+from ..generation.prompt import evaluating
+from ..models import model_type_of, unwrap
 from ..tokenizers import Tokenizer
 
 __all__ = ["ModelInput", "AttentionMaps", "encode_input", "attention_maps", "attention_kinds", "KIND_TITLES",
@@ -32,15 +33,12 @@ KIND_TITLES = {
 }
 
 
+KINDS_OF = {"seq2seq": ["encoder", "decoder_self", "cross"], "encoder": ["encoder"], "decoder": ["decoder_self"]}
+
+
 def attention_kinds(model: nn.Module) -> list[str]:
-    """The kinds of attention a model computes, in the order they run."""
-    if isinstance(model, Transformer):
-        return ["encoder", "decoder_self", "cross"]
-    if isinstance(model, Encoder):
-        return ["encoder"]
-    if isinstance(model, DecoderLM):
-        return ["decoder_self"]
-    raise TypeError(f"expected a qkv Encoder, DecoderLM or Transformer, got {type(model).__name__}")
+    """The kinds of attention a model computes, in the order they run (a wrapped model's: see ``unwrap``)."""
+    return list(KINDS_OF[model_type_of(model)])
 
 
 @dataclass
@@ -73,7 +71,7 @@ def _with_specials(tokenizer: Tokenizer, text: str) -> list[int]:
     return with_specials if len(with_specials) >= len(ids) else ids
 
 
-def _model_output(model: Transformer, tokenizer: Tokenizer, src_ids: list[int]) -> list[int] | None:
+def _model_output(model: nn.Module, tokenizer: Tokenizer, src_ids: list[int]) -> list[int] | None:
     """The encoder-decoder's own greedy output for the source (target ids, no start or end token), or None when
     the tokenizer has no start/end tokens to decode with."""
     from ..generation import generate_seq2seq
@@ -82,7 +80,7 @@ def _model_output(model: Transformer, tokenizer: Tokenizer, src_ids: list[int]) 
         return None
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     return generate_seq2seq(model, [src_ids], bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                            pad_token_id=pad, max_new_tokens=model.config.max_seq_len - 1)[0]
+                            pad_token_id=pad, max_new_tokens=unwrap(model).config.max_seq_len - 1)[0]
 
 
 def encode_input(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None) -> ModelInput:
@@ -95,10 +93,10 @@ def encode_input(model: nn.Module, tokenizer: Tokenizer, text: str, target: str 
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty; type a sentence to look at")
-    max_len = model.config.max_seq_len
-    seq2seq = isinstance(model, Transformer)
+    max_len, model_type = unwrap(model).config.max_seq_len, model_type_of(model)
+    seq2seq = model_type == "seq2seq"
     if target is not None and not seq2seq:
-        raise ValueError(f"a target text is read only by an encoder-decoder's decoder; this {model.model_type} "
+        raise ValueError(f"a target text is read only by an encoder-decoder's decoder; this {model_type} "
                          "model reads the text alone: leave out the target")
     ids = tokenizer.encode(text) if seq2seq else _with_specials(tokenizer, text)
     if seq2seq and tokenizer.eos_id is not None:
@@ -200,15 +198,12 @@ class AttentionMaps:
 
 @torch.no_grad()
 def run_model(model: nn.Module, inputs: ModelInput, *, return_attention: bool = True):
-    """One forward pass in evaluation mode (no dropout), restoring the model's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        if isinstance(model, Transformer):
+    """One forward pass in evaluation mode (no dropout), restoring the model's mode afterwards; a wrapped model
+    runs through its wrapper."""
+    with evaluating(model):
+        if model_type_of(model) == "seq2seq":  # the source and its target
             return model(inputs.ids, inputs.target_ids, return_attention=return_attention)
         return model(inputs.ids, return_attention=return_attention)
-    finally:
-        model.train(was_training)
 
 
 def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None = None, *,
@@ -225,4 +220,4 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str, target: st
     else:
         per_kind = {kinds[0]: attentions}
     maps = {k: torch.stack([w[0] for w in layers]).float() for k, layers in per_kind.items()}
-    return AttentionMaps(model.model_type, inputs, maps)
+    return AttentionMaps(model_type_of(model), inputs, maps)
