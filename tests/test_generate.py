@@ -303,10 +303,22 @@ def test_stream_yields_each_token_before_computing_the_next():
     assert torch.cat([first] + rest).tolist() == generate(model, ids, 8, temperature=0)[0, 3:].tolist()
 
 
-def test_old_signature_still_works():
+def test_the_first_signature_samples_what_a_plain_top_k_loop_samples():
+    """generate(model, ids, n, temperature=, top_k=, seed=), max_new_tokens positional as in the first API, draws
+    the tokens an independent loop draws: the full forward over the prefix (no cache), its k best logits kept,
+    softmax(logits / T), one torch.multinomial draw per step from a generator seeded with ``seed``."""
     model = decoder()
-    out = generate(model, torch.tensor([[3, 4]]), 5, temperature=0.8, top_k=5, seed=1)
-    assert out.shape == (1, 7)
+    ids = torch.tensor([[3, 4]])
+    out = generate(model, ids, 12, temperature=0.8, top_k=5, seed=1)
+    generator, tokens = torch.Generator().manual_seed(1), ids
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(tokens)[:, -1]
+            best = logits.topk(5, dim=-1)
+            probs = torch.zeros_like(logits).scatter(-1, best.indices, (best.values / 0.8).softmax(-1))
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    assert out.tolist() == tokens.tolist()
+    assert len(set(tokens[0, 2:].tolist())) > 1  # a draw, not one token repeated: the sampling path ran
 
 
 # -- beam search -------------------------------------------------------------------------------------------------
