@@ -61,6 +61,17 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
     ("API", "top-k with logits tied at the k-th value",
      "the lower indices are kept, as the docstring says (was: the higher ones)",
      "tests/test_generate.py::test_top_k_breaks_ties_by_the_lower_index"),
+    ("API", "a model wrapped by peft (`get_peft_model`), `torch.compile` or DDP given to `generate`, `beam_search`, "
+            "`generate_seq2seq`, `generate_text`, `translate`, `attention_maps`, `explain_head`",
+     "runs as the qkv model inside (a decoder-only one through its wrapper): the peft model's tokens equal its "
+     "merge_and_unload() copy's (was: TypeError: generation needs a qkv DecoderLM or Transformer, got PeftModel)",
+     "tests/test_wrapped_models.py::test_a_peft_model_generates_what_its_merged_copy_generates"),
+    ("API", "`save_checkpoint` (or `save_gpt2`, `save_llama`) of a model carrying peft adapters; of a compiled model",
+     "ValueError: the model carries peft adapters (layers.layers.0.self_attn.qkv, ...); merge them into the weights "
+     "to save a standalone model: save_checkpoint(DIR, model.merge_and_unload(), tokenizer), or keep the adapters "
+     "alone with peft's model.save_pretrained(DIR); nothing is written (was: base_layer/lora_A tensor names "
+     "qkv.load refused); a compiled model is saved under the model's own names (was: _orig_mod.*)",
+     "tests/test_wrapped_models.py::test_saving_a_compiled_model_writes_the_model_inside_and_a_peft_model_is_refused"),
     ("CLI", "a SentencePiece-style (Metaspace) tokenizer: the space at the seam of prompt and continuation",
      "kept (`The capital is Paris.`; was `isParis.`); the prompt gets the tokenizer's BOS, greedy ids equal "
      "transformers'", "tests/test_generation_text.py::test_text_helpers_and_cli_keep_the_space_at_the_seam"),
