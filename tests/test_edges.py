@@ -101,6 +101,29 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "exit 1: qkv train: error: could not save checkpoint …/run/step-000002 (File too large); the run is kept as "
      "it was at …/run/step-000001: free some space, then continue it with --resume …/run",
      "tests/test_runs.py::test_a_save_that_cannot_write_names_the_checkpoint_kept_in_one_line"),
+    ("CLI", "`qkv train --resume DIR` on a directory that is not a run (as /etc), on a file, on a checkpoint copied "
+            "out of its run, or `--out` a directory of other files or a file; `qkv.recipes.resume`/`train` alike",
+     "exit 2: qkv train: error: not a qkv training run: no trainer_state.json, latest or step-* checkpoint in "
+     "…/etc; --resume takes a run directory written by qkv train (or one of its step-* checkpoints); the directory "
+     "is left byte for byte as it was (was: …/etc/.lock created, then 'holds no checkpoint yet'; a file: 'File "
+     "exists')",
+     "tests/test_runs.py::test_a_path_that_is_not_a_run_is_refused_in_one_line_by_every_command_and_left_byte_identical"),
+    ("API", "a run directory once its run ends (created, found empty, or resumed)",
+     "no `.lock` or `.lock-owner` left: the lock file exists only while a run holds the directory (was: `.lock` "
+     "left behind for good)", "tests/test_runs.py::test_a_run_holds_its_lock_file_only_while_it_runs"),
+    ("CLI", "a line appended to a run's text, then `qkv train --resume` or `qkv eval --checkpoint` (language model, "
+            "masked LM)",
+     "exit 2: …/text.txt changed since this run trained on it (recorded: 20,000 bytes, sha256 53644eda6783; now: "
+     "20,014 bytes, sha256 37140d043ca2); resuming needs the text it trained on: put that text back (or pass "
+     "--data with a copy of it), or start a new run on this one; eval: … pass --data …/text.txt to evaluate this "
+     "text on purpose, or put the original back (was: the path named twice; eval scored the changed text silently)",
+     "tests/test_runs.py::test_resume_and_eval_refuse_a_text_that_grew_by_a_line_saying_what_changed_and_how_to_go_on"),
+    ("API", "a translation run's Tatoeba-style zip changed: resume, its held-out test split, `evaluate_checkpoint` "
+            "(split val and all)",
+     "ValueError: …/pairs.zip changed since this run trained on it (recorded: …; now: …); its split cannot be "
+     "rebuilt / resuming needs the pairs it trained on / pass --data …/pairs.zip to evaluate this file on purpose "
+     "(was: split all scored the changed file silently)",
+     "tests/test_training_recipes.py::test_a_translation_run_whose_zip_changed_neither_resumes_nor_rebuilds_its_split_nor_is_scored_on_it"),
     ("CLI", "`qkv train --help`: the allowed values of each choice field",
      "listed: `--positional {sinusoidal,learned,none,rope,alibi}`, `--norm-position`, `--schedule`, "
      "`--activation`, `--dtype {auto,fp32,bf16}`, `--parallel {ddp,fsdp}`",

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ from qkv.checkpoint import FAULT_EXIT_STATUS, LATEST, claim_run_directory, save_
 from qkv.cli import main
 from qkv.data import read_corpus
 from qkv.train import evaluate_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 
 # a checkpoint at every step, a metrics row at every second one: a kill can fall between any two of them
 STEPS = 4
@@ -121,6 +125,88 @@ def test_a_run_still_training_is_refused_naming_its_process_and_a_killed_ones_lo
     code, stdout, err = run_cli(capsys, "train", "--resume", out, "--max-steps", 3, "--no-progress")
     assert code == 0, err
     assert "done: step 3," in stdout
+
+
+# -- issue 18 item 1: nothing written where no run belongs ------------------------------------------------------
+def listing(folder) -> dict:
+    """Every file and folder under ``folder`` (hidden ones too), with each file's bytes."""
+    return {p.relative_to(folder): p.read_bytes() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+def test_a_path_that_is_not_a_run_is_refused_in_one_line_by_every_command_and_left_byte_identical(
+        corpus_file, tmp_path, capsys, monkeypatch):
+    from qkv import ModelConfig
+    from qkv.recipes import resume, train
+
+    home = tmp_path / "etc"  # as /etc: a directory of someone's files
+    (home / "ssh").mkdir(parents=True)
+    (home / "hosts").write_text("127.0.0.1 localhost\n")
+    (home / "ssh" / "config").write_text("Host *\n")
+    (home / "run.txt").write_text("not a run\n")
+    elsewhere = tmp_path / "downloads"  # a checkpoint copied out of its run: its run would write beside it
+    shutil.copytree(FIXTURES / "decoder" / "run" / "step-000012", elsewhere / "checkpoint")
+    before = listing(tmp_path)
+    not_a_run = f"not a qkv training run: no trainer_state.json, latest or step-* checkpoint in {home}; --resume"
+    for args, expected in [
+        (["train", "--resume", home, "--max-steps", 5], not_a_run),
+        (["train", "--resume", home / "ssh", "--max-steps", 5], "not a qkv training run"),
+        (["train", "--resume", home, "--out", tmp_path / "new", "--max-steps", 5], not_a_run),
+        (["train", "--resume", FIXTURES / "decoder" / "run", "--out", home], f"{home} holds other files"),
+        (["train", "--resume", home / "hosts"], f"{home / 'hosts'} is a file, not a qkv training run; --resume takes"),
+        (["train", "--resume", elsewhere / "checkpoint", "--max-steps", 13], "checkpoint outside a run directory"),
+        (["train", "--data", corpus_file, "--out", home, *TINY], f"{home} holds other files and no qkv training run"),
+        (["train", "--data", corpus_file, "--out", home, "--overwrite", *TINY], "holds other files"),
+        (["train", "--data", corpus_file, "--out", home / "hosts", *TINY], "is a file; --out takes a directory"),
+        (["eval", "--checkpoint", home], "is missing config.json"),
+    ]:
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and expected in err, (args, err)
+        assert listing(tmp_path) == before, args
+    config = ModelConfig.preset("tiny-decoder", d_model=32, n_heads=2, d_ff=64, max_seq_len=32)
+    for call in (lambda: resume(home), lambda: resume(elsewhere / "checkpoint"),
+                 lambda: train("language-model", config, data=corpus_file, out_dir=home),
+                 lambda: train("language-model", config, data=corpus_file, out_dir=home / "hosts")):
+        with pytest.raises((ValueError, OSError), match="not a qkv training run|checkpoint outside|holds other|a file"):
+            call()
+        assert listing(tmp_path) == before
+
+
+def test_a_run_holds_its_lock_file_only_while_it_runs(tmp_path):
+    run, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    for directory in (run, empty):  # a directory a new run creates, and an empty one it finds
+        with claim_run_directory(directory):
+            assert (directory / ".lock").is_file() and (directory / ".lock-owner").is_file()
+            (directory / "step-000001").mkdir()
+        assert sorted(p.name for p in directory.iterdir()) == ["step-000001"]  # no lock left behind
+        with claim_run_directory(directory, resuming=True):
+            assert (directory / ".lock").is_file()
+        assert sorted(p.name for p in directory.iterdir()) == ["step-000001"]
+
+
+# -- issue 18 item 4: the data a run trained on is the data it is judged on ----------------------------------------
+@pytest.mark.parametrize("preset", ["tiny-decoder", "tiny-encoder"])
+def test_resume_and_eval_refuse_a_text_that_grew_by_a_line_saying_what_changed_and_how_to_go_on(
+        preset, corpus_file, tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_bytes(corpus_file.read_bytes())
+    out = tmp_path / "run"
+    sizes = [("--n-encoder-layers" if a == "--n-decoder-layers" and preset == "tiny-encoder" else a) for a in TINY]
+    assert run_cli(capsys, "train", preset, "--data", data, "--out", out, "--max-steps", 1, *sizes)[0] == 0
+    then = data.read_bytes()
+    with data.open("a") as f:
+        f.write("one more line\n")
+    now = data.read_bytes()
+    changed = (f"{data} changed since this run trained on it (recorded: {len(then):,} bytes, sha256 "
+               f"{hashlib.sha256(then).hexdigest()[:12]}; now: {len(now):,} bytes, sha256 "
+               f"{hashlib.sha256(now).hexdigest()[:12]}); ")
+    code, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", 2)
+    assert code == 2 and err.count("\n") == 1 and changed + "resuming needs the text it trained on" in err, err
+    assert err.count(str(data)) == 1  # the path once, not "X differs from ... (X)"
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", out, "--threads", 1)
+    assert code == 2 and err.count("\n") == 1 and changed in err and f"pass --data {data} to evaluate" in err, err
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", out, "--data", data, "--threads", 1)
+    assert code == 0 and stdout.startswith("loss ") and str(data) in stdout, err  # on purpose: evaluated
 
 
 # -- 12, 14: resume from whatever a kill leaves -------------------------------------------------------------------

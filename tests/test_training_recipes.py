@@ -1,12 +1,16 @@
 """The trainer's callbacks and the recipes on top of it: hooks in order however a run ends, a trainer without
-callbacks that writes nothing but checkpoints, train(recipe)/resume(path) dispatching on the recorded recipe, and
-the one data-unchanged check refusing a run's data once it changed."""
+callbacks that writes nothing but checkpoints, train(recipe)/resume(path) dispatching on the recorded recipe, the
+one data-unchanged check refusing a run's data once it changed, `qkv train` reaching every recipe (a new one too)
+through the table alone, and qkv.train's old names keeping their meaning with a deprecation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import warnings
+import zipfile
 
 import pytest
 from test_train import SMALL, _token_cache_in_tmp, small_text  # noqa: F401 (fixtures: the token cache, a text)
@@ -16,10 +20,19 @@ from qkv.checkpoint import read_run_info
 from qkv.data import Corpus, WindowBatches, load_tokens
 from qkv.evaluation import evaluate_checkpoint
 from qkv.models import DecoderLM
-from qkv.recipes import RECIPES, resume, train
+from qkv.recipes import RECIPES, Option, RunOptions, recipe_chosen_by, resume, train
 from qkv.recipes.translation import held_out_test_split, train_translation, translation_train_config
 from qkv.tokenizers import Tokenizer
-from qkv.training import Callback, StopOnSignal, TrainConfig, Trainer, TrainingInterrupted
+from qkv.training import (
+    OBJECTIVES,
+    Callback,
+    StopOnSignal,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    TrainResult,
+    mean_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,26 +123,115 @@ def test_resume_refuses_a_text_that_changed_since_the_run_trained_on_it(small_te
     train("language-model", config, TrainConfig(max_steps=1, **QUIET), data=small_text, out_dir=tmp_path / "run",
           print_fn=lambda _: None)
     small_text.write_text(SMALL[::-1])
-    with pytest.raises(ValueError, match=r"the data .*small.txt differs from the data this run trained on"):
+    with pytest.raises(ValueError, match=r"small.txt changed since this run trained on it \(recorded: 30,000 bytes, "
+                                         r"sha256 \w{12}; now: 30,000 bytes, sha256 \w{12}\); resuming needs the text"):
         resume(tmp_path / "run", {"max_steps": 2}, print_fn=lambda _: None)
 
 
-def test_a_translation_run_whose_file_changed_neither_resumes_nor_rebuilds_its_test_split(tmp_path):
+def test_a_translation_run_whose_zip_changed_neither_resumes_nor_rebuilds_its_split_nor_is_scored_on_it(tmp_path):
     pairs = [f"the cat number {i} sleeps\tle chat numéro {i} dort" for i in range(120)]
-    data = tmp_path / "pairs.tsv"
-    data.write_text("\n".join(pairs) + "\n", encoding="utf-8")
+    data = tmp_path / "pairs.zip"  # a Tatoeba-style zip: the pairs in its one .txt member
+
+    def write(lines):
+        with zipfile.ZipFile(data, "w") as archive:
+            archive.writestr("fra.txt", "\n".join(lines) + "\n")
+
+    write(pairs)
     config = ModelConfig.preset("tiny-seq2seq", vocab_size=300, **TINY)
     result = train_translation(data, config, translation_train_config(max_steps=1, **QUIET), out_dir=tmp_path / "run",
                                max_tokens=256, n_test=10, n_valid=10, print_fn=lambda _: None)
-    assert read_run_info(result.checkpoint)["recipe"] == "translation"
+    run = read_run_info(result.checkpoint)
+    assert run["recipe"] == "translation" and run["data"] == str(data.resolve())
     assert len(held_out_test_split(result.checkpoint)[0]) == 10
-    data.write_text("\n".join(pairs[::-1]) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="differs from the data this run trained on.*split cannot be rebuilt"):
+    size = len(("\n".join(pairs) + "\n").encode("utf-8"))
+    write(pairs[::-1])
+    changed = (rf"pairs.zip changed since this run trained on it \(recorded: {size:,} bytes, sha256 \w{{12}}; "
+               rf"now: {size:,} bytes, sha256 \w{{12}}\); ")
+    with pytest.raises(ValueError, match=changed + "its split cannot be rebuilt"):
         held_out_test_split(result.checkpoint)
-    with pytest.raises(ValueError, match="differs from the data this run trained on.*pass the same --data"):
+    with pytest.raises(ValueError, match=changed + "resuming needs the pairs it trained on"):
         resume(tmp_path / "run", {"max_steps": 2}, print_fn=lambda _: None)
+    for split in ("val", "all"):
+        with pytest.raises(ValueError, match=changed + ".*pass --data"):
+            evaluate_checkpoint(tmp_path / "run", split=split)
+    assert evaluate_checkpoint(tmp_path / "run", data=data, split="all")["loss"] > 0  # on purpose: scored
 
 
-def test_each_recipe_names_the_model_shape_it_trains():
-    assert {name: recipe.model_type for name, recipe in RECIPES.items()} == {
-        "language-model": "decoder", "masked-lm": "encoder", "translation": "seq2seq"}
+# the smallest preset of each model shape, and the data its recipe trains on
+PRESET_OF = {"decoder": "tiny-decoder", "encoder": "tiny-encoder", "seq2seq": "tiny-seq2seq"}
+OBJECTIVE_OF = {"decoder": "NextToken", "encoder": "MaskedLM", "seq2seq": "Seq2SeqObjective"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_each_recipe_from_the_table_builds_the_model_and_objective_it_claims_and_resumes_through_its_own_hook(
+        name, small_text, tmp_path, monkeypatch):  # noqa: F811
+    recipe = RECIPES[name]
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"a cat number {i} sleeps\tun chat numéro {i} dort\n" for i in range(60)))
+    sizes = dict(TINY, n_encoder_layers=1, n_decoder_layers=1, vocab_size=300) if recipe.model_type == "seq2seq" \
+        else dict(TINY, **{"n_encoder_layers" if recipe.model_type == "encoder" else "n_decoder_layers": 1})
+    options = RunOptions(
+        run={"preset": PRESET_OF[recipe.model_type], "out": str(tmp_path / "run"),
+             "data": str(pairs if recipe.model_type == "seq2seq" else small_text),
+             **({"test_size": 5, "valid_size": 5, "batch_tokens": 256} if recipe.model_type == "seq2seq" else {})},
+        model=sizes, train={"max_steps": 1, **QUIET})
+    assert recipe_chosen_by(options) is recipe  # what `qkv train` would run for these options
+    result = recipe.start(options)
+    run = read_run_info(result.checkpoint)
+    assert (run["recipe"], run["model_type"]) == (name, recipe.model_type)
+    model, tokenizer = recipe.load_run(result.checkpoint)
+    assert model.model_type == recipe.model_type
+    trainer = recipe.trainer_for_run(model, tokenizer, run, TrainConfig(max_steps=2, **QUIET), data=None,
+                                     out_dir=tmp_path / "run", say=lambda _: None, directory=result.checkpoint)
+    assert type(trainer.objective).__name__ == OBJECTIVE_OF[recipe.model_type]
+    assert type(trainer.objective) is OBJECTIVES[recipe.model_type]
+    loaded = []  # resume brings the model back through the recipe's own load_run, never a fixed loader
+
+    def load_run(directory):
+        loaded.append(directory)
+        return recipe.load_run(directory)
+
+    monkeypatch.setitem(RECIPES, name, dataclasses.replace(recipe, load_run=load_run))
+    assert resume(tmp_path / "run", {"max_steps": 2}, print_fn=lambda _: None).step == 2
+    assert loaded == [result.checkpoint]
+
+
+def test_a_recipe_added_to_the_table_is_reached_by_qkv_train_with_its_own_options(tmp_path, capsys, monkeypatch):
+    import qkv.recipes
+    from qkv.cli import main
+
+    started = []
+
+    def start(options: RunOptions) -> TrainResult:
+        started.append(options)
+        return TrainResult(step=1, elapsed=0.0, val_loss=1.0, tokens_per_s=1.0,
+                           checkpoint=tmp_path / "echo" / "step-000001", history=[], loss_curve=None)
+
+    echo = dataclasses.replace(RECIPES["language-model"], name="echo", start=start, chooses=lambda o: "shout" in o.run,
+                               options=(Option("shout", int, "how loud the echo is"),), options_title="echo runs")
+    monkeypatch.setattr(qkv.recipes, "RECIPES", {"echo": echo, **RECIPES})
+    config = tmp_path / "run.toml"
+    config.write_text("shout = 2\nd_model = 16\n")
+    assert main(["train", "--shout", "3", "--out", str(tmp_path / "echo"), "--max-steps", "1"]) == 0
+    assert main(["train", "--config", str(config), "--lr", "0.5"]) == 0
+    assert [(o.run, o.model, o.train) for o in started] == [
+        ({"shout": 3, "out": str(tmp_path / "echo")}, {}, {"max_steps": 1}),
+        ({"shout": 2}, {"d_model": 16}, {"lr": 0.5})]
+    assert "done: step 1," in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "echo runs:\n  --shout SHOUT" in capsys.readouterr().out
+
+
+def test_the_old_names_in_qkv_train_keep_their_meaning_and_warn_where_they_moved():
+    import qkv.train
+
+    with pytest.warns(DeprecationWarning, match=r"^qkv.train.RECIPES .* use qkv.recipes.RECIPE_FOR_MODEL_TYPE"):
+        assert qkv.train.RECIPES == {"decoder": "language-model", "encoder": "masked-lm", "seq2seq": "translation"}
+    with pytest.warns(DeprecationWarning, match=r"^qkv.train.evaluate .* use qkv.training.mean_loss"):
+        from qkv.train import evaluate
+    assert evaluate is mean_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the names that did not move mean what they meant, silently
+        from qkv.train import TrainConfig as Config  # noqa: F401
+        exec("from qkv.train import *", {})

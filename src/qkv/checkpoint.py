@@ -54,7 +54,7 @@ __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PIC
            "save_run_checkpoint", "write_atomic", "resolve_checkpoint", "check_checkpoint_dir", "load_checkpoint",
            "load_trainer_state", "flatten_state", "unflatten_state", "is_qkv_checkpoint", "claim_run_directory",
            "run_directory_of", "read_run_info", "RunDirectoryInUse", "CheckpointNotSaved", "fault_point",
-           "FAULT_POINTS", "average_checkpoints",
+           "FAULT_POINTS", "average_checkpoints", "is_run_directory", "run_to_resume",
            "MANIFEST", "write_directory", "sha256_of", "read_manifest", "verify_files", "CheckpointDamaged",
            "TrainerState", "RunInfo", "read_trainer_state_json"]
 
@@ -292,10 +292,64 @@ def _previous_run(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / LATEST, *run_dir.glob("step-*")) if p.exists()]
 
 
+def _saved_checkpoints(run_dir: Path) -> list[Path]:
+    """What a run saved: ``latest``, its ``step-*`` checkpoints, one set aside mid-save (``.step-*.old``)."""
+    return [*_previous_run(run_dir), *run_dir.glob(".step-*.old")] if run_dir.is_dir() else []
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """A directory a qkv training run wrote: checkpoints (``latest``, ``step-*``), or what a run killed before its
+    first save leaves (its lock, its ``metrics.csv``)."""
+    path = Path(path)
+    return path.is_dir() and (bool(_saved_checkpoints(path)) or
+                              any((path / name).is_file() for name in (LOCK, LOCK_OWNER, "metrics.csv")))
+
+
+RESUME_TAKES = "--resume takes a run directory written by qkv train (or one of its step-* checkpoints)"
+
+
+def run_to_resume(path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """The run directory that continuing ``path`` (a run directory or one of its checkpoints) trains in:
+    ``out_dir`` if given, else the run's own. Anything else is refused in one line before anything is written:
+    a path that does not exist, a file, a directory that is not a qkv run, a checkpoint outside a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; {RESUME_TAKES}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a qkv training run; {RESUME_TAKES}")
+    checkpoint = (path / CONFIG).is_file()
+    if not checkpoint and not is_run_directory(path):
+        raise ValueError(f"not a qkv training run: no {STATE_JSON}, {LATEST} or step-* checkpoint in {path}; "
+                         f"{RESUME_TAKES}")
+    if not checkpoint and not _saved_checkpoints(path):
+        raise FileNotFoundError(f"run directory {path} holds no checkpoint yet (the run stopped before its first "
+                                "save); start it again: the same command without --resume")
+    if out_dir is not None:
+        return Path(out_dir)
+    if checkpoint and not is_run_directory(path.parent):
+        raise ValueError(f"{path} is a checkpoint outside a run directory, and its run would write beside it in "
+                         f"{path.parent}; pass --out NEW_DIR to continue it there")
+    return path.parent if checkpoint else path
+
+
+def _check_claimable(run_dir: Path, *, resuming: bool) -> None:
+    """Refuse, before anything is written, a path no run may claim: a file, or a directory holding other things
+    and no qkv run (a run owns only a directory it creates or finds empty)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} is a file, not a qkv training run; {RESUME_TAKES}" if resuming else
+                                 f"{run_dir} is a file; --out takes a directory: pick a new or empty one")
+    if run_dir.is_dir() and not is_run_directory(run_dir) and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} holds other files and no qkv training run; pick a new or empty --out")
+
+
 @contextlib.contextmanager
 def claim_run_directory(run_dir: str | Path, *, overwrite: bool = False, resuming: bool = False,
                         primary: bool = True) -> Iterator[Path]:
     """Hold ``run_dir`` for this process while the ``with`` block trains in it.
+
+    Only a run directory (``is_run_directory``), or one this claim creates or finds empty, is claimed: a file or
+    a directory of other things is refused before anything is written to it. The lock file exists while the run
+    holds the directory and is removed when it ends.
 
     A directory another live process holds is refused with one line naming that process (pid, host); a lock
     left by a killed process is taken over. A new run (``resuming=False``) refuses a directory that holds a run
@@ -307,6 +361,7 @@ def claim_run_directory(run_dir: str | Path, *, overwrite: bool = False, resumin
     from filelock import FileLock, Timeout
 
     run_dir = Path(run_dir)
+    _check_claimable(run_dir, resuming=resuming)
     if not primary:
         if not resuming and not overwrite and _previous_run(run_dir):
             raise _run_exists(run_dir)
@@ -334,8 +389,9 @@ def claim_run_directory(run_dir: str | Path, *, overwrite: bool = False, resumin
         yield run_dir
     finally:
         (run_dir / LOCK_OWNER).unlink(missing_ok=True)
+        (run_dir / LOCK).unlink(missing_ok=True)  # still held: a process that opened it now fails to lock it
         lock.release()
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK}:  # nothing was trained: leave no trace
+        if created and not any(run_dir.iterdir()):  # nothing was trained: leave no trace
             shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import average_checkpoints
+from .checkpoint import average_checkpoints, claim_run_directory, run_to_resume
 from .data.parallel import (
     Pair,
     ParallelCorpus,
@@ -61,6 +61,9 @@ def resume_translation(model: Transformer, tokenizer: Tokenizer, state: dict, di
                        *, data: str | Path | None = None, out_dir: str | Path | None = None,
                        print_fn=None) -> TrainResult:
     """Continue a translation run from its loaded checkpoint: the same split, vocabulary and batches
-    (``qkv.recipes.resume`` does this for a path, for every recipe)."""
-    return continue_run(TRANSLATION, model, tokenizer, state, directory, config, data=data,
-                        out_dir=out_dir or directory.parent, say=print_fn or say_once)
+    (``qkv.recipes.resume`` does this for a path, for every recipe). Its run directory (``out_dir``, default the
+    checkpoint's) is claimed as ``resume`` claims it."""
+    run_dir = run_to_resume(directory, out_dir)
+    with claim_run_directory(run_dir, resuming=True):
+        return continue_run(TRANSLATION, model, tokenizer, state, directory, config, data=data, out_dir=run_dir,
+                            say=print_fn or say_once)

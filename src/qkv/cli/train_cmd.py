@@ -9,6 +9,7 @@ from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
+from qkv import recipes
 from qkv.config import ACTIVATIONS, NORM_POSITIONS, NORMS, PRESETS, ModelConfig
 from qkv.positions import POSITIONAL_KINDS
 from qkv.tokenizers import BPE_VOCAB_SIZE
@@ -17,7 +18,13 @@ from qkv.training import PARALLELS, PRECISIONS, SCHEDULES, TrainConfig
 from .options import add_threads, check_threads, use_threads
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out", "batch_tokens", "test_size", "valid_size", "split_seed")
+# a run's own options; each recipe adds its own (qkv.recipes.Option), read from the table whenever it is needed
+BASE_RUN_KEYS = ("preset", "data", "tokenizer", "model_type", "out")
+
+
+def run_keys() -> tuple[str, ...]:
+    """The options that are neither a ModelConfig nor a TrainConfig field: the run's own and every recipe's."""
+    return (*BASE_RUN_KEYS, *dict.fromkeys(o.name for r in recipes.RECIPES.values() for o in r.options))
 # The allowed values of the fields that take one of a few words, shown by --help (the dataclasses check them,
 # with a message that says more than argparse's "invalid choice")
 CHOICES = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS, "positional": POSITIONAL_KINDS,
@@ -61,15 +68,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="a TOML file of options (flat, or [model] / [train] tables)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     add_threads(p, help="CPU threads for torch (default: torch's choice; also a TOML key)")
-    seq2seq = p.add_argument_group("translation (an encoder-decoder preset; --data a source<TAB>target file or a "
-                                   "Tatoeba zip)")
-    seq2seq.add_argument("--batch-tokens", type=int, default=argparse.SUPPRESS,
-                         help="tokens per batch on each side, padding included (default 2048)")
-    seq2seq.add_argument("--test-size", type=int, default=argparse.SUPPRESS,
-                         help="source sentences held out for BLEU (default 2000)")
-    seq2seq.add_argument("--valid-size", type=int, default=argparse.SUPPRESS,
-                         help="source sentences for the validation loss (default 1000)")
-    seq2seq.add_argument("--split-seed", type=int, default=argparse.SUPPRESS, help="seed of the split (default 1234)")
+    added: set[str] = set()
+    for recipe in recipes.RECIPES.values():  # each recipe's own options, in a group of its own
+        options = [o for o in recipe.options if o.name not in added]
+        if not options:
+            continue
+        group = p.add_argument_group(recipe.options_title or f"{recipe.name} runs")
+        for option in options:
+            group.add_argument("--" + option.name.replace("_", "-"), dest=option.name, type=option.type,
+                               default=argparse.SUPPRESS, help=option.help)
+            added.add(option.name)
     model = p.add_argument_group("model (any ModelConfig field; default: the preset's value)")
     for field in fields(ModelConfig):
         _add_field(model, field, "model")
@@ -97,16 +105,16 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         else:
             flat[key] = value
     out: dict[str, dict[str, Any]] = {"run": {}, "model": {}, "train": {}}
-    model_keys, train_keys = ModelConfig.field_names(), TrainConfig.field_names()
+    model_keys, train_keys, own_keys = ModelConfig.field_names(), TrainConfig.field_names(), run_keys()
     for key, value in flat.items():
         key = key.replace("-", "_")
         if key == "threads":  # not a field of a run: how this process runs it
             out["run"]["threads"] = check_threads(value, f"{path}: threads")
             continue
-        section = ("run" if key in RUN_KEYS else "model" if key in model_keys else
+        section = ("run" if key in own_keys else "model" if key in model_keys else
                    "train" if key in train_keys else None)
         if section is None:
-            known = [*RUN_KEYS, *model_keys, *train_keys]
+            known = [*own_keys, *model_keys, *train_keys]
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "see `qkv train --help` for the names"
             raise ValueError(f"{path}: unknown option {key!r}; {hint}")
@@ -117,46 +125,27 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Options from --config, then the command line on top: {"run", "model", "train"}."""
     options = read_toml(args.config) if args.config else {"run": {}, "model": {}, "train": {}}
+    own_keys = run_keys()
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
             options[section][name] = value
-        elif key in RUN_KEYS:
+        elif key in own_keys:
             options["run"][key] = value
     return options
-
-
-def _train_translation(run_opts: dict[str, Any], model_opts: dict[str, Any], train_opts: dict[str, Any],
-                       overwrite: bool):
-    """An encoder-decoder trains on a parallel file (``qkv.translation``), with the paper's training defaults."""
-    from qkv.recipes import model_config_for
-    from qkv.recipes.translation import train_translation, translation_train_config
-
-    preset = run_opts.get("preset", "tiny-decoder")
-    if "data" not in run_opts:
-        raise ValueError(f"{preset} is an encoder-decoder: it trains on a parallel file; pass --data "
-                         "data/tatoeba-fra-eng-2017-09-29.zip (or any source<TAB>target file)")
-    model_config = model_config_for("translation", preset, model_opts, tokenizer=run_opts.get("tokenizer", "bpe"))
-    options = {"batch_tokens": "max_tokens", "test_size": "n_test", "valid_size": "n_valid",
-               "split_seed": "split_seed"}
-    return train_translation(run_opts["data"], model_config, translation_train_config(**train_opts),
-                             out_dir=run_opts.get("out", f"runs/{preset}"), overwrite=overwrite,
-                             **{options[k]: v for k, v in run_opts.items() if k in options})
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from qkv.checkpoint import CheckpointNotSaved
-    from qkv.recipes import model_config_for, recipe_for, resume
-    from qkv.recipes.language_model import train_language_model as train
+    from qkv.recipes import resume
     from qkv.training import TrainingDiverged, TrainingInterrupted, say_once
 
     options = collect(args)
     run_opts, model_opts, train_opts = options["run"], options["model"], options["train"]
     threads = run_opts.pop("threads", None)
     use_threads(args.threads if args.threads is not None else threads)  # the flag wins over the file
-    preset = run_opts.get("preset", "tiny-decoder")
     try:
         if args.resume:
             fixed = [f"--{k.replace('_', '-')}" for k in (*run_opts, *model_opts) if k not in ("data", "out")]
@@ -165,14 +154,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--resume continues a run with its saved model and tokenizer; {what} cannot "
                                  "change it: drop them, or start a new run without --resume")
             result = resume(args.resume, train_opts, data=run_opts.get("data"), out_dir=run_opts.get("out"))
-        elif recipe_for(ModelConfig.preset(preset, **model_opts), run_opts.get("model_type")) == "translation":
-            result = _train_translation(run_opts, model_opts, train_opts, args.overwrite)
-        else:  # a language model: next token (decoder) or masked LM (encoder)
-            tokenizer = run_opts.get("tokenizer", "char")
-            model_config = model_config_for("language-model", preset, model_opts, tokenizer=tokenizer)
-            result = train(model_config, TrainConfig(**train_opts), data=run_opts.get("data"),
-                           out_dir=run_opts.get("out", f"runs/{preset}"), tokenizer=tokenizer,
-                           model_type=run_opts.get("model_type"), overwrite=args.overwrite)
+        else:  # the recipe the options choose (qkv.recipes.RECIPES) builds and trains the run
+            result = recipes.start(recipes.RunOptions(run_opts, model_opts, train_opts, overwrite=args.overwrite))
     except TrainingDiverged as err:
         print(f"qkv train: {err}", file=sys.stderr)
         return 3

@@ -41,6 +41,7 @@ class ParallelCorpus:
     source: str  # where they came from: "path" or "path.zip:member"
     sha256: str  # of the raw bytes read
     skipped: dict[str, int] = field(default_factory=dict)  # reason → number of lines
+    size: int | None = None  # of the raw bytes read
 
     @property
     def n_skipped(self) -> int:
@@ -106,7 +107,7 @@ def read_parallel(path: str | Path, *, member: str | None = None) -> ParallelCor
             skipped["with an empty side"] += 1
             continue
         pairs.append((src, tgt))
-    corpus = ParallelCorpus(pairs, source, hashlib.sha256(raw).hexdigest(), skipped)
+    corpus = ParallelCorpus(pairs, source, hashlib.sha256(raw).hexdigest(), skipped, len(raw))
     if not pairs:
         raise ValueError(f"{source} holds no usable sentence pair ({corpus.n_skipped} bad line(s) skipped: "
                          f"{', '.join(f'{n} {r}' for r, n in skipped.items() if n) or 'the file is empty'}); "

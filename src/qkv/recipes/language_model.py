@@ -2,7 +2,7 @@
 encoder (masked LM) → the trainer.
 
 ``train_language_model`` starts a run; ``LANGUAGE_MODEL`` and ``MASKED_LM`` are the recipes ``qkv.recipes``
-dispatches on to resume or evaluate one.
+dispatches on to start (``qkv train``), resume or evaluate one.
 """
 
 from __future__ import annotations
@@ -19,9 +19,33 @@ from ..data import Corpus, TokenSplits, WindowBatches, load_tokens, read_corpus
 from ..models import build_model, model_class_for
 from ..tokenizers import BPE_VOCAB_SIZE, Tokenizer
 from ..training import MASK_TOKEN, OBJECTIVES, Objective, TrainConfig, Trainer, TrainResult, say_once
-from .runs import Recipe, absolute_source, check_data_unchanged, claim_new_run, recipe_for, recorded_data
+from .runs import (
+    Recipe,
+    RunOptions,
+    absolute_source,
+    check_data_unchanged,
+    claim_new_run,
+    data_size,
+    recipe_for,
+    recorded_data,
+)
 
-__all__ = ["BPE_VOCAB_SIZE", "build_tokenizer", "train_language_model", "LANGUAGE_MODEL", "MASKED_LM"]
+__all__ = ["BPE_VOCAB_SIZE", "build_tokenizer", "language_model_config", "train_language_model", "LANGUAGE_MODEL",
+           "MASKED_LM"]
+
+
+def language_model_config(preset: str, overrides: dict | None = None, *, tokenizer: str = "char") -> ModelConfig:
+    """The model a new language-model or masked-LM run trains: ``preset`` with ``overrides``, its vocabulary sized
+    for its tokenizer. A character vocabulary comes from the text, so a ``vocab_size`` is refused; a byte-level
+    BPE vocabulary takes ``BPE_VOCAB_SIZE`` unless ``vocab_size`` is given."""
+    overrides = dict(overrides or {})
+    if "vocab_size" in overrides and tokenizer == "char":
+        raise ValueError("--vocab-size sizes a BPE vocabulary, but a character tokenizer takes its vocabulary "
+                         "from the text: drop --vocab-size or add --tokenizer bpe")
+    config = ModelConfig.preset(preset, **overrides)
+    if "vocab_size" in overrides or tokenizer == "char":
+        return config
+    return config.replace(vocab_size=BPE_VOCAB_SIZE)
 
 
 def build_tokenizer(corpus: Corpus, kind: str, model_type: str, bpe_vocab_size: int | None) -> Tokenizer:
@@ -59,7 +83,7 @@ def train_language_model(model_config: ModelConfig | None = None, config: TrainC
         torch.manual_seed(config.seed)
         model = build_model(model_config, model_type)
         run_info = {"recipe": recipe, "data": absolute_source(corpus.source), "data_sha256": corpus.sha256,
-                    "tokenizer": tokenizer, "model_type": model_type}
+                    "data_bytes": data_size(corpus.text), "tokenizer": tokenizer, "model_type": model_type}
         trainer, splits = _trainer(model, tok, corpus, config, out_dir, run_info, say)
         say(f"training a {model.num_parameters():,}-parameter {type(model).__name__} on {corpus.source} "
             f"({len(splits.train):,} train / {len(splits.val):,} validation tokens, {tok.kind} vocabulary "
@@ -95,17 +119,23 @@ def _trainer(model, tok: Tokenizer, corpus: Corpus, config: TrainConfig, out_dir
 
 def _trainer_for_run(model, tokenizer: Tokenizer, run: dict, config: TrainConfig, *, data: str | Path | None,
                      out_dir: str | Path, say, directory: Path) -> Trainer:
-    fix = "pass --data with the same text to resume"
-    corpus = read_corpus(recorded_data(run, data, directory, fix))
-    check_data_unchanged(corpus.sha256, corpus.source, run, "pass the same --data to resume, or start a new run")
+    corpus = read_corpus(recorded_data(run, data, directory, "pass --data with the same text to resume"))
+    check_data_unchanged(corpus.sha256, data_size(corpus.text), corpus.source, run,
+                         "resuming needs the text it trained on: put that text back (or pass --data with a copy of "
+                         "it), or start a new run on this one")
     return _trainer(model, tokenizer, corpus, config, out_dir, run, say)[0]
 
 
 def _evaluation_batches(model, tokenizer: Tokenizer, objective: Objective, run: dict, directory: Path, *,
                         data: str | Path | None, split: str, batch_size: int, context: int | None,
                         max_batches: int) -> tuple[list, str]:
-    """Windows of the text (``data``, default the run's): its last 10% (``split="val"``) or all of it."""
+    """Windows of the text (``data``, default the run's, refused if it changed since): its last 10%
+    (``split="val"``) or all of it."""
     corpus = read_corpus(recorded_data(run, data, directory, "pass --data with the text to evaluate on"))
+    if data is None and "data_sha256" in run:
+        check_data_unchanged(corpus.sha256, data_size(corpus.text), corpus.source, run,
+                             f"its last 10% is not the validation text the run held out; pass --data "
+                             f"{corpus.source} to evaluate this text on purpose, or put the original back")
     context = _context(model, context, "lower --context")
     splits = load_tokens(corpus, tokenizer)
     tokens = splits.val if split == "val" else np.concatenate([splits.train, splits.val])
@@ -114,7 +144,20 @@ def _evaluation_batches(model, tokenizer: Tokenizer, objective: Objective, run: 
     return batches, corpus.source
 
 
-LANGUAGE_MODEL = Recipe("language-model", "decoder", functools.partial(train_language_model, model_type="decoder"),
-                        _trainer_for_run, _evaluation_batches)
-MASKED_LM = Recipe("masked-lm", "encoder", functools.partial(train_language_model, model_type="encoder"),
-                   _trainer_for_run, _evaluation_batches)
+def _start(options: RunOptions, *, model_type: str) -> TrainResult:
+    """``qkv train`` → a new run: the preset's model, its vocabulary from the text's tokenizer (default char)."""
+    tokenizer = options.run.get("tokenizer", "char")
+    model_config = language_model_config(options.preset, options.model, tokenizer=tokenizer)
+    return train_language_model(model_config, TrainConfig(**options.train), data=options.run.get("data"),
+                                out_dir=options.out_dir, tokenizer=tokenizer, model_type=model_type,
+                                overwrite=options.overwrite)
+
+
+def _recipe(name: str, model_type: str) -> Recipe:
+    return Recipe(name, model_type, train=functools.partial(train_language_model, model_type=model_type),
+                  start=functools.partial(_start, model_type=model_type), model_config=language_model_config,
+                  trainer_for_run=_trainer_for_run, evaluation_batches=_evaluation_batches)
+
+
+LANGUAGE_MODEL = _recipe("language-model", "decoder")
+MASKED_LM = _recipe("masked-lm", "encoder")

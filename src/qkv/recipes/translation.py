@@ -32,13 +32,22 @@ from ..data import (
 )
 from ..generation import generate_seq2seq
 from ..models import Transformer, model_type_of, unwrap
-from ..tokenizers import Tokenizer
+from ..tokenizers import BPE_VOCAB_SIZE, Tokenizer
 from ..training import Objective, TrainConfig, Trainer, TrainResult, say_once
-from .runs import Recipe, absolute_source, check_data_unchanged, claim_new_run, recorded_data, run_recipe
+from .runs import (
+    Option,
+    Recipe,
+    RunOptions,
+    absolute_source,
+    check_data_unchanged,
+    claim_new_run,
+    recorded_data,
+    run_recipe,
+)
 
 __all__ = ["PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN", "SPECIAL_TOKENS", "train_shared_bpe", "TranslationData",
-           "prepare", "translation_train_config", "train_translation", "held_out_test_split", "split_of_run",
-           "validation_pair_batches", "translate", "TRANSLATION"]
+           "prepare", "translation_model_config", "translation_train_config", "train_translation",
+           "held_out_test_split", "split_of_run", "validation_pair_batches", "translate", "TRANSLATION"]
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2: the layout of qkv.tasks as well
@@ -94,6 +103,19 @@ def prepare(data: str | Path, *, max_seq_len: int, vocab_size: int = 8000, max_t
     )
 
 
+def translation_model_config(preset: str, overrides: dict | None = None, *, tokenizer: str = "bpe") -> ModelConfig:
+    """The model a new translation run trains: ``preset`` with ``overrides``; its vocabulary is one shared
+    byte-level BPE (``vocab_size`` tokens): a preset's larger vocabulary is kept, a smaller one becomes
+    ``BPE_VOCAB_SIZE`` (tiny-seq2seq's 32 cannot hold BPE's 256 bytes)."""
+    overrides = dict(overrides or {})
+    if tokenizer != "bpe":
+        raise ValueError("translation uses a shared BPE vocabulary (its size: --vocab-size); drop --tokenizer")
+    config = ModelConfig.preset(preset, **overrides)
+    if "vocab_size" in overrides or config.vocab_size >= BPE_VOCAB_SIZE:
+        return config
+    return config.replace(vocab_size=BPE_VOCAB_SIZE)
+
+
 def translation_train_config(**overrides) -> TrainConfig:
     """The paper's training: Adam(0.9, 0.98, eps 1e-9), no weight decay, no clipping, label smoothing 0.1, the
     warm-up schedule lr = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5). (Dropout 0.1 is the model's.)
@@ -130,7 +152,8 @@ def train_translation(data: str | Path, model_config: ModelConfig, config: Train
         torch.manual_seed(config.seed)
         model = Transformer(model_config)
         run_info = {"recipe": "translation", "task": "translation", "data": absolute_source(data),
-                    "data_sha256": prepared.corpus.sha256, "split_seed": split_seed, "n_test": n_test,
+                    "data_sha256": prepared.corpus.sha256, "data_bytes": prepared.corpus.size,
+                    "split_seed": split_seed, "n_test": n_test,
                     "n_valid": n_valid, "max_tokens": max_tokens, "model_type": "seq2seq", "tokenizer": "bpe"}
         trainer = _trainer(model, prepared, config, out_dir, run_info, say)
         say(f"training a {model.num_parameters():,}-parameter Transformer ({model_config.n_encoder_layers}+"
@@ -154,10 +177,12 @@ def split_of_run(run: dict, directory: Path, data: str | Path | None = None) -> 
     if run_recipe(run) != "translation":
         raise ValueError(f"{directory} was not trained by the translation recipe (no split settings in its "
                          "trainer state); pass a checkpoint written by `qkv train --data PARALLEL_FILE`")
-    corpus = read_parallel(recorded_data(run, data, directory, "its split cannot be rebuilt without it"))
+    source = recorded_data(run, data, directory, "its split cannot be rebuilt without it")
+    corpus = read_parallel(source)
     if data is None:
-        check_data_unchanged(corpus.sha256, corpus.source, run, "its split cannot be rebuilt; put the file it "
-                             "trained on back, or pass --data with another parallel file to split the same way")
+        check_data_unchanged(corpus.sha256, corpus.size, str(source), run, "its split cannot be rebuilt; put the "
+                             "file it trained on back, or pass --data with another parallel file to split the same "
+                             "way on purpose")
     return split_by_source(corpus.pairs, n_test=run["n_test"], n_valid=run["n_valid"], seed=run["split_seed"])
 
 
@@ -172,7 +197,11 @@ def validation_pair_batches(run: dict, tokenizer: Tokenizer, max_seq_len: int, d
     if split == "val":
         pairs = split_of_run(run, directory, data).valid
     else:
-        pairs = read_parallel(source).pairs
+        corpus = read_parallel(recorded_data(run, data, directory, "pass --data with the pairs to evaluate on"))
+        if data is None and "data_sha256" in run:
+            check_data_unchanged(corpus.sha256, corpus.size, str(source), run, f"pass --data {source} to evaluate "
+                                 "this file on purpose, or put the original back")
+        pairs = corpus.pairs
     src, tgt, _ = encode_pairs(tokenizer, pairs, max_seq_len)
     batches = TokenBatches(src, tgt, run.get("max_tokens", 2048), pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
                            name="validation" if split == "val" else "evaluation")
@@ -230,11 +259,13 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
 def _trainer_for_run(model: Transformer, tokenizer: Tokenizer, run: dict, config: TrainConfig, *,
                      data: str | Path | None, out_dir: str | Path, say, directory: Path) -> Trainer:
     """A saved translation run's trainer: the same split, vocabulary and batches."""
-    prepared = prepare(recorded_data(run, data, directory, "pass --data with the same file to resume"),
-                       max_seq_len=model.config.max_seq_len, max_tokens=run["max_tokens"], n_test=run["n_test"],
-                       n_valid=run["n_valid"], split_seed=run["split_seed"], seed=config.seed, tokenizer=tokenizer)
-    check_data_unchanged(prepared.corpus.sha256, prepared.corpus.source, run,
-                         "pass the same --data to resume, or start a new run")
+    source = recorded_data(run, data, directory, "pass --data with the same file to resume")
+    prepared = prepare(source, max_seq_len=model.config.max_seq_len, max_tokens=run["max_tokens"],
+                       n_test=run["n_test"], n_valid=run["n_valid"], split_seed=run["split_seed"], seed=config.seed,
+                       tokenizer=tokenizer)
+    check_data_unchanged(prepared.corpus.sha256, prepared.corpus.size, str(source), run,
+                         "resuming needs the pairs it trained on: put that file back (or pass --data with a copy of "
+                         "it), or start a new run on this one")
     return _trainer(model, prepared, config, out_dir, run, say)
 
 
@@ -255,4 +286,27 @@ def _evaluation_batches(model: Transformer, tokenizer: Tokenizer, objective: Obj
                                    max_batches=max_batches)
 
 
-TRANSLATION = Recipe("translation", "seq2seq", train_translation, _trainer_for_run, _evaluation_batches)
+# qkv train's options of this recipe → train_translation's arguments
+_ARGUMENTS = {"batch_tokens": "max_tokens", "test_size": "n_test", "valid_size": "n_valid", "split_seed": "split_seed"}
+
+
+def _start(options: RunOptions) -> TrainResult:
+    """``qkv train ENCODER_DECODER_PRESET --data PAIRS`` → a new run with the paper's training defaults."""
+    if "data" not in options.run:
+        raise ValueError(f"{options.preset} is an encoder-decoder: it trains on a parallel file; pass --data "
+                         "data/tatoeba-fra-eng-2017-09-29.zip (or any source<TAB>target file)")
+    model_config = translation_model_config(options.preset, options.model,
+                                            tokenizer=options.run.get("tokenizer", "bpe"))
+    return train_translation(options.run["data"], model_config, translation_train_config(**options.train),
+                             out_dir=options.out_dir, overwrite=options.overwrite,
+                             **{_ARGUMENTS[k]: v for k, v in options.run.items() if k in _ARGUMENTS})
+
+
+TRANSLATION = Recipe(
+    "translation", "seq2seq", train=train_translation, start=_start, model_config=translation_model_config,
+    trainer_for_run=_trainer_for_run, evaluation_batches=_evaluation_batches,
+    options_title="translation (an encoder-decoder preset; --data a source<TAB>target file or a Tatoeba zip)",
+    options=(Option("batch_tokens", int, "tokens per batch on each side, padding included (default 2048)"),
+             Option("test_size", int, "source sentences held out for BLEU (default 2000)"),
+             Option("valid_size", int, "source sentences for the validation loss (default 1000)"),
+             Option("split_seed", int, "seed of the split (default 1234)")))
