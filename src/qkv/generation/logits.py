@@ -15,7 +15,7 @@ from torch import Tensor
 from .config import GenerationConfig
 
 __all__ = ["apply_repetition_penalty", "filter_top_k", "filter_top_p", "next_token_probs", "process",
-           "seen_tokens", "check_finite"]
+           "choose", "seen_tokens", "check_finite"]
 
 
 def check_finite(logits: Tensor) -> Tensor:
@@ -78,6 +78,18 @@ def next_token_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None
         logits = filter_top_k(logits, top_k)
     logits = filter_top_p(logits, top_p)
     return logits.softmax(-1)
+
+
+def choose(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> Tensor:
+    """(batch,) next tokens from processed logits: the argmax at temperature 0 (exactly greedy), else one draw
+    from :func:`next_token_probs` with ``generator`` (None: torch's global one)."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    if cfg.top_k is not None or cfg.top_p < 1.0:
+        probs = next_token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    else:  # no filter: skip the sort
+        probs = (logits / cfg.temperature).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def seen_tokens(ids: Tensor, mask: Tensor | None, vocab_size: int) -> Tensor:

@@ -17,7 +17,8 @@ from ..config import ModelConfig
 from ..tokenizers import decode_continuation
 from .config import GenerationConfig
 
-__all__ = ["stop_token_ids", "with_turn_ends", "until_stop_token", "find_stop", "StopStrings", "check_tokenizer"]
+__all__ = ["stop_token_ids", "with_turn_ends", "until_stop_token", "find_stop", "open_stop", "StopStrings",
+           "check_tokenizer"]
 
 
 def stop_token_ids(cfg: GenerationConfig, config: ModelConfig) -> tuple[int, ...]:
@@ -61,6 +62,18 @@ def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> int:
     """The index in ``text`` where the earliest stop string begins (searching from ``start``), or -1."""
     found = [i for i in (text.find(s, start) for s in stop_strings) if i >= 0]
     return min(found) if found else -1
+
+
+def open_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` begin a stop string that the next characters may complete: the
+    length of the longest suffix that is a proper prefix of one (0: every character is safe to print)."""
+    longest = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-k:]):
+                longest = k
+                break
+    return longest
 
 
 class StopStrings:
