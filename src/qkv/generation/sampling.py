@@ -18,7 +18,7 @@ from ..data import right_pad
 from ..models import unwrap
 from .beam import search
 from .config import GenerationConfig, resolve
-from .logits import next_token_probs, process
+from .logits import choose, process
 from .prompt import Prompt, Stepper, check_fits, evaluating, generating_kind, prepare
 from .stopping import StopStrings, check_tokenizer, until_stop_token
 
@@ -41,16 +41,8 @@ def steps(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: An
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
         seen = prompt.seen_tokens(stepper.core.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device) if (stop or stop_strings) else None
-        greedy, filtering = cfg.greedy, cfg.top_k is not None or cfg.top_p < 1.0
         for step in range(n_new):
-            logits = process(logits, step, cfg, seen, stop_ids)
-            if greedy:
-                token = logits.argmax(-1)
-            elif filtering:
-                probs = next_token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                token = torch.multinomial((logits / cfg.temperature).softmax(-1), 1, generator=generator)[:, 0]
+            token = choose(process(logits, step, cfg, seen, stop_ids), cfg, generator)
             if finished is not None:
                 token = token.masked_fill(finished, pad)
                 done = torch.isin(token, stop_ids) if stop_ids is not None else torch.zeros_like(finished)
