@@ -363,3 +363,24 @@ def test_the_inductor_compiled_step_equals_eager() -> None:
                 token = logits.argmax(-1, keepdim=True)
                 logits = model(token, decode_state=states[1])[:, -1]
                 torch.testing.assert_close(step(token), logits, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One eval-mode helper: whatever runs a model for inference gives each module back its own training flag.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_inference_paths_give_each_module_back_its_training_flag() -> None:
+    from qkv.interop.bert import embed_texts
+    from qkv.tokenizers import Tokenizer
+    from qkv.training import OBJECTIVES, TrainConfig, mean_loss
+    from qkv.training.objectives import MASK_TOKEN
+
+    tokenizer = Tokenizer.char("abcdefgh ", special_tokens=[MASK_TOKEN])
+    model = encoder().train()
+    model.layers.layers[0].eval()  # a part kept in eval mode on purpose (a frozen layer)
+    flags = {name: m.training for name, m in model.named_modules()}
+    embed_texts(model, tokenizer, ["abc", "de f"])  # was: left the whole model in eval mode
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    mean_loss(model, OBJECTIVES["encoder"](tokenizer, TrainConfig()), [torch.randint(1, 9, (2, 8))])
+    assert {name: m.training for name, m in model.named_modules()} == flags  # was: layer 0 back in training

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ from .errors import OptionError
 from .positions import PositionalEncoding, build_positional
 
 __all__ = ["Embeddings", "positional_encoding", "Encoder", "DecoderLM", "Transformer", "MODEL_TYPES",
-           "model_class_for", "build_model", "unwrap", "model_type_of", "parameter_counts", "check_finite_weights"]
+           "model_class_for", "build_model", "unwrap", "model_type_of", "evaluating",
+           "parameter_counts", "check_finite_weights"]
 
 
 def positional_encoding(config: ModelConfig) -> PositionalEncoding:
@@ -498,6 +500,24 @@ def unwrap(model: nn.Module) -> _Model:
             break
     raise TypeError(f"expected a qkv Encoder, DecoderLM or Transformer (or one wrapped by peft, torch.compile, "
                     f"DDP or FSDP), got {type(model).__name__}")
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run the model in eval mode (no dropout), then give every module back the training flag it had.
+
+    Only the model's own state changes, so a generator may hold it across its yields. Gradient and inference
+    mode are the caller's: they belong to the thread, and a generator that held them across a yield would leave
+    the code that drives it in that mode; it takes them from a decorator instead (``@torch.inference_mode()``
+    enters the mode for each step of a generator and leaves it at each yield).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def model_type_of(model: nn.Module) -> str:

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..attention import check_mask
-from ..models import model_type_of, unwrap
+from ..models import evaluating, model_type_of, unwrap
 from ..tokenizers import SEAM_CONTEXT
 from .config import GenerationConfig
 from .logits import check_finite, seen_tokens
@@ -211,19 +209,3 @@ class Stepper:
                 self.mask = self.mask.index_select(0, index)
 
 
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Run the model in eval mode (no dropout), then give every module back the training flag it had.
-
-    Only the model's own state changes, so a generator may hold it across its yields. Gradient and inference
-    mode are the caller's: they belong to the thread, and a generator that held them across a yield would leave
-    the code that drives it in that mode; it takes them from a decorator instead (``@torch.inference_mode()``
-    enters the mode for each step of a generator and leaves it at each yield).
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training

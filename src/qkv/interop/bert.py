@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..models import DecoderLM, Encoder, Transformer, unwrap
+from ..models import DecoderLM, Encoder, Transformer, evaluating, unwrap
 from ..tokenizers import Tokenizer
 from .hf import Rule, build_with_weights, layer_rules, load_weights, matches, model_type_of, read_config, strip_prefix
 from .hf_tokenizers import bert_tokenizer, check_fits
@@ -165,17 +165,17 @@ def embed_texts(model: Encoder | DecoderLM | Transformer, tokenizer: Tokenizer, 
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling={pooling!r} is not one of 'mean', 'cls'")
     core = unwrap(model)  # the qkv model inside a wrapper (peft, torch.compile, DDP); the wrapper runs it
-    model.eval()
     out = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = encode_batch(tokenizer, texts[start : start + batch_size], core.config.max_seq_len,
-                                 core.config.pad_token_id)
-        if core.model_type == "encoder":
-            hidden = model(ids, mask)
-        elif core.model_type == "decoder":
-            hidden = model(ids, mask, return_hidden=True)
-        else:  # an encoder-decoder: its encoder's output (a method no wrapper routes)
-            hidden = core.encode(ids, mask)
-        pooled = mean_pool(hidden, mask) if pooling == "mean" else hidden[:, 0]
-        out.append(F.normalize(pooled, dim=-1) if normalize else pooled)
+    with evaluating(model):
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode_batch(tokenizer, texts[start : start + batch_size], core.config.max_seq_len,
+                                     core.config.pad_token_id)
+            if core.model_type == "encoder":
+                hidden = model(ids, mask)
+            elif core.model_type == "decoder":
+                hidden = model(ids, mask, return_hidden=True)
+            else:  # an encoder-decoder: its encoder's output (a method no wrapper routes)
+                hidden = core.encode(ids, mask)
+            pooled = mean_pool(hidden, mask) if pooling == "mean" else hidden[:, 0]
+            out.append(F.normalize(pooled, dim=-1) if normalize else pooled)
     return torch.cat(out)

@@ -31,7 +31,7 @@ from ..data import (
     split_by_source,
 )
 from ..generation import generate_seq2seq
-from ..models import Transformer, model_type_of, unwrap
+from ..models import Transformer, evaluating, model_type_of, unwrap
 from ..tokenizers import BPE_VOCAB_SIZE, Tokenizer
 from ..training import Objective, TrainConfig, Trainer, TrainResult, say_once
 from .runs import (
@@ -240,9 +240,7 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
                              f"max_seq_len={limit}; split it into shorter sentences")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             src, mask = right_pad([encoded[i] for i in chunk], tokenizer.pad_id)
@@ -251,8 +249,6 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
                                        pad_token_id=tokenizer.pad_id)
             for i, ids in zip(chunk, targets, strict=True):
                 out[i] = tokenizer.decode(ids)
-    finally:
-        model.train(was_training)
     return out
 
 

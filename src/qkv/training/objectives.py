@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..data.parallel import Seq2SeqBatch
 from ..losses import IGNORE_INDEX, cross_entropy
+from ..models import evaluating
 from ..tokenizers import Tokenizer
 from .distributed import all_reduce
 from .options import TrainConfig
@@ -161,17 +162,15 @@ def mean_loss(model: nn.Module, objective: Objective, batches: list, *, seed: in
 
     ``share=(r, N)``: under torchrun, process r of N evaluates batches r, r + N, ... and the sums are added up
     across the processes, so the mean is the one a single process computes."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     device_type = NextToken.device(model).type
     rank, world = share
-    for i in range(rank, len(batches), world):
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = objective.loss(model, batches[i], torch.Generator().manual_seed(seed + i), smoothed=False)
-        total += float(loss) * n
-        count += n
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(rank, len(batches), world):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss, n = objective.loss(model, batches[i], torch.Generator().manual_seed(seed + i), smoothed=False)
+            total += float(loss) * n
+            count += n
     if world > 1:
         total, count = all_reduce([total, float(count)], "sum")
     return total / max(count, 1)
