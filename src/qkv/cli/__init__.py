@@ -20,6 +20,7 @@ from qkv.errors import OptionError
 
 from . import (
     bench_cmd,
+    chat_cmd,
     embed_cmd,
     eval_cmd,
     explain_cmd,
@@ -40,6 +41,7 @@ COMMANDS = {
     "info": info_cmd,
     "train": train_cmd,
     "generate": generate_cmd,
+    "chat": chat_cmd,
     "eval": eval_cmd,
     "translate": translate_cmd,
     "embed": embed_cmd,

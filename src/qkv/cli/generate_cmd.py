@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Iterable
 
-from .options import add_checkpoint, add_dtype, load_checkpoint, load_dtype, stdin_lines
+from .options import add_checkpoint, add_dtype, add_sampling, load_checkpoint, load_dtype, sampling_options, stdin_lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,18 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "printing the text as it is produced. Prompts: the argument, or stdin lines.")
     p.add_argument("prompt", nargs="?", help="the text to continue (default: read prompts from stdin, one a line)")
     add_checkpoint(p)
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (200)")
-    p.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="never stop before N new tokens")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; 1 = the model's distribution (0.8)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample from the nucleus of probability p (1 = all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the text contains TEXT (repeatable); TEXT is not printed")
-    p.add_argument("--stop-id", action="append", type=int, default=None, metavar="ID",
-                   help="stop after token ID (repeatable; default: the model's end-of-sequence token)")
-    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    add_sampling(p)
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (prints at the end)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0.6)")
     p.add_argument("--no-cache", action="store_true",
@@ -52,12 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from qkv.models import model_type_of
 
     config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-        temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop_strings=tuple(args.stop),
-        stop_token_ids=None if args.stop_id is None else tuple(args.stop_id), seed=args.seed,
-        num_beams=args.num_beams, length_penalty=args.length_penalty, use_cache=not args.no_cache,
-        sliding_window=not args.no_sliding_window,
+        **sampling_options(args), num_beams=args.num_beams, length_penalty=args.length_penalty,
+        use_cache=not args.no_cache, sliding_window=not args.no_sliding_window,
     )
     model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype))
     echo = model_type_of(model) != "seq2seq"  # a continuation follows its prompt; a translation stands alone

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 __all__ = ["CHECKPOINT_HELP", "add_checkpoint", "load_checkpoint", "add_threads", "use_threads", "check_threads",
            "add_device", "add_dtype", "load_dtype", "add_picture", "first_line", "text_lines", "stdin_lines",
-           "query_token"]
+           "query_token", "add_sampling", "sampling_options"]
 
 CHECKPOINT_HELP = ("a qkv checkpoint or run directory, a Hugging Face GPT-2 / BERT / LLaMA directory, or a LLaMA "
                    ".gguf file")
@@ -81,6 +81,33 @@ def load_dtype(name: str):
     import torch
 
     return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+def add_sampling(parser: argparse.ArgumentParser, *, stop_id_help: str = "the model's end-of-sequence token"
+                 ) -> None:
+    """How each next token is chosen and when the text stops: the flags ``qkv generate`` and ``qkv chat`` share
+    (``--max-new-tokens``, ``--temperature``/``--greedy``, ``--top-k``, ``--top-p``, ``--stop``, ``--seed``, ...)."""
+    p = parser
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (200)")
+    p.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="never stop before N new tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; 1 = the model's distribution (0.8)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the nucleus of probability p (1 = all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable); TEXT is not printed")
+    p.add_argument("--stop-id", action="append", type=int, default=None, metavar="ID",
+                   help=f"stop after token ID (repeatable; default: {stop_id_help})")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The ``GenerationConfig`` fields that :func:`add_sampling`'s flags set (``--greedy`` is temperature 0)."""
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, stop_strings=tuple(args.stop),
+                stop_token_ids=None if args.stop_id is None else tuple(args.stop_id), seed=args.seed)
 
 
 def add_picture(parser: argparse.ArgumentParser, default_out: str, out_help: str) -> None:

@@ -44,7 +44,7 @@ from .logits import check_finite, choose, process, seen_tokens
 from .prompt import evaluating
 from .stopping import StopStrings, open_stop, stop_token_ids
 
-__all__ = ["Conversation", "ReplyPiece", "PromptTooLong"]
+__all__ = ["Conversation", "ReplyPiece", "PromptTooLong", "fit_messages"]
 
 
 class PromptTooLong(ValueError):
@@ -228,6 +228,26 @@ class Conversation:
                 if seen is not None:
                     seen[0, token] = True
                 logits = self._feed([token])
+
+
+def fit_messages(template: ChatTemplate, messages: Sequence[dict[str, Any]], limit: int
+                 ) -> tuple[list[int], list[dict[str, Any]], int]:
+    """Render ``messages`` with the generation prompt, dropping the oldest turns until the ids are at most ``limit``
+    long → (ids, the messages kept, how many turns were dropped).
+
+    A turn is a user message and the replies after it; system messages stay, and so does the last turn (the
+    message being answered), so the ids may still exceed ``limit`` when that alone does not fit."""
+    kept = list(messages)
+    dropped = 0
+    while True:
+        ids = template.render(kept, add_generation_prompt=True).ids
+        turns = [i for i, m in enumerate(kept) if m.get("role") != "system"]
+        if len(ids) <= limit or len(turns) < 2:
+            return ids, kept, dropped
+        first = turns[0]
+        end = next((i for i in turns[1:] if kept[i].get("role") == "user"), turns[-1])
+        kept = kept[:first] + kept[end:]
+        dropped += 1
 
 
 def stop_token_ids_checked(ids: tuple[int, ...], cfg: GenerationConfig, core: nn.Module) -> tuple[int, ...]:
