@@ -529,18 +529,21 @@ def test_a_malformed_content_length_is_a_400_and_does_not_desync(served, length)
     assert status == 200 and info["source"] == "in-process model"
 
 
-def test_a_v1_router_takes_the_same_locks():
-    """OpenAI-compatible routes are to live under /v1 with the same token: one router, one dependency."""
+def test_a_router_takes_the_same_locks():
+    """More routes take the explorer's token by one dependency (as the OpenAI-compatible /v1 router does, see
+    tests/test_openai_api.py), and its Host and Origin checks with nothing at all."""
     model, tokenizer = tiny()
     server = make_server(Explorer(model, tokenizer), api_key=KEY)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
-    v1.add_api_route("/models", lambda: {"object": "list", "data": []})
-    server.app.include_router(v1)
+    more = APIRouter(prefix="/more", dependencies=[Depends(require_token)])
+    more.add_api_route("/things", lambda: {"object": "list", "data": []})
+    server.app.include_router(more)
     with server:
-        assert request(server, "GET", "/v1/models", token=None)[0] == 401
-        assert request(server, "GET", "/v1/models", headers={"Origin": "http://evil.example"})[0] == 403
-        assert request(server, "GET", "/v1/models", headers={"Host": "evil.example"})[0] == 403
-        assert request(server, "GET", "/v1/models") == (200, {"object": "list", "data": []})
+        assert request(server, "GET", "/more/things", token=None)[0] == 401
+        assert request(server, "GET", "/more/things", headers={"Origin": "http://evil.example"})[0] == 403
+        assert request(server, "GET", "/more/things", headers={"Host": "evil.example"})[0] == 403
+        assert request(server, "GET", "/more/things") == (200, {"object": "list", "data": []})
+        for path in ("/v1/models", "/more/things"):
+            assert request(server, "GET", path, headers={"Origin": "http://evil.example"})[0] == 403
 
 
 def test_qkv_serve_command_prints_its_url_logs_no_token_and_survives_a_client_that_leaves(tmp_path):
@@ -614,12 +617,12 @@ def test_qkv_serve_with_bad_input_says_so_in_one_line_and_exits_2(tmp_path, caps
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_explorers_old_max_tokens_flag_still_sets_the_drawing_cap():
-    """--max-tokens became --max-drawn-tokens (the OpenAI API's max_tokens counts new tokens); old commands work."""
+def test_the_explorers_drawing_cap_is_max_drawn_tokens_alone():
+    """--max-tokens, the drawing cap's old name, is gone (test_openai_api: it is refused in one line), so that
+    max_tokens means the OpenAI API's count of new tokens alone."""
     from qkv.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["serve", "--max-tokens", "7"]).max_drawn_tokens == 7
     assert parser.parse_args(["serve", "--max-drawn-tokens", "9"]).max_drawn_tokens == 9
     assert parser.parse_args(["serve"]).max_drawn_tokens == 128
     assert "--max-tokens" not in parser._subparsers._group_actions[0].choices["serve"].format_help()

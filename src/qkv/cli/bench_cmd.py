@@ -1,4 +1,5 @@
-"""``qkv bench [training|attention|generate|all]``: how fast qkv trains, attends and generates, as tables.
+"""``qkv bench [training|attention|generate|all|serve]``: how fast qkv trains, attends and generates, as tables;
+``serve``: qkv serve's OpenAI API under concurrent clients.
 
 Every comparison is measured in one run, the contenders interleaved, so the ratios hold on a busy machine
 even when the absolute figures do not.
@@ -9,9 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import add_device, add_threads, use_threads
+from .options import add_checkpoint, add_device, add_threads, use_threads
 
-SUITES = ("training", "attention", "generate", "all")
+SUITES = ("training", "attention", "generate", "all", "serve")  # serve: not in all (it needs --checkpoint)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="train every contender under bf16 autocast on the CPU too, against a bf16 matmul peak "
                         "(pays on CPUs with AVX512_BF16 or AMX; on an accelerator bf16 is the default)")
+    serve = p.add_argument_group("serve (qkv bench serve --checkpoint PATH: concurrent OpenAI clients on loopback)")
+    add_checkpoint(serve, required=False, help="the model qkv serve loads for the serve benchmark")
+    serve.add_argument("--clients", type=int, default=16, help="concurrent streaming chat clients (default 16)")
+    serve.add_argument("--seconds", type=float, default=20.0, help="how long the clients send requests (default 20)")
+    serve.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
+    serve.add_argument("--queue-size", type=int, default=None, help="the server's --queue-size (default: its own)")
     p.set_defaults(run=run)
 
 
@@ -40,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
+    if args.suite == "serve":
+        return run_serve(args)
     device = resolve_device(args.device)
     suites = ("training", "attention", "generate") if args.suite == "all" else (args.suite,)
     require_contenders(suites)
@@ -65,3 +74,20 @@ def run(args: argparse.Namespace) -> int:
             print("Generation", flush=True)
             print(format_generation_table(rows), flush=True)
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``qkv bench serve``: qkv serve in a subprocess on 127.0.0.1, ``--clients`` clients for ``--seconds``."""
+    from qkv.bench.serve import format_serve_load, serve_load
+
+    if args.checkpoint is None:
+        raise ValueError("qkv bench serve needs --checkpoint PATH: the model qkv serve loads")
+    for name in ("clients", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if not args.seconds > 0:
+        raise ValueError(f"--seconds={args.seconds} must be > 0")
+    result = serve_load(args.checkpoint, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens,
+                        queue_size=args.queue_size, threads=args.threads, progress=True)
+    print(format_serve_load(result), flush=True)
+    return 0 if result.errors == 0 else 1

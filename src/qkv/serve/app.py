@@ -16,8 +16,9 @@ Every answer about a model names the one that computed it (``source``: the atten
 the generation's ``done`` event), which a ``/api/load`` running at the same time does not change.
 
 Every ``/api`` call needs ``Authorization: Bearer TOKEN`` and every POST a JSON body; Host and Origin are checked for
-every request (``qkv.serve.security``). More routes take the same locks by the same two lines, e.g. OpenAI-compatible
-ones: ``v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])``, then ``app.include_router(v1)``.
+every request (``qkv.serve.security``). The OpenAI-compatible routes (``/v1``, ``/health``: ``qkv.serve.openai``) take
+the same locks by the same two lines: ``APIRouter(prefix="/v1", dependencies=[Depends(require_token)])``, then
+``app.include_router``; their errors come in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import openai
 from .explorer import STATIC_FILES, Explorer, GenerationRequest, RequestError
 from .security import GuardMiddleware, Security, json_body, require_token
 
@@ -159,15 +161,19 @@ def _error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
-def create_app(explorer: Explorer, *, api_key: str, allowed_hosts: Iterable[str] = ()) -> FastAPI:
-    """The explorer's web app: the page, its static files and the ``/api`` routes behind ``api_key``; requests
-    must name an allowed Host (loopback names plus ``allowed_hosts``) and come from no other site's page.
-    Raises ValueError for an empty key or an entry of ``allowed_hosts`` that is not a host name."""
-    security = Security.create(api_key, allowed_hosts)
+def create_app(explorer: Explorer, *, api_key: str, allowed_hosts: Iterable[str] = (),
+               allowed_origins: Iterable[str] = (), queue_size: int = openai.DEFAULT_QUEUE_SIZE) -> FastAPI:
+    """The explorer's web app: the page, its static files and the ``/api`` routes, and the OpenAI-compatible
+    ``/v1`` routes (one model worker, ``queue_size`` requests waiting at most), behind ``api_key``; requests must
+    name an allowed Host (loopback names plus ``allowed_hosts``) and come from no other site's page (but the
+    ``allowed_origins``, on ``/v1``). Raises ValueError for an empty key or an entry that is not a host name or
+    an origin."""
+    security = Security.create(api_key, allowed_hosts, allowed_origins)
     app = FastAPI(title="qkv explorer", docs_url=None, redoc_url=None, openapi_url=None)  # no CDN pages
     app.state.explorer, app.state.security = explorer, security
-    app.add_middleware(GuardMiddleware, security=security)
+    app.add_middleware(GuardMiddleware, security=security, refusal=openai.refusal)
     _error_handlers(app)
     app.include_router(pages)
     app.include_router(api)
+    openai.mount(app, explorer, queue_size=queue_size)
     return app

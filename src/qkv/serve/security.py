@@ -10,7 +10,9 @@ open in the user's browser, so it trusts none of them.
 - **A Host allow-list** (localhost, 127.0.0.1, [::1], the address bound, plus ``--allowed-hosts``): a page that
   rebinds its own DNS name to 127.0.0.1 (DNS rebinding) sends its own name as Host, and is refused.
 - **No cross-site Origin**: a browser names the page that sent a request in ``Origin``; only the explorer's own page
-  may call it. Requests without an Origin (curl, Python, OpenAI clients) pass to the token check.
+  may call it. Requests without an Origin (curl, Python, OpenAI clients) pass to the token check. Origins listed in
+  ``--allowed-origins`` may call the OpenAI-compatible paths (``/v1``, ``/health``; the page's ``/api`` stays its
+  own): they get CORS headers there, preflights included, and still need the token.
 - **JSON bodies only** (``json_body``): ``Content-Type: application/json`` cannot be sent cross-site without a CORS
   preflight, which the Origin check refuses; the "simple" text/plain or form POST a page can send is answered 415.
 
@@ -27,18 +29,18 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 from fastapi import HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["LOOPBACK_HOSTS", "MAX_BODY_BYTES", "HEADERS", "Security", "GuardMiddleware", "TokenRedactor",
-           "host_name", "new_token", "require_token", "json_body"]
+__all__ = ["LOOPBACK_HOSTS", "MAX_BODY_BYTES", "HEADERS", "CORS_PATHS", "Security", "GuardMiddleware",
+           "TokenRedactor", "host_name", "origin_name", "new_token", "require_token", "json_body", "read_json"]
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MAX_BODY_BYTES = 64 * 1024
@@ -49,6 +51,7 @@ HEADERS = {
     "content-security-policy": "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
                                "object-src 'none'",
 }
+CORS_PATHS = ("/v1", "/health")  # what pages on --allowed-origins may call
 TOKEN_HINT = "open the URL `qkv serve` printed (it ends in ?token=…), or send the header Authorization: Bearer TOKEN"
 
 
@@ -85,17 +88,29 @@ def host_name(host: str) -> str | None:
     return name
 
 
+def origin_name(origin: str) -> str | None:
+    """A browser's ``Origin`` (or an ``--allowed-origins`` entry) as ``scheme://host[:port]``, lower case, without
+    a trailing slash; None when it is not one (a path, another scheme, no host)."""
+    scheme, sep, rest = origin.strip().lower().rstrip("/").partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest or host_name(rest) is None:
+        return None
+    return f"{scheme}://{rest}"
+
+
 @dataclass(frozen=True)
 class Security:
-    """The explorer's token and the Host names it answers to."""
+    """The explorer's token, the Host names it answers to and the other sites' origins it admits on ``CORS_PATHS``."""
 
     api_key: str
     allowed_hosts: frozenset[str]
+    allowed_origins: frozenset[str] = frozenset()
 
     @classmethod
-    def create(cls, api_key: str, allowed_hosts: Iterable[str] = ()) -> Security:
-        """Check the token and the extra host names (``--allowed-hosts``); loopback names are always allowed.
-        Raises ValueError for an empty token or a name that is not a host name."""
+    def create(cls, api_key: str, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()
+               ) -> Security:
+        """Check the token, the extra host names (``--allowed-hosts``; loopback names are always allowed) and the
+        origins (``--allowed-origins``, ``http://host:port``). Raises ValueError for an empty token or an entry
+        that is not a host name or an origin."""
         if not isinstance(api_key, str) or not api_key.strip():
             raise ValueError("the API key is empty; pass --api-key KEY (or set QKV_API_KEY), or leave both unset "
                              "for a random one")
@@ -106,7 +121,14 @@ class Security:
                 raise ValueError(f"--allowed-hosts entry {entry!r} is not a host name; list names or addresses "
                                  "such as mybox.lan,192.168.1.20")
             names.add(name)
-        return cls(api_key.strip(), frozenset(names))
+        origins = set()
+        for entry in allowed_origins:
+            origin = origin_name(entry)
+            if origin is None:
+                raise ValueError(f"--allowed-origins entry {entry!r} is not an origin; list them as a browser "
+                                 "names them, scheme://host[:port], such as http://localhost:3000")
+            origins.add(origin)
+        return cls(api_key.strip(), frozenset(names), frozenset(origins))
 
     def token_matches(self, candidate: str | None) -> bool:
         """Constant-time comparison with the token."""
@@ -122,13 +144,21 @@ class Security:
         scheme, _, rest = origin.strip().lower().partition("://")
         return scheme in ("http", "https") and rest == host.strip().lower()
 
+    def origin_allowed(self, origin: str, path: str) -> bool:
+        """Whether a page on another site, ``origin``, may call ``path`` (listed in ``--allowed-origins``, and a
+        path under ``CORS_PATHS``)."""
+        return origin_name(origin) in self.allowed_origins and path.startswith(CORS_PATHS)
+
 
 class GuardMiddleware:
     """Refuse, before any route runs, a request whose Host is not allowed (403: DNS rebinding) or whose Origin is
-    another site (403); add ``HEADERS`` to every answer (a header the route set, e.g. Cache-Control, stays)."""
+    another site (403) that ``--allowed-origins`` does not admit on this path; add ``HEADERS`` to every answer (a
+    header the route set, e.g. Cache-Control, stays), and CORS headers for an admitted origin (whose preflight
+    this answers itself). ``refusal(path, message)``: the JSON body of a refusal (default ``{"error": message}``)."""
 
-    def __init__(self, app: ASGIApp, security: Security):
-        self.app, self.security = app, security
+    def __init__(self, app: ASGIApp, security: Security,
+                 refusal: Callable[[str, str], dict] = lambda path, message: {"error": message}):
+        self.app, self.security, self.refusal = app, security, refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -140,17 +170,36 @@ class GuardMiddleware:
             message = (f"Host {host!r} is not one this explorer answers to; browse to http://127.0.0.1 or "
                        "localhost, or start qkv serve with --allowed-hosts NAME")
         elif origin is not None and not self.security.same_origin(origin, host):
+            if self.security.origin_allowed(origin, scope["path"]):
+                return await self._cross_origin(scope, receive, send, origin, headers)
             message = (f"a page from {origin} may not call this explorer; only its own page (http://{host}) "
-                       "may: open the URL `qkv serve` printed")
+                       "may: open the URL `qkv serve` printed, or start qkv serve with --allowed-origins "
+                       f"{origin} (for the /v1 API)")
         if message is None:
             return await self.app(scope, receive, lambda event: send(_with_headers(event)))
-        await JSONResponse({"error": message}, 403)(scope, receive, lambda event: send(_with_headers(event)))
+        await JSONResponse(self.refusal(scope["path"], message), 403)(
+            scope, receive, lambda event: send(_with_headers(event)))
+
+    async def _cross_origin(self, scope: Scope, receive: Receive, send: Send, origin: str,
+                            headers: dict[str, str]) -> None:
+        """A page on an admitted origin: its preflight answered here, its requests with CORS headers."""
+        cors = {"access-control-allow-origin": origin, "vary": "Origin",
+                "access-control-expose-headers": "Retry-After"}
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            # the headers it asks for are echoed: the token is still checked on the request itself
+            asked = headers.get("access-control-request-headers", "authorization, content-type")
+            cors.update({"access-control-allow-methods": "GET, POST, OPTIONS",
+                         "access-control-allow-headers": asked, "access-control-max-age": "600"})
+            return await Response(status_code=204, headers=cors)(
+                scope, receive, lambda event: send(_with_headers(event)))
+        await self.app(scope, receive, lambda event: send(_with_headers(event, cors)))
 
 
-def _with_headers(event: dict) -> dict:
+def _with_headers(event: dict, extra: dict[str, str] | None = None) -> dict:
     if event["type"] == "http.response.start":
         present = {k.lower() for k, _ in event["headers"]}
-        event["headers"] = [*event["headers"], *((k.encode(), v.encode()) for k, v in HEADERS.items()
+        added = {**HEADERS, **(extra or {})}
+        event["headers"] = [*event["headers"], *((k.encode(), v.encode()) for k, v in added.items()
                                                  if k.encode() not in present)]
     return event
 
@@ -217,19 +266,24 @@ def require_token(request: Request) -> None:
 async def json_body(request: Request) -> dict[str, Any]:
     """FastAPI dependency: the request's body as a JSON object. 415 unless ``Content-Type: application/json``;
     413 beyond MAX_BODY_BYTES; 400 for a body that is not a JSON object. An empty body is ``{}``."""
+    return await read_json(request, MAX_BODY_BYTES)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """:func:`json_body` with a limit of ``limit`` bytes."""
     kind = request.headers.get("content-type", "")
     if kind.split(";")[0].strip().lower() != "application/json":
         raise HTTPException(415, f"the request body must be JSON sent with Content-Type: application/json "
                                  f"(got {kind.split(';')[0].strip() or 'no Content-Type'})")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"request body of {declared} bytes is larger than {MAX_BODY_BYTES}")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {declared} bytes is larger than {limit}")
     raw = b""
     try:
         async for part in request.stream():
             raw += part
-            if len(raw) > MAX_BODY_BYTES:
-                raise HTTPException(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+            if len(raw) > limit:
+                raise HTTPException(413, f"request body is larger than {limit} bytes")
     except ClientDisconnect:  # nobody reads the answer; the terminal shows no traceback
         raise HTTPException(400, "the client left before its request body arrived") from None
     try:

@@ -14,6 +14,7 @@ import uvicorn
 
 from .app import create_app
 from .explorer import Explorer
+from .openai import DEFAULT_QUEUE_SIZE
 from .security import TokenRedactor, new_token
 
 __all__ = ["ExplorerServer", "make_server", "serve", "url_host"]
@@ -33,10 +34,12 @@ class ExplorerServer:
     the socket (both done on leaving a ``with`` block). ``url`` is the page's address with its token."""
 
     def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
-                 allowed_hosts: Iterable[str] = (), verbose: bool = False):
+                 allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+                 queue_size: int = DEFAULT_QUEUE_SIZE, verbose: bool = False):
         self.api_key = api_key if api_key is not None else new_token()
         bound = [host] if host not in ("0.0.0.0", "::", "") else []  # the bound address answers to its own name
-        self.app = create_app(explorer, api_key=self.api_key, allowed_hosts=[*bound, *allowed_hosts])
+        self.app = create_app(explorer, api_key=self.api_key, allowed_hosts=[*bound, *allowed_hosts],
+                              allowed_origins=allowed_origins, queue_size=queue_size)
         try:
             family = socket.AF_INET6 if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address) else \
                 socket.AF_INET
@@ -70,6 +73,12 @@ class ExplorerServer:
         host, port = self.server_address
         return f"http://{url_host(host)}:{port}/?token={self.api_key}"
 
+    @property
+    def api_base(self) -> str:
+        """``http://HOST:PORT/v1``: the OpenAI-compatible API's base URL (the openai client's ``base_url``)."""
+        host, port = self.server_address
+        return f"http://{url_host(host)}:{port}/v1"
+
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` (or Ctrl-C / SIGTERM when called from the main thread)."""
         self.uvicorn.run(sockets=[self.socket])
@@ -87,6 +96,7 @@ class ExplorerServer:
 
     def shutdown(self) -> None:
         self.uvicorn.should_exit = True
+        self.app.state.openai.worker.close()  # stops a generation under way at its next token
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -103,17 +113,23 @@ class ExplorerServer:
 
 
 def make_server(explorer: Explorer, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
-                allowed_hosts: Iterable[str] = (), verbose: bool = False) -> ExplorerServer:
+                allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+                queue_size: int = DEFAULT_QUEUE_SIZE, verbose: bool = False) -> ExplorerServer:
     """The explorer's server bound to ``host:port`` and not yet serving (``api_key`` None: a random token)."""
-    return ExplorerServer(explorer, host, port, api_key=api_key, allowed_hosts=allowed_hosts, verbose=verbose)
+    return ExplorerServer(explorer, host, port, api_key=api_key, allowed_hosts=allowed_hosts,
+                          allowed_origins=allowed_origins, queue_size=queue_size, verbose=verbose)
 
 
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 8008, *, api_key: str | None = None,
-          allowed_hosts: Iterable[str] = (), verbose: bool = True) -> None:
-    """Serve until interrupted, after printing the page's URL with its token."""
-    server = make_server(explorer, host, port, api_key=api_key, allowed_hosts=allowed_hosts, verbose=verbose)
+          allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+          queue_size: int = DEFAULT_QUEUE_SIZE, verbose: bool = True) -> None:
+    """Serve until interrupted, after printing the page's URL with its token and the OpenAI API's base URL."""
+    server = make_server(explorer, host, port, api_key=api_key, allowed_hosts=allowed_hosts,
+                         allowed_origins=allowed_origins, queue_size=queue_size, verbose=verbose)
     print(f"qkv explorer on {server.url}  (Ctrl-C stops it)", flush=True)
+    print(f"OpenAI-compatible API on {server.api_base}  (its key: the token in the URL above)", flush=True)
     try:
         server.serve_forever()
     finally:
+        server.app.state.openai.worker.close()
         server.server_close()
