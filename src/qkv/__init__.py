@@ -4,6 +4,7 @@ from .attention import KVCache, MultiHeadAttention, scaled_dot_product_attention
 from .config import ModelConfig
 from .loading import load
 from .models import DecoderLM, Encoder, Transformer, build_model
+from .quantize import quantize  # the function: its module's classes import as `from qkv.quantize import ...`
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,6 @@ __all__ = [
     "Transformer",
     "build_model",
     "load",
+    "quantize",
     "__version__",
 ]

