@@ -676,7 +676,9 @@ class _Answer:
 
 
 def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    """One Server-Sent Event: ``data: {compact json}`` (or ``data: [DONE]``) and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
 
 
 class EventStream(StreamingResponse):
