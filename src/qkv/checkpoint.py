@@ -56,7 +56,7 @@ __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "STATE_JSON", "STATE_TENSORS", "PIC
            "run_directory_of", "read_run_info", "RunDirectoryInUse", "CheckpointNotSaved", "fault_point",
            "FAULT_POINTS", "average_checkpoints", "is_run_directory", "run_to_resume",
            "MANIFEST", "write_directory", "sha256_of", "read_manifest", "verify_files", "CheckpointDamaged",
-           "TrainerState", "RunInfo", "read_trainer_state_json"]
+           "TrainerState", "RunInfo", "read_trainer_state_json", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -232,12 +232,13 @@ def _set_aside(directory: Path) -> Path:
 
 def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer, *,
                         trainer_state: dict | None = None, keep: int = 2,
-                        weights: dict[str, Tensor] | None = None) -> Path:
-    """Save ``run_dir/step-NNNNNN``, point ``run_dir/latest`` at it, keep only the newest ``keep`` checkpoints."""
+                        weights: dict[str, Tensor] | None = None, writer=None) -> Path:
+    """Save ``run_dir/step-NNNNNN``, point ``run_dir/latest`` at it, keep only the newest ``keep`` checkpoints.
+    ``writer``: what writes the checkpoint (``save_checkpoint``'s signature; default ``save_checkpoint``)."""
     run_dir = Path(run_dir)
     target = run_dir / f"step-{step:06d}"
     try:
-        path = save_checkpoint(target, model, tokenizer, trainer_state=trainer_state, weights=weights)
+        path = (writer or save_checkpoint)(target, model, tokenizer, trainer_state=trainer_state, weights=weights)
         fault_point("save:after-rename")
         write_atomic(run_dir / LATEST, (path.name + "\n").encode())
     except OSError as err:
@@ -446,13 +447,17 @@ def _latest_or_newest(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's names (LoRA runs)
+
+
 def check_checkpoint_dir(directory: Path, *, need_state: bool = False) -> None:
     """Refuse a directory that lacks a file or holds pickled weights, naming what is wrong and what to do."""
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and not (directory / WEIGHTS).is_file():
         raise ValueError(f"{directory} holds pickled weights ({', '.join(pickles)}) and no {WEIGHTS}; qkv loads "
                          "only safetensors, which cannot run code: convert the weights to safetensors first")
-    needed = [CONFIG, WEIGHTS, TOKENIZER] + ([STATE_JSON, STATE_TENSORS] if need_state else [])
+    weights = ADAPTER_WEIGHTS if (directory / ADAPTER_CONFIG).is_file() else WEIGHTS  # a LoRA run: adapters alone
+    needed = [CONFIG, weights, TOKENIZER] + ([STATE_JSON, STATE_TENSORS] if need_state else [])
     missing = [name for name in needed if not (directory / name).is_file()]
     if missing:
         hint = ("; it is not a training checkpoint that can resume: pass a directory written by `qkv train`"
@@ -541,6 +546,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
     fit the config, a tokenizer), then against the sha256 the checkpoint's manifest recorded (when it has one)."""
     directory = resolve_checkpoint(path)
     check_checkpoint_dir(directory)
+    if (directory / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{directory} holds LoRA adapters, not a whole model; load it with qkv.load (its base "
+                         f"with the adapters), or merge them: qkv export {directory} --merge --format qkv --out DIR")
     manifest = read_manifest(directory)
     data = _read_json_object(directory / CONFIG)
     header = {name: data[name] for name in ("format", "format_version", "model_type") if name in data}

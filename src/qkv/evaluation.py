@@ -19,10 +19,17 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import STATE_JSON, average_checkpoints, load_checkpoint, read_run_info, read_trainer_state_json
+from .checkpoint import (
+    STATE_JSON,
+    average_checkpoints,
+    load_checkpoint,
+    read_run_info,
+    read_trainer_state_json,
+    resolve_checkpoint,
+)
 from .data import Pair, references_by_source
 from .extras import require
-from .loading import load
+from .loading import is_adapter_run, load
 from .models import model_type_of
 from .recipes import recipe_of_run
 from .recipes.translation import held_out_test_split, translate
@@ -45,7 +52,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     """
     if split not in ("val", "all"):
         raise ValueError(f"split={split!r} is not one of val, all")
-    model, tok, directory = load_checkpoint(checkpoint)
+    if is_adapter_run(checkpoint):  # a LoRA run: its base with the adapters
+        directory = resolve_checkpoint(checkpoint)
+        model, tok = load(directory)
+    else:
+        model, tok, directory = load_checkpoint(checkpoint)
     run = read_run_info(directory)  # {} for a checkpoint without training state: the bundled corpus
     if model.model_type not in OBJECTIVES:
         raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")

@@ -24,6 +24,7 @@ from . import (
     embed_cmd,
     eval_cmd,
     explain_cmd,
+    export_cmd,
     generate_cmd,
     info_cmd,
     serve_cmd,
@@ -50,6 +51,7 @@ COMMANDS = {
     "serve": serve_cmd,
     "bench": bench_cmd,
     "study": study_cmd,
+    "export": export_cmd,
 }
 
 

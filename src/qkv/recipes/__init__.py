@@ -5,6 +5,8 @@ checkpoints hold and how a saved run comes back:
 
 - :mod:`~qkv.recipes.language_model`: a text → char or BPE tokens → a decoder (next token) or encoder (masked LM);
 - :mod:`~qkv.recipes.translation`: a parallel file → a split by source sentence → shared BPE → a ``Transformer``;
+- :mod:`~qkv.recipes.finetune`: a pretrained model (``--init-from``) → full or LoRA fine-tuning on a text or on
+  chat conversations (loss on the assistant replies); ``export_run`` merges and writes it;
 - :mod:`~qkv.recipes.runs`: what they share: what a recipe is (``Recipe``), the options ``qkv train`` hands it
   (``RunOptions``), the recipe a run records, its claimed directory, its data checked unchanged, continuing a
   saved run.
@@ -12,8 +14,8 @@ checkpoints hold and how a saved run comes back:
 ``RECIPES`` is the one table every entry point dispatches on: ``qkv train`` runs the first recipe that
 ``chosen_by`` its options (``start``), ``train(recipe, ...)`` starts a run of the named recipe, ``resume(path)``
 continues a saved run with the recipe its metadata records (``run["recipe"]``), ``qkv eval`` scores it on what
-that recipe rebuilds. A new recipe is one module and one entry here; a fine-tuning recipe (``qkv train
---init-from PATH --lora-r N``) goes before the language model, its ``start`` building its model from another
+that recipe rebuilds. A new recipe is one module and one entry here; the fine-tuning recipe (``qkv train
+--init-from PATH [--lora-r N]``) goes before the language model, its ``start`` building its model from another
 model's weights and its ``load_run`` putting saved adapters back on that base.
 """
 
@@ -26,6 +28,7 @@ from ..checkpoint import claim_run_directory, load_trainer_state, run_to_resume
 from ..config import ModelConfig
 from ..tokenizers import BPE_VOCAB_SIZE
 from ..training import RESUMABLE_OPTIONS, TrainConfig, TrainResult, process_rank, say_once
+from .finetune import FINETUNE
 from .language_model import LANGUAGE_MODEL, MASKED_LM
 from .runs import RECIPE_FOR_MODEL_TYPE, Option, Recipe, RunOptions, continue_run, recipe_for, run_recipe
 from .translation import TRANSLATION
@@ -35,7 +38,7 @@ __all__ = ["RECIPES", "Recipe", "Option", "RunOptions", "train", "start", "resum
            "BPE_VOCAB_SIZE", "model_config_for"]
 
 # recipe name (as a run records it) → the recipe, in the order `qkv train` asks them whether they take its options
-RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (LANGUAGE_MODEL, MASKED_LM, TRANSLATION)}
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (FINETUNE, LANGUAGE_MODEL, MASKED_LM, TRANSLATION)}
 
 
 def recipe_named(name: str) -> Recipe:

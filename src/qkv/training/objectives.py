@@ -68,18 +68,36 @@ class Objective:
 
 
 class NextToken(Objective):
-    """L = -mean_t log P(x_{t+1} | x_≤t): a window of T+1 tokens gives T inputs and their T successors."""
+    """L = -mean_t log P(x_{t+1} | x_≤t): a window of T+1 tokens gives T inputs and their T successors.
+
+    A batch that names its targets (``inputs``, ``attention_mask``, ``labels``: chat fine-tuning's
+    ``qkv.data.ChatBatch``) is scored on them alone: L = -Σ_{t: labels_t ≠ ignore} log P(labels_t | x_≤t) / their
+    count, so only the assistant replies teach; a batch with no target has loss 0 and no gradient, never 0/0."""
 
     window_extra = 1
 
     def loss(self, model, batch: Tensor, generator, *, reduction: str = "mean", smoothed: bool = True):
+        eps = self.label_smoothing(smoothed)
+        if hasattr(batch, "labels"):  # the batch says which tokens are targets (padding and prompts are not)
+            count = self.predicted(batch, generator)  # counted on the CPU: no wait for the device
+            batch = batch.to(self.device(model))
+            logits = model(batch.inputs, batch.attention_mask)
+            summed = cross_entropy(logits, batch.labels, label_smoothing=eps, reduction="sum")
+            return (summed if reduction == "sum" else summed / max(count, 1)), count
         ids = batch.to(self.device(model), non_blocking=True)
         logits = model(ids[:, :-1])  # (batch, T, vocab)
-        return (cross_entropy(logits, ids[:, 1:], label_smoothing=self.label_smoothing(smoothed), reduction=reduction),
+        return (cross_entropy(logits, ids[:, 1:], label_smoothing=eps, reduction=reduction),
                 self.predicted(batch, generator))
 
     def predicted(self, batch: Tensor, generator) -> int:
+        if hasattr(batch, "labels"):
+            return int((batch.labels != IGNORE_INDEX).sum())
         return self.tokens_in(batch)  # every input token predicts its successor
+
+    def tokens_in(self, batch) -> int:
+        if hasattr(batch, "attention_mask"):
+            return int(batch.attention_mask.sum())  # real tokens, padding left out
+        return super().tokens_in(batch)
 
     @staticmethod
     def device(model: nn.Module) -> torch.device:

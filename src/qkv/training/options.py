@@ -45,6 +45,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mlm_probability: float = 0.15
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32", "bf16"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     device: str = "auto"
     parallel: str = "ddp"  # under torchrun: "ddp" (each process holds the model) or "fsdp" (sharded across them)
     eval_every: int = 200  # steps between evaluations of the validation loss

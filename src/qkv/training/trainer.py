@@ -39,6 +39,7 @@ from .distributed import (
     replicate,
     say_once,
 )
+from .memory import checkpoint_activations
 from .objectives import OBJECTIVES, BatchSource, Objective, mean_loss
 from .optimizer import adamw_kernel, param_groups, upgrade_saved_state
 from .options import TrainConfig
@@ -76,18 +77,23 @@ class Trainer:
     built by a recipe from its data.
 
     ``objective`` defaults to the model's (``OBJECTIVES[model.model_type]``), ``callbacks`` to
-    ``default_callbacks()`` (stop on a signal, metrics.csv, a progress bar, loss.png)."""
+    ``default_callbacks()`` (stop on a signal, metrics.csv, a progress bar, loss.png). ``checkpoint_writer``
+    (``qkv.checkpoint.save_checkpoint``'s signature) writes each checkpoint: by default the whole model; a LoRA
+    recipe's writes its adapters alone."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_source: BatchSource, val_source: BatchSource,
                  config: TrainConfig, out_dir: str | Path, *, objective: Objective | None = None,
                  run_info: dict | None = None, print_fn: Callable[[str], None] | None = None,
-                 callbacks: Sequence[Callback] | None = None):
+                 callbacks: Sequence[Callback] | None = None, checkpoint_writer: Callable | None = None):
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
+        self.checkpoint_writer = checkpoint_writer  # what a checkpoint holds: the whole model, unless a recipe says
         self.rank, self.world = process_rank()
         self.device = resolve_device(config.device)  # "auto": CUDA when there is a GPU; a name torch lacks: one line
         if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         self.model = model.to(self.device).train()
+        if config.activation_checkpointing:  # before any wrapper: the blocks themselves recompute
+            checkpoint_activations(self.model)
         # What a training step calls: the model itself, or under torchrun its DistributedDataParallel wrapper,
         # which all-reduces (averages) the gradients across processes during the backward pass, or the model
         # with its parameters sharded across the processes (FSDP: gathered per block for forward and backward,
@@ -386,7 +392,7 @@ class Trainer:
         if self.rank == 0:
             self.last_checkpoint = save_run_checkpoint(self.out_dir, self.step, self.model, self.tokenizer,
                                                        trainer_state=state, keep=self.config.keep_checkpoints,
-                                                       weights=weights)
+                                                       weights=weights, writer=self.checkpoint_writer)
         if self.world > 1:  # the others learn where it went once it is complete
             self.last_checkpoint = broadcast_object(self.last_checkpoint)
         return self.last_checkpoint
