@@ -5,6 +5,7 @@ or not, compiled) and a small trained model's perplexity barely moves."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 
@@ -420,3 +421,61 @@ def test_a_ggufs_q4_blocks_become_int4_layers_without_a_round_trip_through_float
     with torch.inference_mode():
         got, want = model(ids), floats(ids)
     assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --quantize on every command that loads a model for inference.
+# --------------------------------------------------------------------------------------------------------------
+
+FIXTURES = "tests/fixtures/checkpoints"
+INFERENCE_COMMANDS = ["generate", "chat", "serve", "explain", "show attention", "embed", "translate"]
+
+
+def test_every_inference_command_takes_quantize_with_the_librarys_modes():
+    from qkv.cli import build_parser
+
+    for command in INFERENCE_COMMANDS:
+        sub = build_parser()
+        for word in command.split():  # "show attention": a command's own subcommand
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        option = next((a for a in sub._actions if "--quantize" in a.option_strings), None)
+        assert option is not None, command
+        assert tuple(option.choices) == MODES and option.default is None, command
+
+
+def _cli(capsys, *argv: str) -> str:
+    from qkv.cli import main
+
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_the_commands_run_a_quantized_model(capsys, tmp_path):
+    decoder_run, encoder_run = f"{FIXTURES}/decoder/run", f"{FIXTURES}/encoder/run"
+    # explain: the query vector is computed by the quantized W_Q, so its numbers move
+    args = ["explain", "--checkpoint", decoder_run, "To be", "--layer", "0", "--head", "0", "--token", "1", "--json"]
+    plain, int8 = (_cli(capsys, *args, *flag) for flag in ([], ["--quantize", "int8"]))
+    assert plain != int8
+    # embed: the vectors move by the rounding
+    args = ["embed", "--checkpoint", encoder_run, "Now is", "--precision", "8"]
+    assert _cli(capsys, *args) != _cli(capsys, *args, "--quantize", "int4")
+    # generate: the same text as the library's quantized model
+    model, tokenizer = qkv.load(decoder_run, quantize="int4")
+    from qkv.generation import generate_text
+
+    want = "To be" + generate_text(model, tokenizer, "To be", 12, temperature=0)
+    assert _cli(capsys, "generate", "--checkpoint", decoder_run, "To be", "--greedy", "--max-new-tokens", "12",
+                "--quantize", "int4").rstrip("\n") == want
+    assert _cli(capsys, "translate", "--checkpoint", f"{FIXTURES}/seq2seq/run", "one two", "--beam", "2",
+                "--quantize", "int8").strip()
+    assert "wrote" in _cli(capsys, "show", "attention", "--checkpoint", encoder_run, "Now is",
+                           "--out", str(tmp_path / "a.png"), "--quantize", "int8")
+
+
+def test_the_explorer_quantizes_every_model_it_loads():
+    from qkv.serve import Explorer
+
+    explorer = Explorer(checkpoint=f"{FIXTURES}/decoder/run", quantize="int4")
+    assert {type(m) for m in explorer.model.modules()} >= {Int4Linear}
+    explorer.load(f"{FIXTURES}/encoder/run")  # one picked in the page
+    assert not [m for m in explorer.model.modules() if isinstance(m, nn.Linear)]

@@ -15,7 +15,15 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-from .options import add_checkpoint, add_dtype, add_sampling, load_checkpoint, load_dtype, sampling_options
+from .options import (
+    add_checkpoint,
+    add_dtype,
+    add_quantize,
+    add_sampling,
+    load_checkpoint,
+    load_dtype,
+    sampling_options,
+)
 
 COMMANDS_HELP = "/reset, /system TEXT, /exit"
 
@@ -31,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_sampling(p, stop_id_help="the chat template's end-of-turn tokens")
     add_dtype(p, help="the weights' precision while generating: bf16 reads half the bytes per token; fp32 "
                       "(default)")
+    add_quantize(p)
     p.set_defaults(run=run)
 
 
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from qkv.generation.conversation import Conversation, fit_messages
 
     config = GenerationConfig(**sampling_options(args))  # checked before the model loads
-    model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype))
+    model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype), quantize=args.quantize)
     conversation = Conversation(model, tokenizer)
     template = conversation.template
     if template.note:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_checkpoint, load_checkpoint, text_lines
+from .options import add_checkpoint, add_quantize, load_checkpoint, text_lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "as arguments or one per line on stdin.",
     )
     add_checkpoint(p)
+    add_quantize(p)
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: one per line on stdin)")
     p.add_argument("--similarity", action="store_true", help="print the cosine similarity of every pair instead")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.precision <= 17:  # 17 significant digits tell every float64 apart; more are noise
         raise ValueError(f"--precision={args.precision} must lie in [0, 17] decimals")
     texts = text_lines(args.texts)
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, quantize=args.quantize)
     vectors = embed_texts(model, tokenizer, texts, pooling=args.pooling,
                           normalize=args.normalize or args.similarity)
     digits = args.precision

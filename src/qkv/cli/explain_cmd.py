@@ -8,7 +8,7 @@ import math
 
 from qkv.extras import require
 
-from .options import add_checkpoint, first_line, load_checkpoint, query_token
+from .options import add_checkpoint, add_quantize, first_line, load_checkpoint, query_token
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "own forward pass.",
     )
     add_checkpoint(p)
+    add_quantize(p)
     p.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
     p.add_argument("--layer", type=int, required=True, help="the layer (0-based; negative counts from the end)")
     p.add_argument("--head", type=int, required=True, help="the head (0-based; negative counts from the end)")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dims < 0:
         raise ValueError(f"--dims={args.dims} must be >= 0 (0 shows every entry)")
     text = first_line(args.text)
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, quantize=args.quantize)
     kind = args.kind or attention_kinds(model)[0]
     queries, _ = encode_input(model, tokenizer, text, args.target).labels_for(kind)
     token = query_token(queries, args.token)

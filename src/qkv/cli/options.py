@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 __all__ = ["CHECKPOINT_HELP", "add_checkpoint", "load_checkpoint", "add_threads", "use_threads", "check_threads",
            "add_device", "add_dtype", "load_dtype", "add_picture", "first_line", "text_lines", "stdin_lines",
-           "query_token", "add_sampling", "sampling_options"]
+           "query_token", "add_sampling", "sampling_options", "add_quantize", "QUANTIZE_MODES"]
 
 CHECKPOINT_HELP = ("a qkv checkpoint or run directory, a Hugging Face GPT-2 / BERT / LLaMA directory, or a LLaMA "
                    ".gguf file")
@@ -23,14 +23,28 @@ def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = True, he
     parser.add_argument("--checkpoint", required=required, metavar="DIR", help=help)
 
 
-def load_checkpoint(checkpoint: str, *, dtype=None):
-    """``qkv.load(checkpoint)`` for a command that reads text: the model and its tokenizer, which must be there."""
+def load_checkpoint(checkpoint: str, *, dtype=None, quantize: str | None = None):
+    """``qkv.load(checkpoint)`` for a command that reads text: the model and its tokenizer, which must be there;
+    ``quantize`` is ``--quantize``'s value."""
     from qkv.loading import load
 
-    model, tokenizer = load(checkpoint, dtype=dtype)
+    model, tokenizer = load(checkpoint, dtype=dtype, quantize=quantize)
     if tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
     return model, tokenizer
+
+
+QUANTIZE_MODES = ("int8", "int4")  # qkv.quantize.MODES, named here so the parser needs no torch
+
+
+def add_quantize(parser: argparse.ArgumentParser) -> None:
+    """``--quantize {int8,int4}``: weight-only quantized linear layers, packed for this CPU as the model loads
+    (``qkv.load(..., quantize=)``); pass its value to :func:`load_checkpoint`."""
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                        help="int8 or int4 weights in every linear layer, packed for this CPU as the model loads "
+                             "(bf16 activations inside them): int8 reads half the bytes of bf16, int4 (groups of "
+                             "64; a GGUF file's Q4 blocks as they are) about a quarter; results differ from the "
+                             "unquantized model's by the rounding (default: off)")
 
 
 def add_threads(parser: argparse.ArgumentParser, *, every_core: bool = False, help: str | None = None) -> None:

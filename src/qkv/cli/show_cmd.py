@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qkv.positions import POSITIONAL_KINDS
 
-from .options import add_checkpoint, add_picture, first_line, load_checkpoint, query_token
+from .options import add_checkpoint, add_picture, add_quantize, first_line, load_checkpoint, query_token
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "gives three pictures: encoder self-attention, decoder masked "
                                     "self-attention and cross-attention.")
     add_checkpoint(a)
+    add_quantize(a)
     a.add_argument("text", nargs="?", help="the text (default: the first line of stdin)")
     a.add_argument("--target", help="encoder-decoder only: the decoder's text (default: the model's own translation)")
     a.add_argument("--layer", type=int, help="draw only this layer (negative counts from the end)")
@@ -85,7 +86,7 @@ def run_attention(args: argparse.Namespace) -> int:
         raise ValueError("--pick names layer and head itself; leave out --layer and --head")
     picks = [_pick(p) for p in args.pick]
     text = first_line(args.text)
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, quantize=args.quantize)
     found = attention_maps(model, tokenizer, text, args.target)
     kinds = [found.kind(args.kind)] if args.kind else found.kinds
     out = Path(args.out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_checkpoint, add_threads, load_checkpoint, stdin_lines, use_threads
+from .options import add_checkpoint, add_quantize, add_threads, load_checkpoint, stdin_lines, use_threads
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "translation is printed per line, in the input order.")
     p.add_argument("text", nargs="*", help="sentences to translate (default: read stdin, one sentence a line)")
     add_checkpoint(p, help="a checkpoint or run directory")
+    add_quantize(p)
     p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4, as in the paper)")
     p.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha (default 0.6)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together (default 64)")
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from qkv.recipes.translation import translate
 
     use_threads(args.threads)
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, quantize=args.quantize)
     lines = args.text if args.text else list(stdin_lines())  # blank lines kept: one output line per input line
     keep = [i for i, line in enumerate(lines) if line.strip()]
     out = [""] * len(lines)

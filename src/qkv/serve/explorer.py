@@ -98,8 +98,10 @@ class Explorer:
 
     def __init__(self, model: nn.Module | None = None, tokenizer: Tokenizer | None = None, *,
                  checkpoint: str | Path | None = None, search_root: str | Path | None = None,
-                 max_text_chars: int = 2000, max_new_tokens: int = 200, max_drawn_tokens: int = 128):
+                 max_text_chars: int = 2000, max_new_tokens: int = 200, max_drawn_tokens: int = 128,
+                 quantize: str | None = None):
         self.lock = threading.Lock()  # one model computation at a time
+        self.quantize = quantize  # every checkpoint loaded is quantized so ("int8" | "int4", qkv.load's quantize=)
         self.served: Served | None = None if model is None or tokenizer is None else \
             Served(model, tokenizer, "in-process model")
         self.search_root = Path(search_root) if search_root is not None else None
@@ -146,7 +148,7 @@ class Explorer:
             known = ", ".join(name for name, _, _ in LOADERS)
             raise RequestError(f"{checkpoint} is not a checkpoint qkv can load (supported: {known}); pick a "
                                "directory written by `qkv train` or a pretrained directory")
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, quantize=self.quantize)
         if tokenizer is None:
             raise RequestError(f"{path} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
         served = Served(model.eval(), tokenizer, str(path))
