@@ -192,6 +192,36 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "qkv serve: error: --max-tokens is gone: the tokens the page draws are --max-drawn-tokens, and max_tokens is "
      "what each /v1 request asks for (at most --max-new-tokens) (was: accepted, hidden)",
      "tests/test_openai_api.py::test_qkv_serve_refuses_bad_api_flags_in_one_line"),
+    ("server", "an OpenAI client sends `/v1` a parameter qkv does not implement (`n: 2`, `logprobs`, `tools`, "
+     "penalties, image parts) or one OpenAI does not define",
+     'HTTP 400 in OpenAI\'s shape naming it: `{"error": {"message": "n=2 is not supported: qkv serve writes one '
+     'choice per request (n=1); send n requests", "type": "invalid_request_error", "param": "n", "code": '
+     '"unsupported_parameter"}}`', "tests/test_openai_api.py::test_errors_come_in_openais_shape_naming_the_parameter"),
+    ("server", "a `/v1` conversation (+ `max_tokens`) longer than the model's context; `max_tokens` above "
+     "`--max-new-tokens`; an unknown `model`",
+     "HTTP 400 `context_length_exceeded`: the prompt's 615 tokens do not fit the model's context of 512 tokens; "
+     "shorten the conversation (drop its oldest turns); 400 naming `max_tokens`; 404 `model_not_found`",
+     "tests/test_openai_api.py::test_errors_come_in_openais_shape_naming_the_parameter"),
+    ("server", "what FastAPI answers itself on `/v1`: an unknown route, a wrong method, a body that is not JSON or "
+     "not `application/json`", "OpenAI's error shape with the status (404, 405, 400, 415), never FastAPI's "
+     '`{"detail": ...}`', "tests/test_openai_api.py::test_framework_errors_on_v1_are_in_openais_shape_too"),
+    ("server", "`temperature: 0` in a `/v1` request", "greedy: the ids `qkv generate --greedy` gives on the same "
+     "rendered prompt (litgpt's route turns 0 into 0.8, `x or default`)",
+     "tests/test_openai_api.py::test_temperature_0_is_the_greedy_continuation_of_the_rendered_prompt"),
+    ("server", "the `/v1` queue full (`--queue-size 1`: one request generating, one waiting)",
+     "HTTP 503 with `Retry-After: 1`, code `queue_full`; the openai client's default retries then succeed",
+     "tests/test_openai_api.py::test_a_full_queue_answers_503_with_retry_after"),
+    ("server", "a `/v1` client that leaves while it waits in the queue, or mid-stream",
+     "its place in the queue is free again; its generation stops before the next token and the worker takes "
+     "the next request",
+     "tests/test_openai_api.py::test_a_client_that_leaves_frees_its_place_and_stops_its_generation"),
+    ("server", "a page on another origin calls `/v1`", "403 in OpenAI's shape, unless `qkv serve --allowed-origins "
+     "ORIGIN` lists it: then CORS headers and its preflights answered (the key still needed; `/api` stays the "
+     "explorer's own)", "tests/test_openai_api.py::test_allowed_origins_get_cors_on_v1_and_no_other_site_does"),
+    ("CLI", "`qkv serve --max-tokens 7`, the drawing cap's old name",
+     "qkv serve: error: --max-tokens is gone: the tokens the page draws are --max-drawn-tokens, and max_tokens is "
+     "what each /v1 request asks for (at most --max-new-tokens) (was: accepted, hidden)",
+     "tests/test_openai_api.py::test_qkv_serve_refuses_bad_api_flags_in_one_line"),
     ("API", "a translation run trained with label smoothing 0.1: its validation loss beside `qkv eval`'s on the "
      "same checkpoint and split", "one number, plain cross-entropy per predicted token (perplexity its exp); the "
      "training loss beside it says `(label-smoothed 0.1)` (was: 5.7904 in training, 5.4603 from qkv eval)",
@@ -255,6 +285,35 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "ValueError: GGUF metadata tokenizer.ggml.eos_token_id=999 is outside the 260-token vocabulary; the file is "
      "damaged: download it again",
      "tests/test_interop_gguf.py::test_eot_and_eom_ids_end_a_turn_and_the_metadata_reads_as_the_gguf_package_reads_it"),
+    ("API", "a conversation longer than the context given to `Conversation.reply`",
+     "PromptTooLong (a ValueError): the conversation is 81 tokens long but the context holds 40; drop its oldest "
+     "turns or shorten the messages; a prompt that fits but leaves no room ends its reply with finish_reason "
+     "'length' where the context is full",
+     "tests/test_conversation.py::test_a_prompt_longer_than_the_context_is_one_line_and_the_reply_stops_at_the_context"),
+    ("API", "a stop string whose first characters end one token and the rest begins the next (`t sa` over ` cat` + "
+     "` sat`)",
+     "the streamed text holds back the characters that may begin a stop string (` ca`, then nothing): no prefix of "
+     "it is ever shown; a beginning the next token does not complete comes out with it",
+     "tests/test_conversation.py::test_a_stop_string_across_two_tokens_never_streams_its_beginning"),
+    ("API", "an emoji split over four byte tokens in a streamed reply, or cut off after three of them",
+     "no piece holds U+FFFD: the character comes out whole with its last byte; a reply that ends inside it ends "
+     "before it",
+     "tests/test_conversation.py::test_a_character_split_over_byte_tokens_never_streams_as_a_replacement_character"),
+    ("API", "a streamed reply closed early (the client went away)",
+     "the generation stops at once (no further forward pass); the cache keeps what was fed and the next request "
+     "reuses it",
+     "tests/test_conversation.py::test_a_closed_reply_stops_generating_and_the_next_one_still_reuses_the_cache"),
+    ("CLI", "`qkv chat` with a history longer than the context",
+     "the oldest turns go, one line on stderr each time: note: the conversation outgrew the context (128 tokens): "
+     "the oldest 1 turn left it, the system message stays",
+     "tests/test_chat_cli.py::test_the_oldest_turns_go_with_a_note_when_the_history_outgrows_the_context"),
+    ("CLI", "`qkv chat` given one message longer than the context",
+     "qkv chat: error: this message takes 174 tokens and the context holds 128; shorten it (the chat goes on with "
+     "the next line; exit 2 at the end)",
+     "tests/test_chat_cli.py::test_a_message_longer_than_the_context_is_one_line_and_the_chat_goes_on"),
+    ("CLI", "`qkv chat` given `/nonsense`",
+     "note: unknown command /nonsense; the commands are /reset, /system TEXT, /exit (//text sends /text)",
+     "tests/test_chat_cli.py::test_reset_forgets_the_turns_and_system_sets_the_system_message"),
 ]
 
 
@@ -882,7 +941,8 @@ def test_a_seed_that_is_not_an_integer_is_refused(ckpt, observe):
 def test_generating_past_the_context_without_a_window_is_refused_before_any_output(ckpt, capsys, observe):
     message = observe(cli_error(capsys, ["generate", "--checkpoint", ckpt["decoder"], "the", "--no-sliding-window",
                                          "--max-new-tokens", "500"]))
-    assert "lower max_new_tokens to at most 126" in message
+    assert "lower --max-new-tokens to at most 126" in message and "(without --no-sliding-window)" in message
+    assert "max_new_tokens" not in message and "sliding_window" not in message  # the command's words only
     assert capsys.readouterr().out == ""
 
 
