@@ -184,20 +184,22 @@ PROMPT = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
 SOURCE = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,output", [("int8", "int8"), ("int4", "int8"), ("int4", "int4"), ("int8", "int4")])
 @pytest.mark.parametrize("tie", [True, False])
-def test_quantize_swaps_every_linear_and_keeps_the_embedding_lookup_exact(mode, tie):
+def test_quantize_swaps_every_linear_and_keeps_the_embedding_lookup_exact(mode, output, tie):
     model = decoder(tie=tie)
     embedding = model.embed.token.weight.detach().clone()
-    output = model.lm_head.weight.detach().clone()  # the embedding itself when tied
-    out = qkv.quantize(model, mode)
+    output_weight = model.lm_head.weight.detach().clone()  # the embedding itself when tied
+    kind = {"int8": Int8Linear, "int4": Int4Linear}
+    out = qkv.quantize(model, mode, output=output) if output == "int4" else qkv.quantize(model, mode)
     assert out is model
     assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    kinds = {type(m) for m in model.modules()} & {Int8Linear, Int4Linear}
-    assert kinds == {Int8Linear if mode == "int8" else Int4Linear}
+    assert type(model.lm_head) is kind[output]  # int8 unless output="int4": its rounding goes into the logits
+    assert {type(m) for n, m in model.named_modules() if n.startswith("layers.")} >= {kind[mode]}
+    assert not {type(m) for n, m in model.named_modules() if n.startswith("layers.")} & {kind[output]} - {kind[mode]}
     assert torch.equal(model.embed.token.weight, embedding)  # the lookup reads the exact rows
     # the output layer is its own quantized copy of the matrix, within half a step of it
-    assert _faults(model.lm_head, _as_linear(output), torch.randn(3, 64)) == []
+    assert _faults(model.lm_head, _as_linear(output_weight), torch.randn(3, 64)) == []
 
 
 def _as_linear(weight: torch.Tensor) -> nn.Linear:
@@ -252,13 +254,7 @@ def test_quantized_decoders_and_encoder_decoders_run_greedy_beam_and_seq2seq(mod
 def test_a_compiled_quantized_decoding_step_traces_at_most_two_graphs():
     torch._dynamo.reset()
     counters.clear()
-    model = decoder(max_seq_len=40)
-    block = model.layers.layers[0]  # both kernels in one graph: the first block int8, the rest int4
-    for parent in (block.self_attn, block.ffn):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear.from_linear(child))
-    qkv.quantize(model, "int4")
+    model = qkv.quantize(decoder(max_seq_len=40), "int4")  # both kernels in one graph: the output layer int8
     assert {type(m) for m in model.modules()} >= {Int8Linear, Int4Linear}
     states = [model.new_decode_state(2, 37) for _ in range(2)]
     compiled = torch.compile(lambda ids: model(ids, decode_state=states[0])[:, -1], fullgraph=True, backend="eager")
@@ -328,8 +324,8 @@ def test_a_quantized_trained_model_keeps_its_perplexity(shakespeare):
     unigram = math.exp(float(-(p * p.log()).sum()))
     reference = _perplexity(copy.deepcopy(model).bfloat16(), held)
     assert reference < unigram, (reference, unigram)  # trained: it beats the characters' unigram perplexity
-    for mode, limit in (("int8", 0.01), ("int4", 0.05)):
-        quantized = _perplexity(qkv.quantize(copy.deepcopy(model).bfloat16(), mode), held)
+    for mode, limit in (("int8", 0.01), ("int4", 0.05)):  # int4: every layer, the output layer too
+        quantized = _perplexity(qkv.quantize(copy.deepcopy(model).bfloat16(), mode, output=mode), held)
         assert abs(quantized / reference - 1) <= limit, (mode, quantized, reference)
 
 
@@ -393,30 +389,36 @@ def write_quantized_gguf(path, kinds: dict[str, str]) -> None:
     writer.close()
 
 
-def test_a_ggufs_q4_blocks_become_int4_layers_without_a_round_trip_through_floats(tmp_path):
+@pytest.mark.parametrize("embedding,output", [("Q8_0", "int8"), ("Q8_0", "int4"), ("Q4_0", "int4")])
+def test_a_ggufs_q4_blocks_become_int4_layers_without_a_round_trip_through_floats(tmp_path, embedding, output):
     from qkv.interop.gguf import load_gguf
 
-    kinds = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0",
+    kinds = {"token_embd": embedding, "attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0",
              "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "ffn_down": "Q4_1"}
     write_quantized_gguf(tmp_path / "tiny.gguf", kinds)
     floats, _ = load_gguf(tmp_path / "tiny.gguf", tokenizer=False)  # the gguf package's dequantized weights
-    model, tokenizer = qkv.load(tmp_path / "tiny.gguf", quantize="int4")
+    model, tokenizer = qkv.load(tmp_path / "tiny.gguf", quantize="int4", output=output)
     assert tokenizer is not None
     linears = {n: m for n, m in floats.named_modules() if isinstance(m, nn.Linear)}
+    anew = output == "int4" and embedding == "Q8_0"  # the output layer, a copy of a Q8_0 embedding: quantized anew
     for name, layer in model.named_modules():
         if name not in linears:
             continue
+        if name == "lm_head" and output == "int8":
+            assert isinstance(layer, Int8Linear) and _faults(layer, linears[name], torch.randn(3, 64)) == []
+            continue
         assert isinstance(layer, Int4Linear), name
-        # Q4 blocks: group size 32, their weights within the bf16 rounding of the blocks' scales and zeros
-        # (|q − 8| <= 8: U (8 |s| + |z|)); the output layer, a copy of the Q8_0 embedding, is quantized anew
-        assert layer.group_size == (64 if name == "lm_head" else 32), name
+        # Q4 blocks (the tied output layer's too, when the embedding is Q4): group size 32, their weights within the
+        # bf16 rounding of the blocks' scales and zeros (|q − 8| <= 8: U (8 |s| + |z|))
+        assert layer.group_size == (64 if name == "lm_head" and anew else 32), name
         sz = layer.scales_and_zeros.double()
         scale = sz[..., 0].T.repeat_interleave(layer.group_size, dim=1)[: layer.out_features, : layer.in_features]
         zero = sz[..., 1].T.repeat_interleave(layer.group_size, dim=1)[: layer.out_features, : layer.in_features]
         error = (layer.dequantized().double() - linears[name].weight.double()).abs()
-        allowed = U * (8 * scale.abs() + zero.abs()) + 1e-7 if name != "lm_head" else scale / 2 + U * zero.abs()
+        allowed = scale / 2 + U * zero.abs() if name == "lm_head" and anew else U * (8 * scale.abs() + zero.abs())
+        allowed = allowed + 1e-7
         assert bool((error <= allowed).all()), (name, float((error - allowed).max()))
-    assert torch.equal(model.embed.token.weight, floats.embed.token.weight)  # the lookup: exact Q8_0 values
+    assert torch.equal(model.embed.token.weight, floats.embed.token.weight)  # the lookup: the file's exact values
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got, want = model(ids), floats(ids)

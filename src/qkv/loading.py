@@ -61,13 +61,14 @@ LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | torch.dev
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Loaded:
+         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, output: str = "int8") -> Loaded:
     """Load a qkv checkpoint (a ``step-*`` directory or a training run directory), a Hugging Face directory or a
     GGUF file → ``Loaded(model, tokenizer)``. ``dtype`` (e.g. ``torch.bfloat16``) casts the model after loading.
 
-    ``quantize`` ("int8" | "int4", ``group_size`` inputs an int4 group) swaps every linear layer for a weight-only
-    quantized one on the CPU (``qkv.quantize.quantize``), from the weights as stored, before ``dtype`` casts the
-    rest; a GGUF file's Q4_0 / Q4_1 tensors become int4 layers without a round trip through floats."""
+    ``quantize`` ("int8" | "int4", ``group_size`` inputs an int4 group; the output layer int8 unless ``output`` says
+    "int4") swaps every linear layer for a weight-only quantized one on the CPU (``qkv.quantize.quantize``), from
+    the weights as stored, before ``dtype`` casts the rest; a GGUF file's Q4_0 / Q4_1 tensors become int4 layers
+    without a round trip through floats."""
     path = Path(path)
     device = resolve_device(device)  # a device this torch lacks is one clear error, before any file is read
     if quantize is not None:
@@ -80,11 +81,11 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     for _, recognises, loader in LOADERS:
         if recognises(path):
             if quantize is not None and loader is _load_gguf:
-                model, tokenizer = load_gguf(path, quantize=quantize, group_size=group_size)
+                model, tokenizer = load_gguf(path, quantize=quantize, group_size=group_size, output=output)
             else:
                 model, tokenizer = loader(path, device)
             if quantize is not None:
-                quantize_model(model, quantize, group_size=group_size)
+                quantize_model(model, quantize, group_size=group_size, output=output)
             return Loaded(model if dtype is None else model.to(dtype), tokenizer)
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json and the weights "

@@ -41,10 +41,10 @@ def add_quantize(parser: argparse.ArgumentParser) -> None:
     """``--quantize {int8,int4}``: weight-only quantized linear layers, packed for this CPU as the model loads
     (``qkv.load(..., quantize=)``); pass its value to :func:`load_checkpoint`."""
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
-                        help="int8 or int4 weights in every linear layer, packed for this CPU as the model loads "
-                             "(bf16 activations inside them): int8 reads half the bytes of bf16, int4 (groups of "
-                             "64; a GGUF file's Q4 blocks as they are) about a quarter; results differ from the "
-                             "unquantized model's by the rounding (default: off)")
+                        help="int8 or int4 weights in every linear layer (the output layer int8), packed for "
+                             "this CPU as the model loads (bf16 activations inside them): int8 reads half the bytes "
+                             "of bf16, int4 (groups of 64; a GGUF file's Q4 blocks as they are) about a third; "
+                             "results differ from the unquantized model's by the rounding (default: off)")
 
 
 def add_threads(parser: argparse.ArgumentParser, *, every_core: bool = False, help: str | None = None) -> None:

@@ -312,24 +312,24 @@ def gguf_roles(meta: dict[str, Any], tokens: list[str] | None = None) -> TokenRo
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = torch.float32, tokenizer: bool = True,
-              quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE
+              quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, output: str = "int8"
               ) -> tuple[DecoderLM, Tokenizer | None]:
     """A GGUF file of a LLaMA-architecture model → (qkv ``DecoderLM`` in eval mode, its tokenizer); the model's
     bos/eos/pad ids are the ones the metadata states, as the tokenizer's roles are.
 
     ``quantize="int4"``: the Q4_0 / Q4_1 tensors become ``Int4Linear`` layers straight from their blocks (group
     size 32), the other linear layers are quantized with ``group_size``; ``"int8"``: every linear layer is quantized
-    per channel from the floats (``qkv.quantize``)."""
+    per channel from the floats. The output layer is int8 unless ``output="int4"`` (``qkv.quantize.quantize``)."""
     meta, weights, hf, q4 = _read_gguf(Path(path), keep_q4=quantize == "int4")
     config = config_from_llama(hf, str(path))
     rules = llama_rules(config)
     model = build_with_weights(DecoderLM, config, weights, rules, ignore=matches(), source=str(path), dtype=dtype)
     if quantize == "int4":
-        if config.tie_embeddings:  # the output layer is a copy of the embedding's blocks
+        if config.tie_embeddings and output == "int4":  # the output layer is a copy of the embedding's blocks
             rules = [*rules, Rule("lm_head.weight", ("model.embed_tokens.weight",))]
         _q4_layers(model, rules, q4)
     if quantize is not None:
-        quantize_model(model, quantize, group_size=group_size)
+        quantize_model(model, quantize, group_size=group_size, output=output)
     return model, (gguf_tokenizer(meta, str(path)) if tokenizer else None)
 
 
