@@ -430,7 +430,7 @@ def test_a_ggufs_q4_blocks_become_int4_layers_without_a_round_trip_through_float
 # --------------------------------------------------------------------------------------------------------------
 
 FIXTURES = "tests/fixtures/checkpoints"
-INFERENCE_COMMANDS = ["generate", "chat", "serve", "explain", "show attention", "embed", "translate"]
+INFERENCE_COMMANDS = ["generate", "chat", "serve", "eval", "explain", "show attention", "embed", "translate"]
 
 
 def test_every_inference_command_takes_quantize_with_the_librarys_modes():
@@ -468,6 +468,9 @@ def test_the_commands_run_a_quantized_model(capsys, tmp_path):
     want = "To be" + generate_text(model, tokenizer, "To be", 12, temperature=0)
     assert _cli(capsys, "generate", "--checkpoint", decoder_run, "To be", "--greedy", "--max-new-tokens", "12",
                 "--quantize", "int4").rstrip("\n") == want
+    # eval: the loss of the quantized model, which differs from the float model's in its last digits
+    evaluated = [_cli(capsys, "eval", "--checkpoint", decoder_run, *flag) for flag in ([], ["--quantize", "int4"])]
+    assert evaluated[0] != evaluated[1] and all(out.startswith("loss ") for out in evaluated)
     assert _cli(capsys, "translate", "--checkpoint", f"{FIXTURES}/seq2seq/run", "one two", "--beam", "2",
                 "--quantize", "int8").strip()
     assert "wrote" in _cli(capsys, "show", "attention", "--checkpoint", encoder_run, "Now is",

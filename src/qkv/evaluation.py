@@ -31,6 +31,7 @@ from .data import Pair, references_by_source
 from .extras import require
 from .loading import is_adapter_run, load
 from .models import model_type_of
+from .quantize import quantize as quantize_model
 from .recipes import recipe_of_run
 from .recipes.translation import held_out_test_split, translate
 from .tokenizers import Tokenizer
@@ -40,7 +41,8 @@ __all__ = ["evaluate_checkpoint", "BleuResult", "corpus_scores", "evaluate_bleu"
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, split: str = "val",
-                        batch_size: int = 32, context: int | None = None, max_batches: int = 10_000) -> dict:
+                        batch_size: int = 32, context: int | None = None, max_batches: int = 10_000,
+                        quantize: str | None = None) -> dict:
     """Loss (nats per predicted token, no label smoothing) and perplexity exp(loss) of a checkpoint: the
     validation loss as the trainer computes it (``qkv.training.mean_loss``, with the run's own options and seed),
     so on the batches the trainer validated on, the trainer's figure and this one are the same number.
@@ -48,7 +50,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     Dispatches on the recipe the run recorded. A language model or masked LM: on a text, ``data`` defaulting to
     the one the run trained on; ``split`` "val" takes its last 10%, "all" the whole text. A translation run: the
     target-side loss on its validation pairs, rebuilt from the split saved with it (``data``: another parallel
-    file, split the same way; "all": every pair of the file).
+    file, split the same way; "all": every pair of the file). ``quantize`` ("int8" | "int4") scores the model with
+    its linear layers quantized as ``qkv.load(..., quantize=)`` does.
     """
     if split not in ("val", "all"):
         raise ValueError(f"split={split!r} is not one of val, all")
@@ -57,6 +60,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         model, tok = load(directory)
     else:
         model, tok, directory = load_checkpoint(checkpoint)
+    if quantize is not None:
+        quantize_model(model, quantize)
     run = read_run_info(directory)  # {} for a checkpoint without training state: the bundled corpus
     if model.model_type not in OBJECTIVES:
         raise ValueError(f"no evaluation objective for model_type={model.model_type!r}")
@@ -131,10 +136,11 @@ def evaluate_bleu(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[Pair],
 
 def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha: float = 0.6,
                 limit: int | None = None, samples: int = 10, report: str | Path | None = None,
-                average: int | None = None, print_fn=None) -> list[BleuResult]:
+                average: int | None = None, print_fn=None, quantize: str | None = None) -> list[BleuResult]:
     """Score a translation checkpoint on its held-out test split, once per beam size; print the scores and
     ``samples`` example translations (source, output, references). ``report`` also writes them as JSON.
-    ``average`` scores the average of the run directory's newest ``average`` checkpoints instead."""
+    ``average`` scores the average of the run directory's newest ``average`` checkpoints instead; ``quantize``
+    ("int8" | "int4") translates with its linear layers quantized."""
     require("sacrebleu", "BLEU")  # before loading and translating, not after
     say = print_fn or say_once
     if average:
@@ -142,6 +148,8 @@ def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha:
         say(f"averaging {len(steps)} checkpoints: {', '.join(p.name for p in steps)}")
     else:
         model, tokenizer = load(checkpoint)
+    if quantize is not None:
+        quantize_model(model, quantize)
     if model_type_of(model) != "seq2seq":
         raise TypeError(f"{checkpoint} holds a {type(model).__name__}; BLEU needs an encoder-decoder Transformer "
                         "trained with `qkv train vaswani-small --data PARALLEL_FILE`")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_checkpoint, add_threads, use_threads
+from .options import add_checkpoint, add_quantize, add_threads, use_threads
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "a checkpoint, on the validation split of a text (default: the text it "
                                    "trained on) or on the whole text (--split all).")
     add_checkpoint(p, help="a checkpoint or run directory")
+    add_quantize(p)
     p.add_argument("--data", help="a text file or folder (default: the text the run trained on)")
     p.add_argument("--split", choices=["val", "all"], default="val",
                    help="val: the last 10%% of the text (default); all: the whole text")
@@ -44,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
         from qkv.evaluation import bleu_report
 
         bleu_report(args.checkpoint, beams=args.beam, alpha=args.alpha, limit=args.limit, samples=args.samples,
-                    report=args.report, average=args.average)
+                    report=args.report, average=args.average, quantize=args.quantize)
         return 0
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                 context=args.context)
+                                 context=args.context, quantize=args.quantize)
     print(f"loss {result['loss']:.4f} nats/token, perplexity {perplexity_text(result['loss'])} "
           f"({result['split']} split of {result['data']}, {result['tokens']:,} tokens, {result['checkpoint']})")
     return 0
