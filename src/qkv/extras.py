@@ -32,6 +32,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tqdm": ("tqdm", "progress"),
     "x_transformers": ("x-transformers", "bench"),
     "peft": ("peft", "finetune"),
+    "scipy": ("scipy", "study"),
 }
 
 
