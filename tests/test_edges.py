@@ -314,6 +314,31 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
     ("CLI", "`qkv chat` given `/nonsense`",
      "note: unknown command /nonsense; the commands are /reset, /system TEXT, /exit (//text sends /text)",
      "tests/test_chat_cli.py::test_reset_forgets_the_turns_and_system_sets_the_system_message"),
+    ("API", "`qkv.quantize(model, mode)` / `qkv.load(path, quantize=)` with a mode or group size the packed "
+     "kernels lack, or a device other than the CPU",
+     "ValueError: quantize='int3' is not a quantization qkv knows; choose one of int8, int4 (group_size=48"
+     " is not one the int4 kernel takes; choose one of 32, 64, 128, 256; quantize='int8' packs weights for"
+     " the CPU's kernels, but device='meta'; load on the CPU (device='cpu'), or without quantize)",
+     "tests/test_quantize.py::test_quantize_refuses_what_it_cannot_pack_in_one_line"),
+    ("API", "saving a quantized model (its state dict)",
+     "RuntimeError: layers.layers.0.self_attn.qkv is an Int8Linear, packed for this CPU and never saved: "
+     "save the float model, and quantize it when loading (qkv.load(path, quantize=...)); "
+     "qkv.quantize.dequantize(model) gives a float copy",
+     "tests/test_quantize.py::test_quantize_refuses_what_it_cannot_pack_in_one_line"),
+    ("API", "the W_Q..W_O views of a quantized model",
+     "ValueError: W_Q is a view of a plain nn.Linear, but this projection is a Int4Linear (an adapter or a"
+     " quantized layer): merge the adapter (merge_and_unload) or dequantize first; after "
+     "qkv.quantize.dequantize(model) the views hold the dequantized weights",
+     "tests/test_quantize.py::test_a_quantized_model_is_never_saved_and_dequantizes_back_to_linear_layers"),
+    ("API", "quantizing a model that holds peft adapters",
+     "ValueError: this model holds adapters (peft LoRA); merge them first (merge_and_unload()), then "
+     "quantize the merged model",
+     "tests/test_quantize.py::test_quantizing_a_model_with_adapters_asks_to_merge_them_first"),
+    ("API", "a linear layer whose input width is not a multiple of 16 (int8) or of the group size (int4), or "
+     "whose outputs are not a multiple of 16 (int4)",
+     "padded inside the layer with zeros, the extra outputs cut off (PyTorch's int8 kernel crashes the "
+     "process on such widths; its int4 packing refuses them)",
+     "tests/test_quantize.py::test_each_quantized_layer_multiplies_by_its_dequantized_weights_within_bf16_rounding"),
 ]
 
 

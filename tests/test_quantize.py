@@ -232,6 +232,19 @@ def test_quantize_refuses_what_it_cannot_pack_in_one_line():
         qkv.quantize(decoder(), "int4", group_size=48)
     with pytest.raises(ValueError, match="quantize='int8' packs weights for the CPU.*device='cpu'"):
         qkv.load("tests/fixtures/checkpoints/decoder/run", device="meta", quantize="int8")
+    with pytest.raises(ValueError, match="quantized layers run on the CPU's packed kernels, but the model is on meta"):
+        qkv.quantize(decoder().to("meta"), "int8")
+    with pytest.raises(RuntimeError, match="is an Int8Linear, packed for this CPU and never saved"):
+        qkv.quantize(decoder(), "int8").state_dict()
+
+
+def test_quantizing_a_model_with_adapters_asks_to_merge_them_first():
+    peft = pytest.importorskip("peft")
+    adapted = peft.get_peft_model(decoder(), peft.LoraConfig(r=2, target_modules=["self_attn.qkv"]))
+    with pytest.raises(ValueError, match=r"holds adapters \(peft LoRA\); merge them first \(merge_and_unload\(\)\)"):
+        qkv.quantize(adapted, "int8")
+    merged = qkv.quantize(adapted.merge_and_unload(), "int8")
+    assert not [m for m in merged.modules() if isinstance(m, nn.Linear)]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -72,7 +72,7 @@ class _Quantized(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(f"{prefix.rstrip('.') or 'this layer'} is a {type(self).__name__}, packed for this CPU "
+        raise RuntimeError(f"{prefix.rstrip('.') or 'this layer'} is an {type(self).__name__}, packed for this CPU "
                            "and never saved: save the float model, and quantize it when loading "
                            "(qkv.load(path, quantize=...)); qkv.quantize.dequantize(model) gives a float copy")
 
