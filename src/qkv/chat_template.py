@@ -83,6 +83,7 @@ class RenderedChat:
     replies: list[tuple[int, int] | None] | None
     prompt: tuple[int, int]
     why: str | None = None
+    starts: tuple[int, ...] = ()  # the character offset in ``text`` where each token starts
 
     def require_ranges(self) -> list[tuple[int, int]]:
         """The message ranges, or the one-line reason this template cannot give them (training needs them)."""
@@ -294,7 +295,7 @@ class ChatTemplate:
         except ChatTemplateError as err:
             why = f"rendering a prefix of the conversation fails ({err})"
         if why is not None:
-            return RenderedChat(text, ids, None, None, (len(ids), len(ids)), why)
+            return RenderedChat(text, ids, None, None, (len(ids), len(ids)), why, tuple(starts))
         bounds = [token_at(len(p)) for p in prefixes]
         ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
         replies: list[tuple[int, int] | None] = []
@@ -308,7 +309,7 @@ class ChatTemplate:
                 if header is not None and header.startswith(prefixes[k]) and prefixes[k + 1].startswith(header):
                     reply = (token_at(len(header)), bounds[k + 1])
             replies.append(reply)
-        return RenderedChat(text, ids, ranges, replies, (bounds[-1], len(ids)))
+        return RenderedChat(text, ids, ranges, replies, (bounds[-1], len(ids)), starts=tuple(starts))
 
     # -- ending a reply -----------------------------------------------------------------------------------------
     @cached_property

@@ -9,6 +9,8 @@ Routes (the JSON API answers ``{"error": message}`` with a 4xx status for a bad 
 - ``POST /api/load      {checkpoint}``     load a qkv checkpoint or a pretrained (Hugging Face) directory;
 - ``POST /api/attention {text, target?}``  every attention map of the text, with token labels;
 - ``POST /api/explain   {text, layer, head, token, kind?, target?}``  one head's anatomy (``qkv.explain``);
+- ``POST /api/chat/attention {messages, token_index?}``  a conversation's tokens (message, markup) and one
+  query's attention row per layer and head (``qkv.serve.chat_attention``);
 - ``GET  /api/generate?text=…&max_new_tokens=…&temperature=…``  a continuation streamed as Server-Sent Events,
   one event per piece of text as each token is chosen, then ``event: done`` ``{tokens, source}``.
 
@@ -33,6 +35,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai
+from .chat_attention import conversation_attention
 from .explorer import STATIC_FILES, Explorer, GenerationRequest, RequestError
 from .security import GuardMiddleware, Security, json_body, require_token
 
@@ -101,6 +104,11 @@ def attention(explorer: ExplorerDep, payload: Payload) -> Response:
 @api.post("/explain")
 def explain(explorer: ExplorerDep, payload: Payload) -> Response:
     return answer(explorer.explain(payload))
+
+
+@api.post("/chat/attention")
+def chat_attention(explorer: ExplorerDep, payload: Payload) -> Response:
+    return answer(conversation_attention(explorer, payload))
 
 
 @api.get("/generate")
