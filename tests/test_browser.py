@@ -241,3 +241,142 @@ def test_a_missing_browser_skips_locally_and_fails_in_ci(monkeypatch, tmp_path):
     monkeypatch.setenv("CI", "1")
     with pytest.raises(pytest.fail.Exception, match="must run in CI"):
         _browser_or_skip()
+
+
+# -- the Chat panel -------------------------------------------------------------------------------------------------
+class GatedLock:
+    """The explorer's model lock (a real one, taken per token by the /v1 worker), which once armed lets ``n`` more
+    acquisitions through and holds the next until the test lets it go on: the page is seen while the reply is
+    still arriving."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.left: int | None = None
+        self.paused, self.go_on = threading.Event(), threading.Event()
+
+    def pause_after(self, n: int) -> None:
+        self.paused.clear()
+        self.go_on.clear()
+        self.left = n
+
+    def __enter__(self):
+        if self.left == 0:
+            self.left = None
+            self.paused.set()
+            assert self.go_on.wait(timeout=60), "the test never let the reply go on"
+        elif self.left is not None:
+            self.left -= 1
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+@pytest.fixture(scope="module")
+def chat_served():
+    """The tiny ChatML model of the OpenAI tests behind a page; its lock paces the replies."""
+    from test_openai_api import tiny_chat_model
+
+    model, tokenizer = tiny_chat_model()
+    explorer = Explorer(model, tokenizer, max_new_tokens=40)
+    explorer.lock = GatedLock()
+    with make_server(explorer) as server:
+        yield server, model, tokenizer, explorer.lock
+
+
+def test_the_chat_panel_streams_a_reply_and_shows_what_a_reply_token_attended_to(chat_served):
+    sync_playwright = _browser_or_skip()
+    import openai
+    from test_openai_api import greedy
+
+    from qkv.chat_template import ChatTemplate
+
+    server, model, tokenizer, lock = chat_served
+    system, question, n_new = "You are a helpful assistant.", "Tell me a story about a cat.", 24
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            calls: list[tuple[str, str | None]] = []
+            page.on("request", lambda req: calls.append((req.url, req.headers.get("authorization")))
+                    if "/api/" in req.url or "/v1/" in req.url else None)
+            page.goto(server.url)
+            page.wait_for_function("window.qkvState.info !== null")
+            page.fill("#chat-system", system)
+            page.fill("#chat-input", question)
+            page.fill("#chat-max", str(n_new))
+            # the worker takes the lock once for the conversation, then once per token: 5 tokens, then it waits
+            lock.pause_after(6)
+            page.click("#chat-send")
+            assert lock.paused.wait(timeout=30)
+            page.wait_for_function("document.querySelectorAll('#chat-log .reply .chunk').length >= 2")
+            so_far = page.eval_on_selector_all("#chat-log .reply .chunk", "cs => cs.map(c => c.textContent)")
+            assert page.get_attribute("#chat-log", "data-state") == "streaming"  # several chunks, not the end
+            lock.go_on.set()
+            page.wait_for_selector("#chat-log[data-state='ready']", state="attached")
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            # the streamed text is the route's answer given at once, the greedy continuation of the prompt
+            answered = openai.OpenAI(base_url=server.api_base, api_key=server.api_key, max_retries=0).chat \
+                .completions.create(model="in-process-model", messages=messages, temperature=0, max_tokens=n_new)
+            reply = answered.choices[0].message.content
+            assert greedy(model, tokenizer, messages, n_new)[2].startswith(reply)
+            assert "".join(so_far) == reply[:len("".join(so_far))] and len("".join(so_far)) < len(reply)
+            shown = page.eval_on_selector_all("#chat-log .msg", "ms => ms.map(m => [m.dataset.role, "
+                                              "[...m.querySelectorAll('.tok')].map(t => t.textContent).join('')])")
+            assert shown == [["system", system], ["user", question], ["assistant", reply]]
+
+            # a click on a reply token: its row in every layer and head, equal to the model's own last row
+            messages.append({"role": "assistant", "content": reply})
+            ids = ChatTemplate(tokenizer).render(messages).ids
+            token = page.eval_on_selector_all("#chat-log .msg[data-role='assistant'] .tok",
+                                              "ts => +ts[3].dataset.i")
+            page.click(f"#chat-log .tok[data-i='{token}']")
+            page.wait_for_selector(f"#chat-attention[data-query='{token}']")
+            with torch.no_grad():
+                _, maps = model(torch.tensor([ids[:token + 1]]), return_attention=True)
+            n_layers, n_heads = len(maps), maps[0].shape[1]
+            for layer, head in [(0, 0), (n_layers - 1, n_heads - 1)]:
+                page.select_option("#chat-layer", str(layer))
+                page.select_option("#chat-head", str(head))
+                row = page.eval_on_selector_all("#chat-row .key[data-w]", "ks => ks.map(k => +k.dataset.w)")
+                assert len(row) == token + 1  # the conversation up to the token, system and user turns included
+                assert row == pytest.approx(maps[layer][0, head, -1].tolist(), abs=1e-5)
+                assert sum(row) == pytest.approx(1, abs=1e-4)
+                assert float(page.get_attribute("#chat-sum", "data-sum")) == pytest.approx(1, abs=1e-4)
+            cells = page.locator("#chat-heatmap rect.cell").count()
+            assert cells == n_layers * n_heads * (token + 1)  # one row per layer and head, never a T x T map
+            later = page.locator("#chat-row .key.later").count()
+            assert later == len(ids) - token - 1
+
+            # the template's markup is marked (and greyed), the messages' own text is not
+            keys = page.eval_on_selector_all("#chat-row .key", "ks => ks.map(k => [k.textContent, "
+                                             "k.classList.contains('markup'), getComputedStyle(k).fontStyle])")
+            markup = {text for text, is_markup, _ in keys if is_markup}
+            assert {"<|im_start|>", "<|im_end|>"} <= markup
+            assert all(style == "italic" for _, is_markup, style in keys if is_markup)
+            content = "".join(text for text, is_markup, _ in keys if not is_markup)
+            assert content == system + question + reply
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.locator("#chat-panel").screenshot(path=str(SCREENSHOT.parent / "chat.png"))
+
+            # refusals reach the page in one line, the /v1 ones (OpenAI's shape) too; the message is kept to resend
+            page.fill("#chat-input", "  ")
+            page.click("#chat-send")
+            page.wait_for_function("document.getElementById('error').textContent.includes('message is empty')")
+            page.fill("#chat-input", "And then?")
+            page.fill("#chat-max", "1000")  # the form refuses it; the server too, had the page not known its cap
+            page.eval_on_selector("#chat-max", "e => e.removeAttribute('max')")
+            page.click("#chat-send")
+            page.wait_for_function("document.getElementById('error').textContent.includes('max_tokens=1000')")
+            assert page.input_value("#chat-input") == "And then?"
+            assert page.locator("#chat-log .msg").count() == 3 and "[object" not in page.inner_text("#error")
+            page.click("#chat-reset")
+            assert page.locator("#chat-log .msg").count() == 0 and page.is_hidden("#chat-attention")
+            assert errors == []
+            assert calls and all(auth == f"Bearer {server.api_key}" for _, auth in calls)
+            assert any("/v1/chat/completions" in url for url, _ in calls)
+        finally:
+            browser.close()

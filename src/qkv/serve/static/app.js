@@ -64,7 +64,9 @@ async function api(path, body) {
 async function answerOf(response) {
   const answer = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
   if (response.status === 401) askForToken();
-  if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+  // /api answers {error: message}; /v1 answers OpenAI's {error: {message, type, param, code}}
+  const error = answer.error && typeof answer.error === "object" ? answer.error.message : answer.error;
+  if (!response.ok) throw new Error(error || `the server answered ${response.status}`);
   return answer;
 }
 
@@ -154,6 +156,9 @@ function showInfo(info) {
   $("generate").disabled = !info.can_generate;
   $("generate").title = info.can_generate ? "" : `a ${info.model_type} model does not continue text`;
   $("max-new").max = info.max_new_tokens;
+  $("chat-send").disabled = !info.can_generate;
+  $("chat-send").title = $("generate").title;
+  $("chat-max").max = info.max_new_tokens;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -387,6 +392,197 @@ async function generate() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Chat: the reply streamed from /v1/chat/completions (OpenAI's Server-Sent Events), then the conversation's tokens
+// from /api/chat/attention; a click on a token fetches its one attention row per layer and head.
+// ---------------------------------------------------------------------------------------------------------------
+
+const chat = {
+  model: null,      // the id /v1/models gives the loaded model
+  messages: [],     // the conversation, as /v1/chat/completions takes it
+  tokens: null,     // /api/chat/attention without token_index: labels, message, markup, roles
+  query: null,      // the clicked token's index
+  weights: null,    // its row: weights[layer][head][key]
+  layer: 0, head: 0,
+};
+window.qkvChat = chat;
+
+function renderChatLog(streaming = null) {
+  const log = $("chat-log");
+  clear(log);
+  chat.messages.forEach((m, k) => {
+    const box = html("div", { class: "msg", "data-role": m.role, "data-k": k }, log);
+    html("span", { class: "role" }, box, m.role);
+    const tokens = chat.tokens;
+    if (!tokens || tokens.roles.length !== chat.messages.length) {
+      box.appendChild(document.createTextNode(m.content));
+      return;
+    }
+    tokens.labels.forEach((label, i) => {  // the message's own text, token by token (the markup is not shown)
+      if (tokens.message[i] !== k || tokens.markup[i]) return;
+      const tok = html("span", { class: "tok", "data-i": i, title: `token ${i}: click to see what it attended to` },
+        box, label);
+      if (i === chat.query) tok.classList.add("chosen");
+      tok.addEventListener("click", () => guarded(() => showChatAttention(i)));
+    });
+  });
+  if (streaming) {
+    const box = html("div", { class: "msg", "data-role": "assistant" }, log);
+    html("span", { class: "role" }, box, "assistant");
+    streaming.node = html("span", { class: "reply" }, box);
+  }
+}
+
+async function modelId() {
+  if (chat.model === null) chat.model = (await api("/v1/models")).data[0].id;
+  return chat.model;
+}
+
+async function sendChat() {
+  const text = $("chat-input").value;
+  if (!text.trim()) throw new Error("the message is empty; type a message");
+  const log = $("chat-log");
+  if (chat.messages.length === 0 && $("chat-system").value.trim()) {
+    chat.messages.push({ role: "system", content: $("chat-system").value });
+  }
+  chat.messages.push({ role: "user", content: text });
+  $("chat-input").value = "";
+  $("chat-send").disabled = true;
+  log.dataset.state = "streaming";
+  const live = {};
+  renderChatLog(live);
+  let reply = "";
+  try {
+    const body = { model: await modelId(), messages: chat.messages, stream: true,
+      max_tokens: Number($("chat-max").value), temperature: Number($("chat-temperature").value) };
+    let response;
+    try {
+      response = await fetch("/v1/chat/completions", { method: "POST",
+        headers: { ...authorization(), "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    } catch (err) {
+      throw new Error("the qkv server does not answer; is `qkv serve` still running?");
+    }
+    if (!response.ok) await answerOf(response);
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "", finished = false;
+    while (!finished) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, end).replace(/^data: /, "");
+        buffer = buffer.slice(end + 2);
+        if (frame === "[DONE]") { finished = true; break; }
+        const chunk = JSON.parse(frame);
+        if (chunk.error) throw new Error(chunk.error.message || String(chunk.error));
+        const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
+        if (!piece) continue;
+        reply += piece;
+        html("span", { class: "chunk", "data-n": live.node.childElementCount }, live.node, piece);
+      }
+    }
+    chat.messages.push({ role: "assistant", content: reply });
+    chat.tokens = await api("/api/chat/attention", { messages: chat.messages });
+  } catch (err) {
+    if (chat.messages[chat.messages.length - 1].role === "user") chat.messages.pop();  // send it again
+    $("chat-input").value = text;
+    throw err;
+  } finally {
+    renderChatLog();
+    log.dataset.state = chat.messages.length ? "ready" : "empty";
+    $("chat-send").disabled = !(state.info && state.info.can_generate);
+  }
+}
+
+function resetChat() {
+  Object.assign(chat, { messages: [], tokens: null, query: null, weights: null });
+  $("chat-attention").hidden = true;
+  renderChatLog();
+  $("chat-log").dataset.state = "empty";
+}
+
+async function showChatAttention(i) {
+  const answer = await api("/api/chat/attention", { messages: chat.messages, token_index: i });
+  Object.assign(chat, { tokens: answer, query: i, weights: answer.weights });
+  const nLayers = answer.weights.length, nHeads = answer.weights[0].length;
+  chat.layer = Math.min(chat.layer, nLayers - 1);
+  chat.head = Math.min(chat.head, nHeads - 1);
+  fillSelect($("chat-layer"), [...Array(nLayers).keys()], chat.layer);
+  fillSelect($("chat-head"), [...Array(nHeads).keys()], chat.head);
+  const k = answer.message[i], role = k === null ? "markup" : answer.roles[k];
+  $("chat-caption").textContent = `What token ${i} "${visible(answer.labels[i])}" (${role}) attended to: its query ` +
+    `row over the ${i + 1} tokens up to it, in every layer and head (${nLayers} × ${nHeads} rows fetched, ` +
+    "not whole maps).";
+  $("chat-attention").hidden = false;
+  $("chat-attention").dataset.query = i;
+  renderChatLog();
+  renderChatRow();
+  renderChatHeatmap();
+}
+
+// The conversation as text, each token shaded by the weight the chosen head gives it.
+function renderChatRow() {
+  const box = $("chat-row"), t = chat.tokens, row = chat.weights[chat.layer][chat.head];
+  clear(box);
+  let sum = 0;
+  t.labels.forEach((label, j) => {
+    const k = t.message[j];
+    const span = html("span", { class: "key", "data-k": j, "data-message": k === null ? "" : k,
+      "data-role": k === null ? "" : t.roles[k] }, box, label);
+    if (t.markup[j]) span.classList.add("markup");
+    if (j === chat.query) span.classList.add("query");
+    if (j < row.length) {
+      span.dataset.w = row[j];
+      span.style.background = cellColour(row[j]);
+      if (row[j] > 0.45) span.style.color = "#fff";
+      span.title = `${visible(label)}: ${fmt(row[j], 4)}`;
+      sum += row[j];
+    } else {
+      span.classList.add("later");
+    }
+  });
+  $("chat-sum").dataset.sum = sum;
+  $("chat-sum").textContent = `layer ${chat.layer}, head ${chat.head}: the row sums to ${fmt(sum, 4)}`;
+}
+
+// Rows: every (layer, head); columns: the keys up to the token; markup keys ticked in grey underneath.
+function renderChatHeatmap() {
+  const svg = $("chat-heatmap"), w = chat.weights, t = chat.tokens;
+  clear(svg);
+  const nKeys = w[0][0].length, nHeads = w[0].length;
+  const cell = Math.max(3, Math.min(16, Math.floor(760 / Math.max(nKeys, 1)))), rowH = 12, left = 60, top = 4;
+  const rows = w.length * nHeads;
+  const width = left + nKeys * cell + 10, height = top + rows * rowH + 12;
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("height", height);
+  const grid = el("g", {}, svg);
+  w.forEach((heads, layer) => heads.forEach((row, head) => {
+    const r = layer * nHeads + head, y = top + r * rowH;
+    const label = el("text", { x: left - 4, y: y + rowH - 2, "text-anchor": "end", style: "font-size: 10px",
+      class: "q" }, svg, `L${layer} h${head}`);
+    const choose = () => {
+      Object.assign(chat, { layer, head });
+      $("chat-layer").value = layer;
+      $("chat-head").value = head;
+      renderChatRow();
+      renderChatHeatmap();
+    };
+    label.addEventListener("click", choose);
+    row.forEach((v, j) => {
+      const rect = el("rect", { class: "cell", x: left + j * cell, y, width: cell, height: rowH,
+        fill: cellColour(v), "data-layer": layer, "data-head": head, "data-k": j, "data-w": v }, grid);
+      el("title", {}, rect, `layer ${layer}, head ${head} → ${visible(t.labels[j])}: ${fmt(v, 4)}`);
+      rect.addEventListener("click", choose);
+    });
+  }));
+  t.markup.slice(0, nKeys).forEach((m, j) => {
+    if (m) el("rect", { class: "tick", x: left + j * cell, y: top + rows * rowH + 3, width: cell, height: 5 }, svg);
+  });
+  el("rect", { class: "sel", x: left, y: top + (chat.layer * nHeads + chat.head) * rowH, width: nKeys * cell,
+    height: rowH }, svg);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Wiring
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -394,6 +590,8 @@ $("load-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   guarded(async () => {
     showInfo(await api("/api/load", { checkpoint: $("checkpoint").value }));
+    chat.model = null;  // another model: a new chat
+    resetChat();
     state.data = null;
     state.visibleHeads = new Set();
     await showAttention();
@@ -424,6 +622,19 @@ $("head").addEventListener("change", () => {
 $("threshold").addEventListener("change", () => {
   state.threshold = Math.max(0, Number($("threshold").value) || 0);
   renderLines();
+});
+
+$("chat-form").addEventListener("submit", (ev) => { ev.preventDefault(); guarded(sendChat); });
+$("chat-reset").addEventListener("click", resetChat);
+$("chat-layer").addEventListener("change", () => {
+  chat.layer = Number($("chat-layer").value);
+  renderChatRow();
+  renderChatHeatmap();
+});
+$("chat-head").addEventListener("change", () => {
+  chat.head = Number($("chat-head").value);
+  renderChatRow();
+  renderChatHeatmap();
 });
 
 $("token-form").addEventListener("submit", (ev) => {
