@@ -550,16 +550,15 @@ function renderChatHeatmap() {
   const svg = $("chat-heatmap"), w = chat.weights, t = chat.tokens;
   clear(svg);
   const nKeys = w[0][0].length, nHeads = w[0].length;
-  const cell = Math.max(3, Math.min(16, Math.floor(760 / Math.max(nKeys, 1)))), rowH = 12, left = 60, top = 4;
-  const rows = w.length * nHeads;
+  const rows = w.length * nHeads, thin = rows > 64;  // a big model: thin rows, one label per layer
+  const cell = Math.max(3, Math.min(16, Math.floor(760 / Math.max(nKeys, 1)))), rowH = thin ? 4 : 12;
+  const left = 60, top = 4;
   const width = left + nKeys * cell + 10, height = top + rows * rowH + 12;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("height", height);
   const grid = el("g", {}, svg);
   w.forEach((heads, layer) => heads.forEach((row, head) => {
     const r = layer * nHeads + head, y = top + r * rowH;
-    const label = el("text", { x: left - 4, y: y + rowH - 2, "text-anchor": "end", style: "font-size: 10px",
-      class: "q" }, svg, `L${layer} h${head}`);
     const choose = () => {
       Object.assign(chat, { layer, head });
       $("chat-layer").value = layer;
@@ -567,7 +566,11 @@ function renderChatHeatmap() {
       renderChatRow();
       renderChatHeatmap();
     };
-    label.addEventListener("click", choose);
+    if (!thin || head === 0) {
+      const label = el("text", { x: left - 4, y: thin ? y + 10 : y + rowH - 2, "text-anchor": "end",
+        style: "font-size: 10px", class: "q" }, svg, thin ? `layer ${layer}` : `L${layer} h${head}`);
+      label.addEventListener("click", choose);
+    }
     row.forEach((v, j) => {
       const rect = el("rect", { class: "cell", x: left + j * cell, y, width: cell, height: rowH,
         fill: cellColour(v), "data-layer": layer, "data-head": head, "data-k": j, "data-w": v }, grid);
