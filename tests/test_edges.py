@@ -222,6 +222,15 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "qkv serve: error: --max-tokens is gone: the tokens the page draws are --max-drawn-tokens, and max_tokens is "
      "what each /v1 request asks for (at most --max-new-tokens) (was: accepted, hidden)",
      "tests/test_openai_api.py::test_qkv_serve_refuses_bad_api_flags_in_one_line"),
+    ("server", "a click on a reply's token in the explorer's Chat panel (`/api/chat/attention` with "
+     "`token_index`)", "that token's attention row in every layer and head over the conversation up to it, each "
+     "summing to 1 (the model's own last row; no T x T map computed or sent); the template's markup "
+     "(`<|im_start|>user\\n`, `<|im_end|>`) flagged apart from each message's own text",
+     "tests/test_chat_attention.py::test_a_token_gets_one_row_per_layer_and_head_equal_to_the_models_own"),
+    ("server", "an `/api/chat/attention` field of the wrong type or out of range (`messages: \"hi\"`, a role "
+     "`robot`, `content: 5`, `token_index: \"3\"`, `true`, `-1` or past the conversation)",
+     "HTTP 400 in one line: messages[0].content must be a string (text in quotes), got 5 (a number)",
+     "tests/test_chat_attention.py::test_wrong_fields_are_refused_in_one_line"),
     ("API", "a translation run trained with label smoothing 0.1: its validation loss beside `qkv eval`'s on the "
      "same checkpoint and split", "one number, plain cross-entropy per predicted token (perplexity its exp); the "
      "training loss beside it says `(label-smoothed 0.1)` (was: 5.7904 in training, 5.4603 from qkv eval)",
