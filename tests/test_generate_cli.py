@@ -113,7 +113,8 @@ def test_cli_too_many_new_tokens_fails_in_one_line_before_any_output(trained, tm
                  "--no-sliding-window", "the q"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # the prompt is not echoed before the refusal
-    assert "max_new_tokens=200" in captured.err and "max_seq_len=96" in captured.err
+    assert "--max-new-tokens 200" in captured.err and "max_seq_len=96" in captured.err
+    assert "max_new_tokens" not in captured.err  # the command's flag, never the Python name
     assert captured.err.count("\n") == 1
 
 

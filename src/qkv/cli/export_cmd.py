@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_dtype
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,8 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="where to write (replaced if it exists)")
     p.add_argument("--format", choices=["qkv", "hf"], default="qkv", help="qkv checkpoint (default) or Hugging Face")
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="the precision written (merging itself is always fp32); default fp32")
+    add_dtype(p, help="the precision written (merging itself is always fp32); default fp32")
     p.set_defaults(run=run)
 
 
