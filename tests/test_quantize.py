@@ -497,3 +497,18 @@ def test_the_explorer_quantizes_every_model_it_loads():
     assert {type(m) for m in explorer.model.modules()} >= {Int4Linear}
     explorer.load(f"{FIXTURES}/encoder/run")  # one picked in the page
     assert not [m for m in explorer.model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_the_smollm2_benchmark_times_each_contender_in_a_fresh_process(tmp_path):
+    from qkv.bench.generation import format_generation_table, smollm2_rows
+
+    write_quantized_gguf(tmp_path / "tiny.gguf", {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q4_1",
+                                                  "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_0",
+                                                  "ffn_up": "Q4_0", "ffn_down": "Q4_1"})
+    rows = smollm2_rows(tmp_path / "tiny.gguf", threads=1, new_tokens=6, rounds=1, contenders=("int4",))
+    row = rows[0]
+    assert row["contender"] == "int4" and row["tokens_per_s"] > 0 and 0 < row["first_token_s"] < row["load_s"] + 60
+    table = format_generation_table(rows)
+    assert "each run a fresh process with OMP_WAIT_POLICY=PASSIVE" in table and "load average" in table
+    if row["vs_llama_cpp"] is None:  # llama-cpp-python not installed: said so, with how to install it
+        assert "pip install llama-cpp-python" in table

