@@ -100,3 +100,16 @@ def test_the_route_needs_the_token(served):
     server, *_ = served
     status, answer = request(server, "POST", "/api/chat/attention", {"messages": CHAT}, token="wrong")
     assert status == 401 and KEY not in str(answer)
+
+
+def test_a_conversation_past_the_context_or_an_encoder_is_refused_in_one_line(served):
+    server, _, tokenizer = served
+    long = [{"role": "user", "content": "Paris cat dog mat story " * 120}]
+    assert len(ChatTemplate(tokenizer).render(long).ids) > 512
+    status, answer = request(server, "POST", "/api/chat/attention", {"messages": long, "token_index": 3})
+    assert status == 413 and "more than the model's context of 512; start a new chat" in answer["error"]
+    tokenizer = Tokenizer.char("the cat sat")
+    encoder = build_model(ModelConfig.preset("tiny-encoder", vocab_size=tokenizer.vocab_size)).eval()
+    with running(Explorer(encoder, tokenizer)) as other:
+        status, answer = request(other, "POST", "/api/chat/attention", {"messages": CHAT})
+    assert status == 409 and "encoder model does not chat" in answer["error"]
