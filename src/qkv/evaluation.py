@@ -11,7 +11,6 @@ This module sits above :mod:`qkv.recipes`: it rebuilds a run's data through the 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from .checkpoint import (
 from .data import Pair, references_by_source
 from .extras import require
 from .loading import is_adapter_run, load
+from .losses import perplexity
 from .models import model_type_of
 from .quantize import quantize as quantize_model
 from .recipes import recipe_of_run
@@ -71,7 +71,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         model, tok, objective, run, directory, data=data, split=split, batch_size=batch_size, context=context,
         max_batches=max_batches)
     loss = mean_loss(model, objective, batches, seed=options.seed)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+    return {"loss": loss, "perplexity": perplexity(loss),
             "tokens": sum(objective.tokens_in(b) for b in batches), "data": source, "split": split,
             "checkpoint": str(directory)}
 

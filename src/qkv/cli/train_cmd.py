@@ -11,6 +11,7 @@ from typing import Any
 
 from qkv import recipes
 from qkv.config import ACTIVATIONS, NORM_POSITIONS, NORMS, PRESETS, ModelConfig
+from qkv.losses import perplexity_text
 from qkv.positions import POSITIONAL_KINDS
 from qkv.tokenizers import BPE_VOCAB_SIZE
 from qkv.training import PARALLELS, PRECISIONS, SCHEDULES, TrainConfig
@@ -136,8 +137,6 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from qkv.checkpoint import CheckpointNotSaved
     from qkv.recipes import resume
     from qkv.training import TrainingDiverged, TrainingInterrupted, say_once
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = result.checkpoint.parent
     say_once(f"done: step {result.step}, validation loss {result.val_loss:.4f} "
-             f"(perplexity {torch.tensor(result.val_loss).exp():.2f}) after {result.elapsed:.1f} s, "
+             f"(perplexity {perplexity_text(result.val_loss)}) after {result.elapsed:.1f} s, "
              f"{result.tokens_per_s:,.0f} tokens/s")
     curve = (f"loss curve {result.loss_curve}" if result.loss_curve is not None else
              "no loss curve (it needs matplotlib: pip install 'qkv[viz]')")

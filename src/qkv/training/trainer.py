@@ -26,6 +26,7 @@ from torch import nn
 
 from ..checkpoint import save_run_checkpoint
 from ..devices import resolve_device
+from ..losses import perplexity, perplexity_text
 from ..tokenizers import Tokenizer
 from .callbacks import Callback, default_callbacks
 from .distributed import (
@@ -273,10 +274,10 @@ class Trainer:
                         if not done:  # evaluations during training count on the clock; the final one does not
                             self.elapsed += time.perf_counter() - start
                             self._agree()
-                        row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                        row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
                         self.history.append({"step": self.step, "elapsed_s": at, "val_loss": val_loss})
                         self._say(f"step {self.step:>6} | {self.elapsed:7.1f} s | train {row['train_loss']:.4f}"
-                                  f"{self.objective_label} | val {val_loss:.4f} (ppl {row['val_ppl']:.2f}) | "
+                                  f"{self.objective_label} | val {val_loss:.4f} (ppl {perplexity_text(val_loss)}) | "
                                   f"{self.tokens_per_s:,.0f} tok/s")
                     for callback in self.callbacks:
                         callback.log(self, row)
