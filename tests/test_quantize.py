@@ -512,3 +512,19 @@ def test_the_smollm2_benchmark_times_each_contender_in_a_fresh_process(tmp_path)
     assert "each run a fresh process with OMP_WAIT_POLICY=PASSIVE" in table and "load average" in table
     if row["vs_llama_cpp"] is None:  # llama-cpp-python not installed: said so, with how to install it
         assert "pip install llama-cpp-python" in table
+
+
+def test_chat_runs_a_quantized_model_and_quantize_reaches_inside_wrappers(shakespeare, tmp_path, monkeypatch, capsys):
+    import io
+
+    from qkv.checkpoint import save_checkpoint
+
+    model, tokenizer, _ = shakespeare
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    monkeypatch.setattr("sys.stdin", io.StringIO("ROMEO:\n"))
+    reply = _cli(capsys, "chat", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "8",
+                 "--quantize", "int4")
+    assert reply.strip()
+    compiled = torch.compile(copy.deepcopy(model), backend="eager")  # qkv.models.unwrap finds the model inside
+    qkv.quantize(compiled, "int8")
+    assert not [m for m in compiled._orig_mod.modules() if isinstance(m, nn.Linear)]
