@@ -192,36 +192,6 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
      "qkv serve: error: --max-tokens is gone: the tokens the page draws are --max-drawn-tokens, and max_tokens is "
      "what each /v1 request asks for (at most --max-new-tokens) (was: accepted, hidden)",
      "tests/test_openai_api.py::test_qkv_serve_refuses_bad_api_flags_in_one_line"),
-    ("server", "an OpenAI client sends `/v1` a parameter qkv does not implement (`n: 2`, `logprobs`, `tools`, "
-     "penalties, image parts) or one OpenAI does not define",
-     'HTTP 400 in OpenAI\'s shape naming it: `{"error": {"message": "n=2 is not supported: qkv serve writes one '
-     'choice per request (n=1); send n requests", "type": "invalid_request_error", "param": "n", "code": '
-     '"unsupported_parameter"}}`', "tests/test_openai_api.py::test_errors_come_in_openais_shape_naming_the_parameter"),
-    ("server", "a `/v1` conversation (+ `max_tokens`) longer than the model's context; `max_tokens` above "
-     "`--max-new-tokens`; an unknown `model`",
-     "HTTP 400 `context_length_exceeded`: the prompt's 615 tokens do not fit the model's context of 512 tokens; "
-     "shorten the conversation (drop its oldest turns); 400 naming `max_tokens`; 404 `model_not_found`",
-     "tests/test_openai_api.py::test_errors_come_in_openais_shape_naming_the_parameter"),
-    ("server", "what FastAPI answers itself on `/v1`: an unknown route, a wrong method, a body that is not JSON or "
-     "not `application/json`", "OpenAI's error shape with the status (404, 405, 400, 415), never FastAPI's "
-     '`{"detail": ...}`', "tests/test_openai_api.py::test_framework_errors_on_v1_are_in_openais_shape_too"),
-    ("server", "`temperature: 0` in a `/v1` request", "greedy: the ids `qkv generate --greedy` gives on the same "
-     "rendered prompt (litgpt's route turns 0 into 0.8, `x or default`)",
-     "tests/test_openai_api.py::test_temperature_0_is_the_greedy_continuation_of_the_rendered_prompt"),
-    ("server", "the `/v1` queue full (`--queue-size 1`: one request generating, one waiting)",
-     "HTTP 503 with `Retry-After: 1`, code `queue_full`; the openai client's default retries then succeed",
-     "tests/test_openai_api.py::test_a_full_queue_answers_503_with_retry_after"),
-    ("server", "a `/v1` client that leaves while it waits in the queue, or mid-stream",
-     "its place in the queue is free again; its generation stops before the next token and the worker takes "
-     "the next request",
-     "tests/test_openai_api.py::test_a_client_that_leaves_frees_its_place_and_stops_its_generation"),
-    ("server", "a page on another origin calls `/v1`", "403 in OpenAI's shape, unless `qkv serve --allowed-origins "
-     "ORIGIN` lists it: then CORS headers and its preflights answered (the key still needed; `/api` stays the "
-     "explorer's own)", "tests/test_openai_api.py::test_allowed_origins_get_cors_on_v1_and_no_other_site_does"),
-    ("CLI", "`qkv serve --max-tokens 7`, the drawing cap's old name",
-     "qkv serve: error: --max-tokens is gone: the tokens the page draws are --max-drawn-tokens, and max_tokens is "
-     "what each /v1 request asks for (at most --max-new-tokens) (was: accepted, hidden)",
-     "tests/test_openai_api.py::test_qkv_serve_refuses_bad_api_flags_in_one_line"),
     ("server", "a click on a reply's token in the explorer's Chat panel (`/api/chat/attention` with "
      "`token_index`)", "that token's attention row in every layer and head over the conversation up to it, each "
      "summing to 1 (the model's own last row; no T x T map computed or sent); the template's markup "
