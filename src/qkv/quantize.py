@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .models import unwrap
 
 __all__ = ["MODES", "GROUP_SIZES", "DEFAULT_GROUP_SIZE", "Int8Linear", "Int4Linear", "quantize", "dequantize",
-           "int4_codes", "quantized_bytes"]
+           "int4_codes", "quantized_bytes", "check_mode"]
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes
