@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..chat_template import ChatTemplate
 from ..losses import IGNORE_INDEX
+from .batches import PlannedBatches
 from .padding import right_pad
 
 __all__ = ["CHAT_SUFFIXES", "ChatCorpus", "read_chats", "is_chat_file", "ChatExample", "ChatExamples",
@@ -180,7 +181,7 @@ class ChatBatch(NamedTuple):
         return ChatBatch(*(t.to(device, non_blocking=True) for t in self))
 
 
-class ChatBatches:
+class ChatBatches(PlannedBatches):
     """Batches of ``batch_size`` conversations of similar length (see the module): ``batch(index)`` (a pure
     function of the index), ``fixed(n)`` (the first n batches of epoch 0, for validation), ``make(indices)``."""
 
@@ -193,8 +194,7 @@ class ChatBatches:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.examples, self.batch_size, self.seed, self.pad_id, self.name = list(examples), batch_size, seed, \
             pad_id, name
-        self._epoch: tuple[int, list[list[int]]] = (0, self._plan(0))
-        self.n_batches = len(self._epoch[1])
+        self._plan_first_epoch()
 
     def _plan(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -205,25 +205,9 @@ class ChatBatches:
         rng.shuffle(batches)
         return batches
 
-    def _batches_of(self, epoch: int) -> list[list[int]]:
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, self._plan(epoch))
-        return self._epoch[1]
-
     def make(self, indices: Sequence[int]) -> ChatBatch:
         """The batch of examples ``indices``, padded on the right."""
         chosen = [self.examples[i] for i in indices]
         inputs, mask = right_pad([e.ids[:-1] for e in chosen], self.pad_id)
         labels, _ = right_pad([e.labels() for e in chosen], IGNORE_INDEX)
         return ChatBatch(inputs, mask, labels)
-
-    def batch(self, index: int) -> ChatBatch:
-        """Training batch number ``index`` (epoch = index // n_batches)."""
-        epoch, position = divmod(index, self.n_batches)
-        return self.make(self._batches_of(epoch)[position])
-
-    def fixed(self, n_batches: int) -> list[ChatBatch]:
-        return [self.make(b) for b in self._batches_of(0)[:n_batches]]
-
-    def __len__(self) -> int:
-        return self.n_batches

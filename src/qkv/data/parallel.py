@@ -24,6 +24,7 @@ from torch import Tensor
 from ..losses import IGNORE_INDEX
 from ..tasks import EOS, TASKS
 from ..tokenizers import Tokenizer
+from .batches import PlannedBatches
 from .padding import right_pad
 
 __all__ = ["Pair", "ParallelCorpus", "read_parallel", "Splits", "split_by_source", "references_by_source",
@@ -208,7 +209,7 @@ def pad_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], *, pad
     return Seq2SeqBatch(src_ids, src_mask, tgt_in, tgt_mask, tgt_out)
 
 
-class TokenBatches:
+class TokenBatches(PlannedBatches):
     """Batches of pairs of similar length holding at most ``max_tokens`` tokens (padding included) per side.
 
     Each epoch shuffles the pairs (seed, epoch), sorts them by length so a batch wastes little padding, cuts
@@ -229,8 +230,7 @@ class TokenBatches:
                              f"raise --batch-tokens to at least {longest}")
         self.src, self.tgt, self.max_tokens = list(src), list(tgt), max_tokens
         self.seed, self.pad_id, self.bos_id, self.name = seed, pad_id, bos_id, name
-        self._epoch: tuple[int, list[list[int]]] = (0, self._plan(0))  # the plan of the epoch being served
-        self.n_batches = len(self._epoch[1])
+        self._plan_first_epoch()
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """The batches (lists of pair indices) of one epoch, in the order they are served."""
@@ -250,26 +250,9 @@ class TokenBatches:
         rng.shuffle(batches)
         return batches
 
-    def _batches_of(self, epoch: int) -> list[list[int]]:
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, self._plan(epoch))
-        return self._epoch[1]
-
     def make(self, indices: Sequence[int]) -> Seq2SeqBatch:
         return pad_batch([self.src[i] for i in indices], [self.tgt[i] for i in indices], pad_id=self.pad_id,
                          bos_id=self.bos_id)
-
-    def batch(self, index: int) -> Seq2SeqBatch:
-        """Training batch number ``index`` (epoch = index // n_batches)."""
-        epoch, position = divmod(index, self.n_batches)
-        return self.make(self._batches_of(epoch)[position])
-
-    def fixed(self, n_batches: int) -> list[Seq2SeqBatch]:
-        """The first ``n_batches`` batches of epoch 0 (all of them when there are fewer)."""
-        return [self.make(b) for b in self._batches_of(0)[:n_batches]]
-
-    def __len__(self) -> int:
-        return self.n_batches
 
 
 class TaskBatches:
