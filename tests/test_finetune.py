@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -408,3 +409,22 @@ def test_a_bf16_export_stays_within_its_stated_bound_of_the_fp32_model(bases, tm
     assert load_file(tmp_path / "bf16" / "model.safetensors")["embed.token.weight"].dtype == torch.bfloat16
     model, _ = qkv.load(tmp_path / "bf16")
     assert (logits(model, IDS).float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_export_never_writes_over_its_own_run_nor_over_files_already_there(lora_runs, tmp_path, capsys):
+    run = lora_runs / "straight"
+    parent = tmp_path / "parent"
+    copied = parent / "run"
+    shutil.copytree(run, copied)
+    before = sorted(p.relative_to(parent) for p in parent.rglob("*"))
+    for out in (parent, copied):  # the directory that holds the run, and the run itself
+        assert main(["export", str(copied), "--merge", "--out", str(out)]) == 2
+        assert "is or holds the run being exported" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(["export", str(copied), "--merge", "--out", str(tmp_path / "notes")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    assert sorted(p.relative_to(parent) for p in parent.rglob("*")) == before  # nothing touched
+    assert main(["export", str(copied), "--merge", "--out", str(tmp_path / "notes"), "--overwrite"]) == 0
+    assert (tmp_path / "notes" / "model.safetensors").exists() and not (tmp_path / "notes" / "todo.txt").exists()

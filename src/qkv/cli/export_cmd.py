@@ -19,7 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "--format hf writes DIR/base (the base) and DIR/adapter (peft's files under Hugging Face's "
                     "names: PeftModel.from_pretrained(base, DIR/adapter)).")
     p.add_argument("source", metavar="RUN", help="a run directory or checkpoint written by qkv train")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write (replaced if it exists)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where to write: a new or empty directory (never the run itself or one that holds it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     p.add_argument("--format", choices=["qkv", "hf"], default="qkv", help="qkv checkpoint (default) or Hugging Face")
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights")
     add_dtype(p, help="the precision written (merging itself is always fp32); default fp32")
@@ -29,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from qkv.recipes.finetune import export_run
 
-    out = export_run(args.source, args.out, merge=args.merge, format=args.format, dtype=args.dtype)
+    out = export_run(args.source, args.out, merge=args.merge, format=args.format, dtype=args.dtype,
+                     overwrite=args.overwrite)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -396,8 +396,19 @@ def hf_adapter(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return arguments, tensors
 
 
+def _check_export_target(run: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that would destroy the run being exported, or anything else already there."""
+    source, target = run.resolve(), out.resolve()
+    if target == source or target in source.parents:
+        raise ValueError(f"--out {out} is or holds the run being exported ({run}): writing there would replace it; "
+                         "choose a new directory")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty; choose a new directory, or pass --overwrite "
+                         "to replace it")
+
+
 def export_run(run: str | Path, out: str | Path, *, merge: bool = False, format: str = "qkv",
-               dtype: str = "fp32") -> Path:
+               dtype: str = "fp32", overwrite: bool = False) -> Path:
     """A fine-tuned run (or any model ``qkv.load`` reads) as a standalone directory ``out`` (see the module):
 
     - ``merge`` (or a run without adapters): one model, fp32-merged then cast to ``dtype`` ("fp32" | "bf16");
@@ -406,7 +417,10 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = False, format:
       ``"hf"`` ``out/base`` (the base, Hugging Face format) and ``out/adapter`` (peft's files under Hugging Face's
       names, ``base_model_name_or_path`` = ``out/base``).
 
-    Every directory is written atomically with a manifest of its files' sha256 (``write_directory``)."""
+    Every directory is written atomically with a manifest of its files' sha256 (``write_directory``). ``out`` must
+    not exist or be empty unless ``overwrite`` (then it is replaced), and it may never be, or hold, ``run`` itself.
+    Raises ValueError for either, naming the fix."""
+    _check_export_target(Path(run), Path(out), overwrite)
     if format not in ("qkv", "hf"):
         raise ValueError(f"--format {format} is not one of qkv, hf")
     if dtype not in ("fp32", "bf16"):
