@@ -150,3 +150,16 @@ def test_the_same_seed_gives_the_same_chat(monkeypatch, capsys, chatml):
     runs = [chat(monkeypatch, capsys, checkpoint, lines, "--temperature", "1.0", "--seed", s)[1]
             for s in ("5", "5", "6")]
     assert runs[0] == runs[1] != runs[2]
+
+
+def test_a_message_the_tokenizer_cannot_write_is_one_line_and_the_chat_goes_on(monkeypatch, capsys, tmp_path):
+    tok = Tokenizer.char(TEXT + "User: Assistant: System: Hi")  # a character vocabulary with no "é"
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.preset("tiny-decoder", vocab_size=len(tok), max_seq_len=128)).eval()
+    save_checkpoint(tmp_path / "chars", model, tok)
+    code, out, err = chat(monkeypatch, capsys, tmp_path / "chars", ["café?", "/system é", "Hi"])
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("qkv chat: error:")]
+    assert len(errors) == 2 and all("'é'" in line for line in errors)  # the message, then the system message
+    assert "the system message stays as it was" in errors[1]
+    assert len(out.splitlines()) == 1 and out.strip()  # "Hi" was still answered

@@ -20,9 +20,12 @@ from .options import (
     add_dtype,
     add_quantize,
     add_sampling,
+    add_threads,
+    first_line,
     load_checkpoint,
     load_dtype,
     sampling_options,
+    use_threads,
 )
 
 COMMANDS_HELP = "/reset, /system TEXT, /exit"
@@ -40,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dtype(p, help="the weights' precision while generating: bf16 reads half the bytes per token; fp32 "
                       "(default)")
     add_quantize(p)
+    add_threads(p, help="CPU threads for torch (default: torch's choice; on a busy machine 1 can answer faster)")
     p.set_defaults(run=run)
 
 
@@ -59,6 +63,8 @@ def _lines(interactive: bool) -> Iterator[str]:
         except EOFError:
             print(file=sys.stderr)
             return
+        except KeyboardInterrupt:  # at the prompt: drop the line being typed, as a shell does (Ctrl-D ends)
+            print(file=sys.stderr)
 
 
 def note(text: str) -> None:
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from qkv.generation.conversation import Conversation, fit_messages
 
     config = GenerationConfig(**sampling_options(args))  # checked before the model loads
+    use_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype), quantize=args.quantize)
     conversation = Conversation(model, tokenizer)
     template = conversation.template
@@ -98,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
                 history = []
                 note("the conversation starts again" + (" (the system message stays)" if system else ""))
             elif command == "/system":
+                try:  # a system message the tokenizer cannot write is refused here, not at the next message
+                    tokenizer.encode(rest.strip())
+                except ValueError as err:
+                    print(f"qkv chat: error: {first_line(str(err))}; the system message stays as it was",
+                          file=sys.stderr, flush=True)
+                    failed = True
+                    continue
                 system = rest.strip() or None
                 note(f"system message {'set' if system else 'removed'}; the conversation goes on")
             else:
@@ -105,8 +119,13 @@ def run(args: argparse.Namespace) -> int:
             continue
         text = line[1:] if line.startswith("//") else line
         head = [{"role": "system", "content": system}] if system else []
-        ids, kept, dropped = fit_messages(template, [*head, *history, {"role": "user", "content": text}],
-                                          conversation.context - room + 1)
+        try:
+            ids, kept, dropped = fit_messages(template, [*head, *history, {"role": "user", "content": text}],
+                                              conversation.context - room + 1)
+        except ValueError as err:  # text the tokenizer cannot write: this message is refused, the chat goes on
+            print(f"qkv chat: error: {first_line(str(err))}", file=sys.stderr, flush=True)
+            failed = True
+            continue
         if len(ids) > conversation.context:
             print(f"qkv chat: error: this message takes {len(ids)} tokens{' with the system message' if system else ''}"
                   f" and the context holds {conversation.context}; shorten it", file=sys.stderr, flush=True)
