@@ -428,3 +428,13 @@ def test_export_never_writes_over_its_own_run_nor_over_files_already_there(lora_
     assert sorted(p.relative_to(parent) for p in parent.rglob("*")) == before  # nothing touched
     assert main(["export", str(copied), "--merge", "--out", str(tmp_path / "notes"), "--overwrite"]) == 0
     assert (tmp_path / "notes" / "model.safetensors").exists() and not (tmp_path / "notes" / "todo.txt").exists()
+
+
+def test_a_lora_run_loads_quantized_with_its_adapters_merged(bases, lora_runs):
+    run = lora_runs / "straight"
+    adapted, _ = qkv.load(run)
+    quantized, _ = qkv.load(run, quantize="int8")  # qkv generate/chat/serve --quantize int8 on a LoRA run
+    assert not any(hasattr(m, "base_layer") for m in quantized.modules())
+    expected, got, base = logits(adapted, IDS), logits(quantized, IDS), logits(qkv.load(bases["llama"])[0], IDS)
+    error, effect = (got - expected).abs().max(), (base - expected).abs().max()
+    assert error < effect / 4, (error, effect)  # int8 rounding, well under what the adapters changed

@@ -66,7 +66,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     GGUF file → ``Loaded(model, tokenizer)``. ``dtype`` (e.g. ``torch.bfloat16``) casts the model after loading.
 
     ``quantize`` ("int8" | "int4", ``group_size`` inputs an int4 group; the output layer int8 unless ``output`` says
-    "int4") swaps every linear layer for a weight-only quantized one on the CPU (``qkv.quantize.quantize``), from
+    "int4"; a LoRA run's adapters merged into its base first, in memory) swaps every linear layer for a
+    weight-only quantized one on the CPU (``qkv.quantize.quantize``), from
     the weights as stored, before ``dtype`` casts the rest; a GGUF file's Q4_0 / Q4_1 tensors become int4 layers
     without a round trip through floats."""
     path = Path(path)
@@ -85,6 +86,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
             else:
                 model, tokenizer = loader(path, device)
             if quantize is not None:
+                if hasattr(model, "peft_config"):  # a LoRA run: quantize an inference copy with the adapters merged
+                    with torch.no_grad():
+                        model = model.merge_and_unload()
                 quantize_model(model, quantize, group_size=group_size, output=output)
             return Loaded(model if dtype is None else model.to(dtype), tokenizer)
     if not path.is_dir():
