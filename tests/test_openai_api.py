@@ -277,6 +277,7 @@ def test_a_wrong_or_missing_key_is_an_authentication_error(served):
     ({"temperature": 2.5}, 400, "temperature", "invalid_value"),
     ({"temperature": "0"}, 400, "temperature", "invalid_value"),
     ({"top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ({"seed": 10**23}, 400, "seed", "invalid_value"),
     ({"max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ({"max_tokens": MAX_NEW + 1}, 400, "max_tokens", "invalid_value"),
     ({"max_completion_tokens": MAX_NEW + 1}, 400, "max_completion_tokens", "invalid_value"),

@@ -181,7 +181,7 @@ class _Sampling(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # what torch.Generator takes
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -511,8 +511,10 @@ class OpenAIState:
         if model is not None and model not in (name, served.source):
             raise APIError(404, f"the model {model!r:.60} is not served here; this server serves {name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
-        if model_type_of(served.model) != "decoder":
-            raise APIError(400, f"the loaded model is a {model_type_of(served.model)} model, which does not write "
+        kind = model_type_of(served.model)
+        if kind != "decoder":
+            article = "an" if kind[0] in "aeiou" else "a"  # an encoder, a seq2seq
+            raise APIError(400, f"the loaded model is {article} {kind} model, which does not write "
                                 "text; load a decoder (language model) checkpoint", param="model",
                            code="model_not_supported")
         return served
