@@ -118,6 +118,7 @@ def test_explorer_in_a_real_browser(served, model_and_tokenizer):
             assert page.url == page_url and "token" not in page.evaluate("window.location.href")
             assert page.evaluate("sessionStorage.getItem('qkv-token')") == served.api_key
             assert page.is_hidden("#token-form") and page.is_visible("#show")
+            page.wait_for_load_state("networkidle")  # the first map's request answered: a reload aborts none
             page.reload()
             page.wait_for_function("window.qkvState.info !== null")
             assert page.url == page_url and page.is_hidden("#token-form")

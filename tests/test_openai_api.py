@@ -211,7 +211,8 @@ def test_max_tokens_bounds_the_reply_with_finish_reason_length(served):
     server, *_ = served
     c, name = client(server), name_of(server)
     for key in ("max_tokens", "max_completion_tokens"):
-        reply = c.chat.completions.create(model=name, messages=CHAT, **{key: 3})
+        # greedy: this model's end-of-turn logits are zeroed, so only a draw could end the reply early
+        reply = c.chat.completions.create(model=name, messages=CHAT, temperature=0, **{key: 3})
         assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
 
 
@@ -229,7 +230,8 @@ def test_text_completions_continue_a_prompt(served):
                                        stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].text for ch in chunks[:-1]) == expected and chunks[-1].choices == []
     assert c.completions.create(model=name, prompt=ids, temperature=0, max_tokens=8).choices[0].text == expected
-    assert c.completions.create(model=name, prompt=prompt).usage.completion_tokens == 16  # OpenAI's default
+    # OpenAI's default max_tokens, 16 (greedy, as a draw could end on the zeroed end-of-turn token)
+    assert c.completions.create(model=name, prompt=prompt, temperature=0).usage.completion_tokens == 16
 
 
 def test_a_request_extending_the_conversation_feeds_only_its_new_tokens(served):
