@@ -21,17 +21,17 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..models import DecoderLM, unwrap
+from ..models import DecoderLM
 from ..tokenizers import Tokenizer
 from .hf import (
     Rule,
     build_with_weights,
     check_exportable,
+    decoder_to_save,
     from_qkv_state_dict,
     layer_rules,
     load_weights,
     matches,
-    model_to_save,
     model_type_of,
     read_config,
     strip_prefix,
@@ -166,10 +166,7 @@ def save_gpt2(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | No
     tokenizer's ``tokenizer.json`` when one is given. A model wrapped by torch.compile, DDP or FSDP is saved as
     the model inside; one with peft adapters is refused (merge them first: ``model.merge_and_unload()``).
     """
-    if unwrap(model).model_type != "decoder":
-        raise TypeError(f"cannot save a {type(unwrap(model)).__name__} as GPT-2: GPT-2 is a decoder-only language "
-                        "model (qkv.DecoderLM)")
-    model = model_to_save(model, "save_gpt2(model.merge_and_unload(), DIR)")
+    model = decoder_to_save(model, "GPT-2", "save_gpt2(model.merge_and_unload(), DIR)")
     hf_config = config_to_gpt2(model.config)
     tensors = from_qkv_state_dict(model.state_dict(), gpt2_rules(model.config))
     tensors = {("lm_head.weight" if k == "lm_head.weight" else "transformer." + k): v for k, v in tensors.items()}

@@ -39,6 +39,7 @@ __all__ = [
     "check_exportable",
     "write_hf_directory",
     "model_to_save",
+    "decoder_to_save",
     "WEIGHT_FILES",
 ]
 
@@ -246,6 +247,15 @@ def write_hf_directory(directory: str | Path, hf_config: Mapping[str, Any], tens
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
     return directory
+
+
+def decoder_to_save(model: nn.Module, architecture: str, merged: str) -> nn.Module:
+    """:func:`model_to_save` for a format that holds a decoder-only language model (GPT-2, LLaMA): anything else
+    is refused first with a TypeError naming ``architecture``."""
+    if unwrap(model).model_type != "decoder":
+        raise TypeError(f"cannot save a {type(unwrap(model)).__name__} as {architecture}: {architecture} is a "
+                        "decoder-only language model (qkv.DecoderLM)")
+    return model_to_save(model, merged)
 
 
 def model_to_save(model: nn.Module, merged: str) -> nn.Module:

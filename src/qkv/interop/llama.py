@@ -27,17 +27,17 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..models import DecoderLM, unwrap
+from ..models import DecoderLM
 from ..tokenizers import Tokenizer
 from .hf import (
     Rule,
     build_with_weights,
     check_exportable,
+    decoder_to_save,
     from_qkv_state_dict,
     layer_rules,
     load_weights,
     matches,
-    model_to_save,
     model_type_of,
     read_config,
     write_hf_directory,
@@ -171,10 +171,7 @@ def save_llama(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | N
     tokenizer's ``tokenizer.json`` when one is given. A model wrapped by torch.compile, DDP or FSDP is saved as
     the model inside; one with peft adapters is refused (merge them first: ``model.merge_and_unload()``).
     """
-    if unwrap(model).model_type != "decoder":
-        raise TypeError(f"cannot save a {type(unwrap(model)).__name__} as LLaMA: LLaMA is a decoder-only language "
-                        "model (qkv.DecoderLM)")
-    model = model_to_save(model, "save_llama(model.merge_and_unload(), DIR)")
+    model = decoder_to_save(model, "LLaMA", "save_llama(model.merge_and_unload(), DIR)")
     hf_config = config_to_llama(model.config)  # refuses what LLaMA cannot express before anything is written
     tensors = from_qkv_state_dict(model.state_dict(), llama_rules(model.config))
     return write_hf_directory(directory, hf_config, tensors, tokenizer)
