@@ -438,3 +438,66 @@ def test_a_lora_run_loads_quantized_with_its_adapters_merged(bases, lora_runs):
     expected, got, base = logits(adapted, IDS), logits(quantized, IDS), logits(qkv.load(bases["llama"])[0], IDS)
     error, effect = (got - expected).abs().max(), (base - expected).abs().max()
     assert error < effect / 4, (error, effect)  # int8 rounding, well under what the adapters changed
+
+
+def test_a_chat_model_translates_by_instruction_each_sentence_as_it_would_alone(bases, chat_model):
+    from qkv.generation import generate
+    from qkv.recipes.translation import translate
+
+    model, tok = chat_model
+    hf = transformers.AutoTokenizer.from_pretrained(bases["llama-untied"])
+    sentences = ["the cat", "Where is the station? the cat sat on the mat.", "mat"]
+    end = hf.convert_tokens_to_ids("<|im_end|>")
+    for beam in (1, 2):
+        batched = translate(model, tok, sentences, beam=beam, instruction="Translate to French: {source}",
+                            max_new_tokens=12, batch_size=3)
+        for sentence, got in zip(sentences, batched, strict=True):
+            # the reference: transformers' own rendering of the same turn, decoded alone
+            ids = hf.apply_chat_template([{"role": "user", "content": f"Translate to French: {sentence}"}],
+                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = ids["input_ids"]
+            options = {"temperature": 0.0} if beam == 1 else {"num_beams": beam}
+            new = generate(model, ids, 12, stop_token_ids=[end], **options)[0, ids.shape[1]:].tolist()
+            new = new[:new.index(end)] if end in new else new
+            assert got == hf.decode(new, skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match=r"give one with \{source\}"):
+        translate(model, tok, sentences, instruction="Translate to French")
+
+
+def test_bleu_of_a_chat_model_scores_the_translation_recipes_test_split(bases, tmp_path, capsys):
+    from qkv.data import read_parallel, split_by_source
+    from tests.test_translation import FRA
+
+    report = tmp_path / "bleu.json"
+    assert main(["eval", "--checkpoint", str(bases["llama"]), "--bleu", "--data", str(FRA), "--instruction",
+                 "{source}", "--limit", "3", "--beam", "1", "--report", str(report)]) == 0  # a context of 64
+    written = json.loads(report.read_text())
+    test = split_by_source(read_parallel(FRA).pairs).test  # the from-scratch recipe's split (2,000, seed 1234)
+    assert [t["source"] for t in written["translations"]] == list(dict.fromkeys(en for en, _ in test))[:3]
+    assert written["scores"][0]["sentences"] == 3
+    assert main(["eval", "--checkpoint", str(bases["llama"]), "--bleu", "--data", str(FRA)]) == 2
+    assert "--instruction" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_eval_base_scores_the_model_a_run_started_from_on_the_runs_own_batches(bases, lora_runs, tmp_path):
+    from qkv.checkpoint import read_run_info, resolve_checkpoint
+    from qkv.evaluation import evaluate_checkpoint
+    from qkv.recipes import recipe_of_run
+    from qkv.training import OBJECTIVES, mean_loss
+
+    run = lora_runs / "straight"
+    before, after = evaluate_checkpoint(run, base=True), evaluate_checkpoint(run)
+    # the reference: peft's own switch that runs the base without its adapters, on the same batches
+    model, tok = qkv.load(run)
+    directory = resolve_checkpoint(run)
+    info = read_run_info(directory)
+    objective = OBJECTIVES["decoder"](tok, TrainConfig())
+    batches, _ = recipe_of_run(info).evaluation_batches(model, tok, objective, info, directory, data=None,
+                                                         split="val", batch_size=32, context=None, max_batches=10_000)
+    with model.disable_adapter():
+        assert before["loss"] == pytest.approx(mean_loss(model, objective, batches), abs=1e-6)
+    assert after["loss"] == pytest.approx(mean_loss(model, objective, batches), abs=1e-6)
+    assert before["loss"] != after["loss"] and before["tokens"] == after["tokens"]
+    assert train("tiny-decoder", "--data", bases["text"], "--max-steps", "1", "--out", tmp_path / "scratch") == 0
+    with pytest.raises(ValueError, match="not a fine-tuning run"):
+        evaluate_checkpoint(tmp_path / "scratch", base=True)

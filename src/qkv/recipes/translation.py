@@ -4,7 +4,8 @@ A parallel file → a split by source sentence (:mod:`qkv.data.parallel`) → on
 trained on the training split → length-bucketed token batches → a ``Transformer`` trained with the paper's
 settings (``translation_train_config``) → checkpoints that remember the split, so ``qkv eval --bleu`` scores the
 held-out test sentences (:mod:`qkv.evaluation`). :func:`translate` decodes sentences greedily or with beam
-search (:func:`qkv.generation.generate_seq2seq`).
+search (:func:`qkv.generation.generate_seq2seq`); with a chat model (a decoder and an instruction such as
+``"Translate to French: {source}"``) it asks for each translation in one user turn of the model's chat template.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chat_template import ChatTemplate
 from ..checkpoint import read_run_info, resolve_checkpoint
 from ..config import ModelConfig
 from ..data import (
@@ -26,11 +28,13 @@ from ..data import (
     Splits,
     TokenBatches,
     encode_pairs,
+    left_pad,
     read_parallel,
     right_pad,
     split_by_source,
 )
-from ..generation import generate_seq2seq
+from ..generation import generate, generate_seq2seq
+from ..generation.stopping import until_stop_token
 from ..models import Transformer, evaluating, model_type_of, unwrap
 from ..tokenizers import BPE_VOCAB_SIZE, Tokenizer
 from ..training import Objective, TrainConfig, Trainer, TrainResult, say_once
@@ -163,11 +167,12 @@ def train_translation(data: str | Path, model_config: ModelConfig, config: Train
         return trainer.fit()
 
 
-def held_out_test_split(checkpoint: str | Path) -> tuple[list[Pair], dict]:
-    """The test pairs a translation checkpoint was held out from, rebuilt from the settings saved with it."""
+def held_out_test_split(checkpoint: str | Path, data: str | Path | None = None) -> tuple[list[Pair], dict]:
+    """The test pairs a translation checkpoint was held out from, rebuilt from the settings saved with it
+    (``data``: another parallel file, split the same way)."""
     directory = resolve_checkpoint(checkpoint)
     run = read_run_info(directory)
-    splits = split_of_run(run, directory)
+    splits = split_of_run(run, directory, data)
     return splits.test, run
 
 
@@ -210,20 +215,33 @@ def validation_pair_batches(run: dict, tokenizer: Tokenizer, max_seq_len: int, d
 
 @torch.no_grad()
 def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], *, beam: int = 4,
-              alpha: float = 0.6, batch_size: int = 64) -> list[str]:
+              alpha: float = 0.6, batch_size: int = 64, instruction: str | None = None,
+              max_new_tokens: int = 128) -> list[str]:
     """Source sentences → detokenized translations, greedy (``beam=1``) or beam search (GNMT length penalty α).
 
     Sentences are translated in batches of similar length; the output keeps the input order. A source longer
-    than the model's context is an error (never silently cut).
+    than the model's context is an error (never silently cut). An encoder-decoder Transformer reads each source
+    and writes its target. A decoder (a chat model: SmolLM2-135M-Instruct, a fine-tuned run) needs
+    ``instruction``, a text with ``{source}`` in it: each sentence becomes one user message rendered with the
+    tokenizer's chat template (qkv's plain format without one), and the reply, up to ``max_new_tokens`` tokens
+    (fewer where the context ends first) and cut at the template's end-of-turn token, is the translation
+    (stripped of surrounding space).
+    Raises ValueError for a bad ``beam``, ``batch_size`` or ``instruction``, TypeError for an encoder.
     """
-
-    if model_type_of(model) != "seq2seq":  # a Transformer, or one wrapped by peft, torch.compile, DDP or FSDP
-        raise TypeError(f"a {type(unwrap(model)).__name__} is not an encoder-decoder Transformer; translate with "
-                        "a checkpoint trained by `qkv train vaswani-small --data PARALLEL_FILE`")
     if beam < 1:
         raise ValueError(f"beam={beam} must be >= 1 (1 = greedy)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1 (sentences decoded together)")
+    if model_type_of(model) == "decoder":
+        return _translate_by_instruction(model, tokenizer, list(sentences), instruction, beam=beam, alpha=alpha,
+                                         batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if model_type_of(model) != "seq2seq":  # a Transformer, or one wrapped by peft, torch.compile, DDP or FSDP
+        raise TypeError(f"a {type(unwrap(model)).__name__} is not an encoder-decoder Transformer; translate with "
+                        "a checkpoint trained by `qkv train vaswani-small --data PARALLEL_FILE`, or with a chat "
+                        "model and an instruction")
+    if instruction is not None:
+        raise ValueError("instruction is for a decoder (a chat model); an encoder-decoder Transformer reads the "
+                         "source sentence alone: leave it out")
     missing = [name for name in ("bos", "eos", "pad") if getattr(tokenizer, f"{name}_id") is None]
     if missing:
         raise ValueError(f"the tokenizer has no {' or '.join(missing)} token, which translation needs; use a "
@@ -249,6 +267,37 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sentences: Sequence[str], 
                                        pad_token_id=tokenizer.pad_id)
             for i, ids in zip(chunk, targets, strict=True):
                 out[i] = tokenizer.decode(ids)
+    return out
+
+
+def _translate_by_instruction(model: nn.Module, tokenizer: Tokenizer, sentences: list[str], instruction: str | None,
+                              *, beam: int, alpha: float, batch_size: int, max_new_tokens: int) -> list[str]:
+    """:func:`translate` with a decoder: one chat turn per sentence, batched left-padded by prompt length."""
+    if instruction is None or "{source}" not in instruction:
+        raise ValueError(f"a decoder translates by instruction: give one with {{source}} where the sentence goes "
+                         f"(e.g. 'Translate to French: {{source}}'), got {instruction!r}")
+    template = ChatTemplate(tokenizer)
+    prompts = [template.render([{"role": "user", "content": instruction.replace("{source}", s)}],
+                               add_generation_prompt=True).ids for s in sentences]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    stop = template.stop_ids
+    limit = unwrap(model).config.max_seq_len
+    for i, ids in enumerate(prompts):
+        if len(ids) >= limit:
+            raise ValueError(f"sentence {i + 1} asks in a prompt of {len(ids)} tokens and the model reads at most "
+                             f"max_seq_len={limit}, leaving no room for the reply; split it, or shorten the "
+                             "instruction")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = left_pad([prompts[i] for i in chunk], pad)
+        options = {"temperature": 0.0} if beam == 1 else {"num_beams": beam, "length_penalty": alpha}
+        room = min(max_new_tokens, limit - ids.shape[1])  # a reply ends at the context: never a sliding window
+        result = generate(model, ids, room, attention_mask=mask, stop_token_ids=stop, pad_token_id=pad,
+                          **options)
+        for i, row in zip(chunk, result[:, ids.shape[1]:].tolist(), strict=True):
+            out[i] = tokenizer.decode(until_stop_token(row, stop)).strip()
     return out
 
 
