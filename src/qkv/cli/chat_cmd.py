@@ -17,10 +17,12 @@ from collections.abc import Iterator
 
 from .options import (
     add_checkpoint,
+    add_compile,
     add_dtype,
     add_quantize,
     add_sampling,
     add_threads,
+    compile_if_asked,
     first_line,
     load_checkpoint,
     load_dtype,
@@ -43,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dtype(p, help="the weights' precision while generating: bf16 reads half the bytes per token; fp32 "
                       "(default)")
     add_quantize(p)
+    add_compile(p)
     add_threads(p, help="CPU threads for torch (default: torch's choice; on a busy machine 1 can answer faster)")
     p.set_defaults(run=run)
 
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     config = GenerationConfig(**sampling_options(args))  # checked before the model loads
     use_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype), quantize=args.quantize)
+    model = compile_if_asked(model, args.compile)
     conversation = Conversation(model, tokenizer)
     template = conversation.template
     if template.note:

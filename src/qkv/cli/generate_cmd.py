@@ -14,13 +14,17 @@ from collections.abc import Iterable
 
 from .options import (
     add_checkpoint,
+    add_compile,
     add_dtype,
     add_quantize,
     add_sampling,
+    add_threads,
+    compile_if_asked,
     load_checkpoint,
     load_dtype,
     sampling_options,
     stdin_lines,
+    use_threads,
 )
 
 
@@ -43,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dtype(p, help="the weights' precision while generating: bf16 reads half the bytes per token (SmolLM2 on 2 "
                       "cores: 24 instead of 15 tokens/s on a CPU with bf16 instructions); fp32 (default)")
     add_quantize(p)
+    add_compile(p)
+    add_threads(p)
     p.set_defaults(run=run)
 
 
@@ -54,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         **sampling_options(args), num_beams=args.num_beams, length_penalty=args.length_penalty,
         use_cache=not args.no_cache, sliding_window=not args.no_sliding_window,
     )
+    use_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype), quantize=args.quantize)
+    model = compile_if_asked(model, args.compile)
     echo = model_type_of(model) != "seq2seq"  # a continuation follows its prompt; a translation stands alone
     out = sys.stdout
     for prompt in [args.prompt] if args.prompt is not None else stdin_lines():  # each answered before the next

@@ -27,6 +27,7 @@ The modules, in the order a token passes through them:
 - ``stopping``: stop token ids and stop strings;
 - ``sampling``: the greedy / sampling loop, :func:`generate`, :func:`stream`, :func:`generate_seq2seq`;
 - ``beam``: beam search with GNMT's length penalty;
+- ``compiled``: :func:`compile_decoder`, the one-token step as one compiled graph (the prompt runs eagerly);
 - ``text``: text in, text out, decoded incrementally.
 
 Example::
@@ -42,6 +43,7 @@ Example::
 from ..data import left_pad, right_pad
 from ..tokenizers import decode_continuation
 from .beam import beam_search, gnmt_length_penalty
+from .compiled import compile_decoder
 from .config import GenerationConfig
 from .logits import apply_repetition_penalty, filter_top_k, filter_top_p, next_token_probs
 from .sampling import generate, generate_seq2seq, stream
@@ -65,4 +67,5 @@ __all__ = [
     "gnmt_length_penalty",
     "find_stop",
     "decode_continuation",
+    "compile_decoder",
 ]

@@ -39,6 +39,7 @@ from ..chat_template import ChatTemplate
 from ..decode_state import DecodeState
 from ..models import model_type_of, unwrap
 from ..tokenizers import decode_continuation
+from .compiled import eager_module, is_compiled, state_capacity
 from .config import GenerationConfig
 from .logits import check_finite, choose, process, seen_tokens
 from .prompt import evaluating
@@ -157,17 +158,22 @@ class Conversation:
         first = next(self.core.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
 
-    def _reuse(self, ids: list[int]) -> int:
+    def _reuse(self, ids: list[int], cfg: GenerationConfig) -> int:
         """Rewind the state to the longest prefix it shares with ``ids`` (leaving one token to feed) → its length;
-        0 with a fresh state when the old one cannot rewind."""
+        0 with a fresh state when the old one cannot rewind, or (compiled) holds too few slots for this reply."""
         state = self.state
         reused = min(_common_prefix(self.cached, ids), len(ids) - 1)
+        capacity = self.context  # eagerly a step reads the slots filled so far: room costs nothing
+        if is_compiled(self.model) and not cfg.sliding_window:  # a graph reads them all: the bucket that fits
+            capacity = state_capacity(len(ids) + cfg.max_new_tokens, self.context, compiled=True)
         if state is not None:
             state.sync()
             if state.restarted or state.fed > state.length or state.fed != len(self.cached):
                 state = None  # the window slid past the context: the first tokens are gone
+            elif state.capacity < capacity:
+                state = None  # a compiled model's bucket too small for this reply: a larger one, fed afresh
         if state is None:
-            state = self.core.new_decode_state(1, self.context, sliding_window=True)
+            state = self.core.new_decode_state(1, capacity, sliding_window=True)
             self.cached, reused = [], 0
         state.rewind(reused)
         self.state, self.cached = state, self.cached[:reused]
@@ -176,7 +182,10 @@ class Conversation:
     def _feed(self, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` to the state → the next-token logits (1, vocab)."""
         tensor = torch.tensor([ids], dtype=torch.long, device=self._device())
-        logits = self.model(tensor, decode_state=self.state, logits_to_keep=1)[:, -1]
+        if len(ids) == 1:  # a step: through the compiled graph when there is one (the call generate's steps make)
+            logits = self.model(tensor, decode_state=self.state)[:, -1]
+        else:  # a prompt: eagerly, the output layer on its last position only
+            logits = eager_module(self.model)(tensor, decode_state=self.state, logits_to_keep=1)[:, -1]
         self.cached += ids
         return check_finite(logits)
 
@@ -184,11 +193,11 @@ class Conversation:
     def _reply(self, ids: list[int], cfg: GenerationConfig, generator: torch.Generator | None,
                stop: tuple[int, ...], strings: tuple[str, ...], turn: int) -> Iterator[ReplyPiece]:
         with evaluating(self.model):
-            reused = self._reuse(ids)
+            reused = self._reuse(ids, cfg)
             logits = self._feed(ids[reused:])
             n_new = cfg.max_new_tokens
             if not (cfg.sliding_window and self.context >= self.core.config.max_seq_len):
-                n_new = min(n_new, self.context - len(ids) + 1)  # the last token is never fed
+                n_new = min(n_new, self.state.capacity - len(ids) + 1)  # the last token is never fed
             counts = {"prompt_tokens": len(ids), "reused_tokens": reused}
             if n_new <= 0:
                 yield ReplyPiece(None, "", "length", completion_tokens=0, **counts)

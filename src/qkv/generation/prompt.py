@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..attention import check_mask
 from ..models import evaluating, model_type_of, unwrap
 from ..tokenizers import SEAM_CONTEXT
+from .compiled import eager_module, is_compiled, state_capacity
 from .config import GenerationConfig
 from .logits import check_finite, seen_tokens
 from .stopping import stop_token_ids
@@ -160,7 +161,9 @@ class Stepper:
             self.tokens, self.mask = ids, mask
         # Room for the prompt (or start token) and every new token (the last is fed only by a caller that wants
         # the logits after it); at most max_seq_len positions are allocated.
-        fed = min(self.tokens.shape[1] + max_new_tokens + self.seq2seq, self.core.config.max_seq_len)
+        self.compiled = is_compiled(model)  # the prompt then runs eagerly, each one-token step through the graph
+        fed = state_capacity(self.tokens.shape[1] + max_new_tokens + self.seq2seq, self.core.config.max_seq_len,
+                             self.compiled)
         self.state = self.core.new_decode_state(batch, fed, sliding_window=sliding_window) if use_cache else None
         self.first = True
 
@@ -171,7 +174,8 @@ class Stepper:
         if self.state is None:
             return check_finite(self._full())
         # Only the last position's logits are needed: the output layer runs on it alone.
-        return check_finite(self.model(self.tokens, self.mask, decode_state=self.state, logits_to_keep=1)[:, -1])
+        logits = eager_module(self.model)(self.tokens, self.mask, decode_state=self.state, logits_to_keep=1)
+        return check_finite(logits[:, -1])
 
     def step(self, ids: Tensor) -> Tensor:
         """ids (batch, 1): the tokens just chosen → logits (batch, vocab) for the token after them."""

@@ -1,0 +1,92 @@
+"""The compiled decode step: one new token through every layer as one Inductor graph (gpt-fast's shape, on a CPU).
+
+A decode step of a small model is many small operations (two RMSNorms, RoPE, attention, the cache write, SiLU,
+residual adds in each of SmolLM2's 30 layers); eagerly each is a dispatch through Python and ATen, and together
+they cost more than reading the weights. :func:`compile_decoder` wraps a model in ``torch.compile(fullgraph=True,
+dynamic=False)``; generation then feeds
+
+- the **prompt eagerly** (its length differs from call to call: compiling it would give a graph per length), and
+- each **one-token step through the graph**, traced once per batch size and cache capacity. The decode state
+  keeps every per-step count in tensors (:mod:`qkv.decode_state`), and a compiled model's state is allocated in
+  capacity buckets (:func:`state_capacity`: powers of two from 256 up to ``max_seq_len``), so calls with other
+  prompt lengths and ``max_new_tokens`` reuse the graph. Compiled, a step attends to the whole bucket with a mask
+  over the slots not yet written, which costs little beside the weights.
+
+Compiling takes tens of seconds the first time (Inductor writes C++ and compiles it; its on-disk cache makes a
+second process faster): it is a switch (``--compile``), and :func:`compile_counts` says how many graphs were
+compiled, so a recompile (which, past dynamo's cache limit, silently falls back to eager) can be seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import unwrap
+
+__all__ = ["compile_decoder", "is_compiled", "eager_module", "state_capacity", "compile_counts", "warm_up"]
+
+SMALLEST_BUCKET = 256  # decode-state capacities of a compiled model: 256, 512, 1024, ... up to max_seq_len
+
+
+def compile_decoder(model: nn.Module, *, backend: str = "inductor") -> nn.Module:
+    """``model`` (a DecoderLM, Transformer, or one already quantized) → the same module wrapped by
+    ``torch.compile(fullgraph=True, dynamic=False)``, ready for :func:`~qkv.generation.generate`,
+    :func:`~qkv.generation.stream`, a :class:`~qkv.generation.conversation.Conversation` and ``qkv chat``.
+
+    Nothing compiles until the first decode step (tens of seconds then, once per batch size and capacity
+    bucket). The weights stay shared with ``model``. ``backend="eager"`` traces without code generation (what
+    the tests use to count graphs quickly). Inductor's coordinate-descent tuning stays off: on a CPU it defeats
+    the weight-only int8/int4 patterns (pytorch#122955). Raises TypeError for something that is not a qkv model.
+    """
+    unwrap(model)  # a clear TypeError for anything else
+    options = {"coordinate_descent_tuning": False} if backend == "inductor" else None
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, options=options)
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module a compiled wrapper runs (the prompt goes through it eagerly), else ``model`` itself."""
+    return model._orig_mod if is_compiled(model) else model
+
+
+def state_capacity(needed: int, max_seq_len: int, compiled: bool) -> int:
+    """Decode-state slots for ``needed`` tokens: exactly that eagerly; for a compiled model the smallest power of
+    two >= ``needed`` (at least 256), never past ``max_seq_len``, so one graph serves many calls."""
+    if not compiled:
+        return min(needed, max_seq_len)
+    bucket = SMALLEST_BUCKET
+    while bucket < needed:
+        bucket *= 2
+    return min(bucket, max_seq_len)
+
+
+def compile_counts() -> dict[str, int]:
+    """What dynamo compiled in this process so far: ``graphs`` (unique graphs traced) and ``recompiles`` (frames
+    compiled again because a guard failed: a new batch size, capacity or dtype)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "recompiles": int(sum(counters["recompiles"].values()))}
+
+
+def warm_up(model: nn.Module, batch: int = 1) -> float:
+    """Compile ``model``'s decode step now (for ``batch`` rows, the first capacity bucket) rather than at the first
+    real token: two greedy tokens after a one-token prompt → the seconds it took."""
+    import time
+
+    from .sampling import generate
+
+    core = unwrap(model)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=next(core.parameters()).device)
+    start = time.perf_counter()
+    if core.model_type == "seq2seq":
+        return 0.0  # an encoder-decoder's steps run as the model inside (no wrapper routes decode)
+    generate(model, ids, 2, temperature=0, stop_token_ids=())
+    return time.perf_counter() - start
