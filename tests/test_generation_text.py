@@ -15,6 +15,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # everything is built here: nothing may be d
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -160,3 +162,49 @@ def test_every_entry_prepares_its_inputs_once(monkeypatch):
         calls.clear()
         call()
         assert len(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def byte_level():
+    """A byte-level BPE over text with multi-byte characters: some characters span several tokens."""
+    text = "Naïve café, crème brûlée — 東京 and ここ, 🙂 ok. " * 20 + read_corpus().text[:3000]
+    return Tokenizer.bpe(text, vocab_size=300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_incremental_text_equals_decoding_the_whole_continuation_at_every_step(llama, byte_level, data):
+    """What stream_text, the chat and /v1 print, token by token, without re-decoding the whole text each step: the
+    same string as decode_continuation of everything so far, for a SentencePiece-style and a byte-level BPE
+    tokenizer, from any context and over tokens that split characters."""
+    from qkv.tokenizers import IncrementalText
+
+    _, tok = qkv.load(llama[0]) if data.draw(st.booleans()) else (None, byte_level)
+    ids = st.integers(0, tok.vocab_size - 1)
+    context = data.draw(st.lists(ids, max_size=8))
+    new = data.draw(st.lists(ids, min_size=1, max_size=30))
+    incremental = IncrementalText(tok, context)
+    for k in range(1, len(new) + 1):
+        assert incremental.add(new[k - 1]) == decode_continuation(tok, context, new[:k])
+
+
+def test_a_decoding_step_reads_from_the_tensors_once(llama, monkeypatch):
+    """One host read a step (the token and the NaN check together), whatever stops the text: stop ids and stop
+    strings are checked on the host copy."""
+    from qkv.generation import stream
+
+    directory, _, _ = llama
+    model, tokenizer = qkv.load(directory)
+    ids = torch.tensor([tokenizer.encode("To be, or not", add_special_tokens=True)])
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
+    for options in ({}, {"stop_strings": ("never printed",)}):
+        counts = []
+        for n in (8, 24):  # the prompt's own reads cancel out: 16 more steps, at most 16 more reads
+            start = len(reads)
+            assert len(list(stream(model, ids, n, temperature=0, stop_token_ids=(1,), tokenizer=tokenizer,
+                                   **options))) == n
+            counts.append(len(reads) - start)
+        assert counts[1] - counts[0] <= 16, (counts, reads[-20:])

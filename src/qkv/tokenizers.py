@@ -23,8 +23,8 @@ from typing import Any
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "TokenRoles", "UnknownTokenError", "decode_continuation", "SEAM_CONTEXT", "BPE_VOCAB_SIZE",
-           "ROLE_FILES"]
+__all__ = ["Tokenizer", "TokenRoles", "UnknownTokenError", "decode_continuation", "IncrementalText", "SEAM_CONTEXT",
+           "BPE_VOCAB_SIZE", "ROLE_FILES"]
 
 BPE_VOCAB_SIZE = 1024  # the byte-level BPE vocabulary size when none is given (Tokenizer.bpe, qkv train)
 
@@ -443,6 +443,40 @@ def decode_continuation(tokenizer: Any, context: Sequence[int], new: Sequence[in
     if not whole.startswith(head):  # the seam changed the context's own text (a character completed across it)
         head = commonprefix([head, whole])
     return whole[len(head):]
+
+
+class IncrementalText:
+    """The text that tokens added one at a time make after ``context``: after each :meth:`add`, ``text`` equals
+    ``decode_continuation(tokenizer, context, tokens so far)``, at a cost per token that does not grow with the
+    length (decoding the whole continuation every step is quadratic in it).
+
+    The text is kept up to the last *settled* token (one whose text did not end inside a character: byte-level
+    BPE writes U+FFFD until a character's last byte arrives); each step decodes only the tokens since the token
+    before it, the previous settled stretch standing in as the seam's context (as vLLM's incremental
+    detokenizer does).
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self._ids = [int(i) for i in list(context)[-SEAM_CONTEXT:]]
+        self._start = 0  # the first id decoded each step (the seam's context)
+        self._settled = len(self._ids)  # ids before this one have their text in self._done
+        self._done = ""
+        self.text = ""
+
+    def add(self, token: int) -> str:
+        """Append one token id → the whole continuation's text so far (``text``)."""
+        self._ids.append(int(token))
+        head = self.tokenizer.decode(self._ids[self._start:self._settled]) if self._settled > self._start else ""
+        whole = self.tokenizer.decode(self._ids[self._start:])
+        if not whole.startswith(head):  # the seam changed the context's own text (a character completed across it)
+            head = commonprefix([head, whole])
+        tail = whole[len(head):]
+        self.text = self._done + tail
+        if tail and not tail.endswith("\ufffd"):
+            self._done = self.text
+            self._start, self._settled = self._settled, len(self._ids)
+        return self.text
 
 
 def _chunks(text: str | Iterable[str], lines_per_chunk: int = 1000) -> Iterable[str]:

@@ -77,16 +77,19 @@ def compile_counts() -> dict[str, int]:
 
 
 def warm_up(model: nn.Module, batch: int = 1) -> float:
-    """Compile ``model``'s decode step now (for ``batch`` rows, the first capacity bucket) rather than at the first
-    real token: two greedy tokens after a one-token prompt → the seconds it took."""
+    """Compile ``model``'s decode step now (for ``batch`` rows and the first capacity bucket, the graph generation
+    uses for short calls) rather than at the first real token: a one-token prompt fed eagerly, then two steps
+    through the graph → the seconds it took (0 for an encoder-decoder, whose steps run as the model inside)."""
     import time
 
-    from .sampling import generate
-
     core = unwrap(model)
+    if core.model_type == "seq2seq":
+        return 0.0
     ids = torch.zeros(batch, 1, dtype=torch.long, device=next(core.parameters()).device)
     start = time.perf_counter()
-    if core.model_type == "seq2seq":
-        return 0.0  # an encoder-decoder's steps run as the model inside (no wrapper routes decode)
-    generate(model, ids, 2, temperature=0, stop_token_ids=())
+    with torch.inference_mode():
+        state = core.new_decode_state(batch, state_capacity(3, core.config.max_seq_len, is_compiled(model)))
+        eager_module(model)(ids, decode_state=state)
+        for _ in range(2):
+            model(ids, decode_state=state)
     return time.perf_counter() - start

@@ -10,7 +10,7 @@ state (batch 1) and the ids it was fed, and each reply
 2. starts a fresh state instead when the old one slid its window past the context (its first tokens are gone);
 3. chooses each token as :func:`~qkv.generation.generate` does (:func:`~qkv.generation.logits.process`, then
    :func:`~qkv.generation.logits.choose`: temperature 0 is the argmax, top-k, top-p, a per-request generator);
-4. decodes the text incrementally after the prompt (:func:`~qkv.tokenizers.decode_continuation`) and yields one
+4. decodes the text incrementally after the prompt (:class:`~qkv.tokenizers.IncrementalText`) and yields one
    :class:`ReplyPiece` per token, holding back a character that is still incomplete (a multi-byte character split
    over byte tokens, decoded as U+FFFD until its last byte arrives) and the end of the text while it may still
    begin a stop string; the stop string itself never appears.
@@ -38,10 +38,10 @@ from torch import nn
 from ..chat_template import ChatTemplate
 from ..decode_state import DecodeState
 from ..models import model_type_of, unwrap
-from ..tokenizers import decode_continuation
+from ..tokenizers import IncrementalText
 from .compiled import eager_module, is_compiled, state_capacity
 from .config import GenerationConfig
-from .logits import check_finite, choose, process, seen_tokens
+from .logits import check_finite, choose_checked, seen_tokens
 from .prompt import evaluating
 from .stopping import StopStrings, open_stop, stop_token_ids
 
@@ -187,7 +187,7 @@ class Conversation:
         else:  # a prompt: eagerly, the output layer on its last position only
             logits = eager_module(self.model)(tensor, decode_state=self.state, logits_to_keep=1)[:, -1]
         self.cached += ids
-        return check_finite(logits)
+        return logits  # checked where the token is read (one read a step)
 
     @torch.inference_mode()  # entered at each step of the iterator and left at each yield
     def _reply(self, ids: list[int], cfg: GenerationConfig, generator: torch.Generator | None,
@@ -208,16 +208,21 @@ class Conversation:
             if cfg.repetition_penalty != 1.0:
                 seen = seen_tokens(torch.tensor([ids], device=device), None, self.core.config.vocab_size)
             finder = StopStrings(strings)
-            context, generated = ids, []
+            decoded, generated = IncrementalText(self.tokenizer, ids), []
             text, emitted, searched = "", 0, 0
             for step in range(n_new):
-                token = int(choose(process(logits, step, cfg, seen, stop_tensor), cfg, generator)[0])
+                chosen = choose_checked(logits, step, cfg, seen, stop_tensor, generator)
+                # The step's one read: the token and a NaN/inf flag on the logits it was chosen from.
+                token, bad = torch.cat([chosen, (~torch.isfinite(logits.sum(dtype=torch.float32))).long().view(1)]
+                                       ).tolist()
+                if bad:
+                    check_finite(logits)  # raises, saying what is wrong
                 generated.append(token)
                 finish = None
                 if token in stop and step >= cfg.min_new_tokens:
                     finish = "stop"
                 else:
-                    text = decode_continuation(self.tokenizer, context, generated)
+                    text = decoded.add(token)
                     cut = finder.find(text, searched)
                     searched = len(text)
                     if cut >= 0 and step >= cfg.min_new_tokens:

@@ -15,7 +15,7 @@ from torch import Tensor
 from .config import GenerationConfig
 
 __all__ = ["apply_repetition_penalty", "filter_top_k", "filter_top_p", "next_token_probs", "process",
-           "choose", "seen_tokens", "check_finite"]
+           "choose", "choose_checked", "seen_tokens", "check_finite"]
 
 
 def check_finite(logits: Tensor) -> Tensor:
@@ -109,3 +109,14 @@ def process(logits: Tensor, step: int, cfg: GenerationConfig, seen: Tensor | Non
     if stop_ids is not None and step < cfg.min_new_tokens:
         logits = logits.index_fill(-1, stop_ids, float("-inf"))
     return logits
+
+
+def choose_checked(logits: Tensor, step: int, cfg: GenerationConfig, seen: Tensor | None, stop_ids: Tensor | None,
+                    generator: torch.Generator | None) -> Tensor:
+    """``choose(process(logits))``; a draw from NaN or infinite logits (torch.multinomial refuses them) is the
+    one clear error of :func:`check_finite` instead."""
+    try:
+        return choose(process(logits, step, cfg, seen, stop_ids), cfg, generator)
+    except RuntimeError:
+        check_finite(logits)
+        raise

@@ -54,6 +54,10 @@ class Prompt(NamedTuple):
         return seen_tokens(self.ids, self.mask, vocab_size)
 
 
+def _unchecked(logits: Tensor) -> Tensor:
+    return logits
+
+
 def generating_kind(model: Any) -> str:
     """"decoder" | "seq2seq": the kind of the qkv model that ``model`` is or wraps (peft, torch.compile, DDP,
     FSDP; see :func:`~qkv.models.unwrap`); anything else is a TypeError naming it."""
@@ -150,8 +154,9 @@ class Stepper:
     """
 
     def __init__(self, model: nn.Module, ids: Tensor, mask: Tensor | None, max_new_tokens: int,
-                 use_cache: bool, sliding_window: bool = False):
+                 use_cache: bool, sliding_window: bool = False, check: bool = True):
         self.model, self.core = model, unwrap(model)
+        self.check = check_finite if check else _unchecked  # False: the caller checks the logits it reads
         self.seq2seq = self.core.model_type == "seq2seq"
         batch = ids.shape[0]
         if self.seq2seq:  # ids is the source; the target starts empty (the caller feeds the start token)
@@ -172,10 +177,10 @@ class Stepper:
         if self.seq2seq:
             return self.step(start)
         if self.state is None:
-            return check_finite(self._full())
+            return self.check(self._full())
         # Only the last position's logits are needed: the output layer runs on it alone.
         logits = eager_module(self.model)(self.tokens, self.mask, decode_state=self.state, logits_to_keep=1)
-        return check_finite(logits[:, -1])
+        return self.check(logits[:, -1])
 
     def step(self, ids: Tensor) -> Tensor:
         """ids (batch, 1): the tokens just chosen → logits (batch, vocab) for the token after them."""
@@ -183,13 +188,13 @@ class Stepper:
             self.tokens = torch.cat([self.tokens, ids], dim=1)
             if self.mask is not None:
                 self.mask = torch.cat([self.mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
-            return check_finite(self._full())
+            return self.check(self._full())
         if self.seq2seq:
             memory, self.first = (self.memory if self.first else None), False
             logits = self.core.decode(ids, memory, self.src_mask, decode_state=self.state)
         else:
             logits = self.model(ids, decode_state=self.state)
-        return check_finite(logits[:, -1])
+        return self.check(logits[:, -1])
 
     def _full(self) -> Tensor:
         """The plain forward over the prefix (its last max_seq_len tokens) → the last position's logits."""

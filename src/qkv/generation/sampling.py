@@ -18,7 +18,7 @@ from ..data import right_pad
 from ..models import unwrap
 from .beam import search
 from .config import GenerationConfig, resolve
-from .logits import choose, process
+from .logits import check_finite, choose_checked
 from .prompt import Prompt, Stepper, check_fits, evaluating, generating_kind, prepare
 from .stopping import StopStrings, check_tokenizer, until_stop_token
 
@@ -26,35 +26,54 @@ __all__ = ["generate", "stream", "generate_seq2seq", "run", "steps", "stream_pre
 
 
 @torch.inference_mode()  # entered for each step and left at each yield: the caller never runs in it
-def steps(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None) -> Iterator[Tensor]:
+def steps(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None,
+          stop_strings: StopStrings | None = None) -> Iterator[Tensor]:
     """Yield (batch,) next tokens, one step at a time; rows that stopped get the pad id; ends when all did, or
-    after ``max_new_tokens``. Nothing runs before the first token is asked for."""
+    after ``max_new_tokens``. Nothing runs before the first token is asked for.
+
+    Each step reads from the tensors once: the chosen tokens and whether every logit was finite come to the host
+    together (the stop checks run there), so a step waits on the device at most once. ``stop_strings``: the
+    call's :class:`StopStrings` when the caller wants to read its texts too (``stream_text``)."""
     if cfg.max_new_tokens == 0:
         return
     stop, pad = prompt.stop, prompt.pad
     batch, n_new, device = prompt.ids.shape[0], cfg.max_new_tokens, prompt.ids.device
-    stop_strings = StopStrings(cfg.stop_strings, tokenizer, prompt.tails() if cfg.stop_strings else None)
+    if stop_strings is None:
+        stop_strings = StopStrings(cfg.stop_strings, tokenizer, prompt.tails() if cfg.stop_strings else None)
+    stop_set = set(stop)
     with evaluating(model):
-        stepper = Stepper(model, prompt.ids, prompt.mask, n_new, cfg.use_cache, bool(cfg.sliding_window))
+        stepper = Stepper(model, prompt.ids, prompt.mask, n_new, cfg.use_cache, bool(cfg.sliding_window),
+                          check=False)  # the loop checks the logits it reads
         logits = stepper.prefill(prompt.target_start)  # the model checks the token ids here
         generator = None if cfg.seed is None else torch.Generator(device).manual_seed(cfg.seed)
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
         seen = prompt.seen_tokens(stepper.core.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
-        finished = torch.zeros(batch, dtype=torch.bool, device=device) if (stop or stop_strings) else None
+        track = bool(stop or stop_strings)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device) if track else None
+        done_rows = [False] * batch
+        rows = torch.arange(batch, device=device) if seen is not None else None
         for step in range(n_new):
-            token = choose(process(logits, step, cfg, seen, stop_ids), cfg, generator)
+            token = choose_checked(logits, step, cfg, seen, stop_ids, generator)
             if finished is not None:
                 token = token.masked_fill(finished, pad)
-                done = torch.isin(token, stop_ids) if stop_ids is not None else torch.zeros_like(finished)
-                if stop_strings:
-                    hits = stop_strings.hit(token.tolist(), (~finished).tolist())
-                    done |= torch.tensor(hits, device=device)
+            # The step's one read: the tokens, and a NaN/inf flag (a sum is NaN or infinite exactly when some
+            # logit is: float32 cannot overflow on a real model's logits).
+            bad = ~torch.isfinite(logits.sum(dtype=torch.float32))
+            host = torch.cat([token, bad.long().view(1)]).tolist()
+            if host[-1]:
+                check_finite(logits)  # raises, naming the rows
+            if track:
+                values = host[:batch]
+                hits = stop_strings.hit(values, [not d for d in done_rows]) if stop_strings else [False] * batch
                 if step >= cfg.min_new_tokens:
-                    finished = finished | done
+                    now = [d or v in stop_set or h for d, v, h in zip(done_rows, values, hits, strict=True)]
+                    if now != done_rows:
+                        done_rows = now
+                        finished = torch.tensor(done_rows, device=device)
             if seen is not None:
-                seen[torch.arange(batch, device=device), token] = True
+                seen[rows, token] = True
             yield token
-            if step + 1 == n_new or (finished is not None and bool(finished.all())):
+            if step + 1 == n_new or (track and all(done_rows)):
                 return
             logits = stepper.step(token.unsqueeze(1))
 
@@ -78,15 +97,15 @@ def stream(model: nn.Module, ids: Tensor, max_new_tokens: int | None = None, *,
     return stream_prepared(model, prepare(model, ids, attention_mask, cfg), cfg, tokenizer)
 
 
-def stream_prepared(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None
-                    ) -> Iterator[Tensor]:
+def stream_prepared(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: Any = None,
+                    stop_strings: StopStrings | None = None) -> Iterator[Tensor]:
     """:func:`stream` on a prepared prompt: the remaining checks now, then an iterator over the steps."""
     if cfg.num_beams > 1:
         raise ValueError(f"num_beams={cfg.num_beams}: beam search cannot stream, since the best hypothesis is "
                          "known only at the end; call beam_search() or generate(), or use num_beams=1")
     check_fits(model, prompt, cfg)
     check_tokenizer(cfg, tokenizer)
-    return steps(model, prompt, cfg, tokenizer)
+    return steps(model, prompt, cfg, tokenizer, stop_strings)
 
 
 def generate(model: nn.Module, ids: Tensor, max_new_tokens: int | None = None, *,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import ModelConfig
-from ..tokenizers import decode_continuation
+from ..tokenizers import IncrementalText
 from .config import GenerationConfig
 
 __all__ = ["stop_token_ids", "with_turn_ends", "until_stop_token", "find_stop", "open_stop", "StopStrings",
@@ -77,19 +77,21 @@ def open_stop(text: str, stop_strings: Sequence[str]) -> int:
 
 
 class StopStrings:
-    """The stop strings of a call, and each row's generated text as it grows.
+    """The stop strings of a call, and each row's generated text as it grows (decoded incrementally).
 
     ``hold``: how many trailing characters may still turn out to begin a stop string (never printed early);
     ``find(text, searched)``: where a stop string begins in ``text`` given that its first ``searched`` characters
     were already searched (-1: none); ``hit(tokens, live)``: per row, did this step's token complete one?
+    ``text(row)``: the row's text so far; ``cuts[row]``: where the first stop string found in it begins (-1: none
+    yet), so that the text helpers cut there without decoding or searching again.
     """
 
     def __init__(self, strings: Sequence[str], tokenizer: Any = None, contexts: list[list[int]] | None = None):
         self.strings, self.tokenizer = tuple(strings), tokenizer
         self.hold = max((len(s) for s in self.strings), default=1) - 1
-        self.contexts = contexts or []  # each row's last prompt tokens
-        self.generated: list[list[int]] = [[] for _ in self.contexts]
-        self.searched = [0] * len(self.contexts)  # characters of each row's text already searched
+        self.texts = [IncrementalText(tokenizer, context) for context in contexts or []]
+        self.searched = [0] * len(self.texts)  # characters of each row's text already searched
+        self.cuts = [-1] * len(self.texts)
 
     def __bool__(self) -> bool:
         return bool(self.strings)
@@ -99,14 +101,16 @@ class StopStrings:
 
     def text(self, row: int) -> str:
         """Row ``row``'s generated text so far, read after its prompt."""
-        return decode_continuation(self.tokenizer, self.contexts[row], self.generated[row])
+        return self.texts[row].text
 
     def hit(self, tokens: list[int], live: list[bool]) -> list[bool]:
         found = [False] * len(tokens)
         for row, token in enumerate(tokens):
             if live[row]:
-                self.generated[row].append(token)
-                text = self.text(row)
-                found[row] = self.find(text, self.searched[row]) >= 0
+                text = self.texts[row].add(token)
+                cut = self.find(text, self.searched[row])
+                found[row] = cut >= 0
+                if found[row] and self.cuts[row] < 0:
+                    self.cuts[row] = cut
                 self.searched[row] = len(text)
         return found

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..data import left_pad, right_pad
 from ..models import unwrap
-from ..tokenizers import decode_continuation
+from ..tokenizers import IncrementalText, decode_continuation
 from .config import GenerationConfig, resolve
 from .prompt import generating_kind, prepare
 from .sampling import run, stream_prepared
@@ -73,23 +73,25 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: i
     cfg = _text_defaults(resolve(config, max_new_tokens, options), model, tokenizer)
     encoded = tokenizer.encode(prompt, add_special_tokens=True)
     prepared = prepare(model, torch.tensor([encoded], dtype=torch.long), None, cfg)
-    tokens = stream_prepared(model, prepared, cfg, tokenizer)  # checks the rest now
     context = [] if prepared.seq2seq else encoded
-    return _pieces(tokens, tokenizer, context, prepared.stop, StopStrings(cfg.stop_strings))
+    # One incremental decode and one search per token, shared with the loop that stops on the stop strings.
+    finder = StopStrings(cfg.stop_strings, tokenizer, [context])
+    tokens = stream_prepared(model, prepared, cfg, tokenizer, finder)  # checks the rest now
+    return _pieces(tokens, tokenizer, context, prepared.stop, finder)
 
 
 def _pieces(tokens: Iterator[Tensor], tokenizer: Any, context: list[int], stop: tuple[int, ...],
             stop_strings: StopStrings) -> Iterator[str]:
-    """The pieces :func:`stream_text` yields, from the (1,) token tensors of :func:`~qkv.generation.stream`."""
-    generated: list[int] = []
+    """The pieces :func:`stream_text` yields, from the (1,) token tensors of :func:`~qkv.generation.stream`; with
+    stop strings, the loop already decoded each token's text into ``stop_strings`` and found where one begins."""
+    own = None if stop_strings else IncrementalText(tokenizer, context)
     text, emitted = "", 0
     for token in tokens:
         t = int(token[0])
         if t in stop:
             break
-        generated.append(t)
-        text = decode_continuation(tokenizer, context, generated)
-        cut = stop_strings.find(text, emitted)
+        text = stop_strings.text(0) if own is None else own.add(t)
+        cut = stop_strings.cuts[0] if own is None else -1
         if cut >= 0:
             text = text[:cut]
             break
