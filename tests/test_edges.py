@@ -39,6 +39,36 @@ OBSERVED: dict[str, str] = {}
 # rows whose test lives in another file (it needs a subprocess, training, or a reference library), with the message
 # or behaviour observed there: (where, case, observed, "tests/file.py::test")
 ELSEWHERE: list[tuple[str, str, str, str]] = [
+    ("CLI", "`qkv train --init-from` a model with tied embeddings (SmolLM2) and `--lora-targets qkv,lm_head`",
+     "exit 2: --lora-targets lm_head: this model ties its output layer to the token embedding (tie_embeddings), so "
+     "an adapter there would change the embedding too when merged (peft#2018); drop lm_head from --lora-targets, or "
+     "fine-tune every weight (no --lora-r); nothing written",
+     "tests/test_finetune.py::test_an_adapter_on_a_tied_output_layer_is_refused_in_one_line"),
+    ("CLI", "`--lora-alpha` (or `--lora-dropout`, `--lora-targets`) without `--lora-r`; `--lora-r` without "
+            "`--init-from`",
+     "exit 2: --lora-alpha set LoRA's adapters, but no --lora-r was given: add --lora-r N (e.g. 8) to train "
+     "adapters, or drop them to fine-tune every weight / … add --init-from PATH (the model to adapt); no run "
+     "directory created", "tests/test_finetune.py::test_lora_options_without_init_from_or_rank_are_refused_in_one_line"),
+    ("API", "chat fine-tuning: a batch whose conversations hold no assistant token",
+     "loss 0 and every gradient exactly 0 (no NaN from 0/0)",
+     "tests/test_finetune.py::test_a_batch_without_an_assistant_token_has_loss_zero_and_no_gradient"),
+    ("API", "chat fine-tuning: a conversation longer than the context",
+     "cropped at the last turn boundary that fits, or skipped when its first reply ends past the context; counted "
+     "at the start of training ('1 skipped (the first reply ends past 129 tokens)')",
+     "tests/test_finetune.py::test_conversations_past_the_context_are_cropped_at_a_turn_boundary_or_skipped"),
+    ("CLI", "`qkv export RUN --out` the run itself, the folder holding it, or a folder of other files",
+     "exit 2: --out … is or holds the run being exported (…): writing there would replace it; choose a new directory "
+     "/ … already exists and is not empty; choose a new directory, or pass --overwrite; nothing touched (was: the "
+     "folder wiped)", "tests/test_finetune.py::test_export_never_writes_over_its_own_run_nor_over_files_already_there"),
+    ("CLI", "`qkv eval --bleu` of a chat model (a decoder) without `--instruction`",
+     "exit 2: … holds a decoder: BLEU of a chat model needs the parallel file whose test split it translates and the "
+     "instruction to ask with (--data PAIRS --instruction 'Translate to French: {source}')",
+     "tests/test_finetune.py::test_bleu_of_a_chat_model_scores_the_translation_recipes_test_split"),
+    ("API", "a compiled model (`compile_decoder`) asked for other prompt lengths and `max_new_tokens`, in `generate` "
+            "and a `Conversation`",
+     "one compiled graph, no recompile (the prompt runs eagerly; decode states in capacity buckets), and the eager "
+     "model's tokens (was: a graph per prompt length and per max_new_tokens, falling back to eager after 8)",
+     "tests/test_compiled_decoding.py::test_a_compiled_model_generates_the_eager_tokens_with_one_graph_for_many_calls"),
     ("API", "gradient accumulation over micro-batches holding unequal numbers of masked tokens (masked LM)",
      "each micro-batch weighs by its predicted tokens: relative gradient difference to one batch < 1e-5 "
      "(was 0.38)", "tests/test_accumulation.py::test_masked_lm_micro_batches_weigh_by_their_masked_tokens"),
@@ -975,10 +1005,10 @@ def test_generating_with_an_encoder_is_refused(ckpt, capsys, observe):
     assert "no next-token distribution" in message
 
 
-@row("CLI", "`qkv translate` with a decoder-only checkpoint")
+@row("CLI", "`qkv translate` with a decoder-only checkpoint and no `--instruction`")
 def test_translating_with_a_decoder_is_refused(ckpt, capsys, observe):
     message = observe(cli_error(capsys, ["translate", "--checkpoint", ckpt["decoder"], "hello"]))
-    assert "not an encoder-decoder" in message
+    assert "holds a decoder, which translates only when asked: pass --instruction" in message
 
 
 @row("CLI", "`qkv translate --batch-size 0` (was: `range() arg 3 must not be zero`)")
