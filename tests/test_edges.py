@@ -48,7 +48,8 @@ ELSEWHERE: list[tuple[str, str, str, str]] = [
             "`--init-from`",
      "exit 2: --lora-alpha set LoRA's adapters, but no --lora-r was given: add --lora-r N (e.g. 8) to train "
      "adapters, or drop them to fine-tune every weight / … add --init-from PATH (the model to adapt); no run "
-     "directory created", "tests/test_finetune.py::test_lora_options_without_init_from_or_rank_are_refused_in_one_line"),
+     "directory created",
+     "tests/test_finetune.py::test_lora_options_without_init_from_or_rank_are_refused_in_one_line"),
     ("API", "chat fine-tuning: a batch whose conversations hold no assistant token",
      "loss 0 and every gradient exactly 0 (no NaN from 0/0)",
      "tests/test_finetune.py::test_a_batch_without_an_assistant_token_has_loss_zero_and_no_gradient"),
