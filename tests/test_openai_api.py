@@ -440,3 +440,23 @@ def test_the_load_benchmark_counts_answers_busy_503s_and_errors_apart(tmp_path):
     assert result.ok >= 1 and result.busy >= 1 and 0 < result.completion_tokens <= 8 * result.ok
     assert len(result.latencies) == result.ok and result.rss_start and result.rss_end
     assert "errors 0" in format_serve_load(result)
+
+
+def test_a_server_that_compiles_answers_as_the_eager_model(served):
+    """``qkv serve --compile``: /v1 decodes through the compiled step (compiled as the model loads, one graph for
+    every request) and answers what the plain model answers."""
+    from torch._dynamo.utils import counters
+
+    eager, model, tokenizer = served
+    torch._dynamo.reset()
+    counters.clear()
+    with make_server(Explorer(model, tokenizer, max_new_tokens=MAX_NEW, compile="eager"), api_key=KEY) as fresh:
+        assert counters["stats"]["unique_graphs"] == 1  # compiled before the first request
+        for messages, n in ((CHAT, 12), (CHAT + [{"role": "assistant", "content": "ok"},
+                                                 {"role": "user", "content": "and then?"}], 9)):
+            answers = [client(server).chat.completions.create(model=name_of(server), messages=messages,
+                                                              temperature=0, max_tokens=n).choices[0].message.content
+                       for server in (eager, fresh)]
+            assert answers[0] == answers[1] == greedy(model, tokenizer, messages, n)[2]
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -10,7 +10,7 @@ import sys
 
 from qkv.extras import needs
 
-from .options import add_checkpoint, add_quantize, add_threads, use_threads
+from .options import add_checkpoint, add_compile, add_quantize, add_threads, use_threads
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "/v1/completions; the token is their API key) and /health.")
     add_checkpoint(p, required=False, help="the model to open with (another can be picked in the page)")
     add_quantize(p)  # every model the server loads, the first and those picked in the page
+    add_compile(p)  # /v1 and the page's generation decode through a compiled step
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; anything else exposes the model "
                         "and the file paths it can load to the network)")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     allowed_origins = [name.strip() for entry in args.allowed_origins for name in entry.split(",") if name.strip()]
     explorer = Explorer(checkpoint=args.checkpoint, search_root=args.root, max_new_tokens=args.max_new_tokens,
                         max_text_chars=args.max_text_chars, max_drawn_tokens=args.max_drawn_tokens,
-                        quantize=args.quantize)
+                        quantize=args.quantize, compile="inductor" if args.compile else None)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:

@@ -85,9 +85,9 @@ def warm_up(model: nn.Module, batch: int = 1) -> float:
     core = unwrap(model)
     if core.model_type == "seq2seq":
         return 0.0
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=next(core.parameters()).device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode():  # the ids made inside it, as generation's are (a guard tells them apart)
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=next(core.parameters()).device)
         state = core.new_decode_state(batch, state_capacity(3, core.config.max_seq_len, is_compiled(model)))
         eager_module(model)(ids, decode_state=state)
         for _ in range(2):

@@ -82,6 +82,12 @@ class Served:
     model: nn.Module
     tokenizer: Tokenizer
     source: str
+    decoder: nn.Module | None = None  # the model /v1 decodes with: a compiled wrapper of ``model`` (--compile)
+
+    @property
+    def decoding(self) -> nn.Module:
+        """What generation runs: the compiled step when the server compiles, else the model itself."""
+        return self.decoder if self.decoder is not None else self.model
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,12 @@ class Explorer:
     def __init__(self, model: nn.Module | None = None, tokenizer: Tokenizer | None = None, *,
                  checkpoint: str | Path | None = None, search_root: str | Path | None = None,
                  max_text_chars: int = 2000, max_new_tokens: int = 200, max_drawn_tokens: int = 128,
-                 quantize: str | None = None):
+                 quantize: str | None = None, compile: str | None = None):
         self.lock = threading.Lock()  # one model computation at a time
         self.quantize = quantize  # every checkpoint loaded is quantized so ("int8" | "int4", qkv.load's quantize=)
+        self.compile = compile  # a torch.compile backend ("inductor": --compile): /v1 decodes with a compiled step
         self.served: Served | None = None if model is None or tokenizer is None else \
-            Served(model, tokenizer, "in-process model")
+            self._serving(model, tokenizer, "in-process model")
         self.search_root = Path(search_root) if search_root is not None else None
         self.max_text_chars, self.max_new_tokens = max_text_chars, max_new_tokens
         self.max_drawn_tokens = max_drawn_tokens  # a cap on the tokens whose maps go to the page, not on generation
@@ -151,10 +158,20 @@ class Explorer:
         model, tokenizer = load(path, quantize=self.quantize)
         if tokenizer is None:
             raise RequestError(f"{path} has no tokenizer; add its tokenizer.json (or vocab files) to the directory")
-        served = Served(model.eval(), tokenizer, str(path))
+        served = self._serving(model.eval(), tokenizer, str(path))
         with self.lock:  # after the computation under way, if any
             self.served = served
         return self.info(served)  # this load's model, whatever another load did since
+
+    def _serving(self, model: nn.Module, tokenizer: Tokenizer, source: str) -> Served:
+        """``Served``, with the decode step compiled now (not at the first request) when the server compiles."""
+        if self.compile is None or model_type_of(model) != "decoder":
+            return Served(model, tokenizer, source)
+        from ..generation.compiled import compile_decoder, warm_up
+
+        decoder = compile_decoder(model, backend=self.compile)
+        warm_up(decoder)
+        return Served(model, tokenizer, source, decoder)
 
     def info(self, served: Served | None = None) -> dict:
         """The model ``served`` (default: the loaded one), its limits, and checkpoints to pick from."""
@@ -267,7 +284,7 @@ class Explorer:
         from ..generation import stream_text
 
         served = request.served
-        pieces = stream_text(served.model, served.tokenizer, request.text, config=request.config)
+        pieces = stream_text(served.decoding, served.tokenizer, request.text, config=request.config)
         while True:
             with self.lock:  # one model step at a time, shared with the other requests
                 piece = next(pieces, None)

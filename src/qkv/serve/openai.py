@@ -450,7 +450,7 @@ class Worker:
         from ..generation.conversation import Conversation
 
         if self._engine is None or self._engine[0] is not served:
-            self._engine = (served, Conversation(served.model, served.tokenizer))
+            self._engine = (served, Conversation(served.decoding, served.tokenizer))
         return self._engine[1]
 
     def _run(self, job: Job) -> None:
