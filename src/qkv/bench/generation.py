@@ -7,10 +7,10 @@ Three measurements, all greedy, batch 1, a 16-token prompt:
    Python and dispatch overhead dominates. qkv and a ``transformers.GPT2LMHeadModel`` holding the same weights
    (built from a ``GPT2Config`` of the same shape: dropouts 0, SDPA attention, ``gelu_new``) run interleaved
    A/B/A/B; the median of ``repeats`` runs each gives tokens/s and the ratio qkv / HF.
-2. **GPT-2-small shapes** (124M parameters, fp32), 128 new tokens: each token reads every weight once, so the
-   speed limit is memory bandwidth. The limit is measured in the same run: the median time of 20 fp32
-   products W @ x of a contiguous 124,439,808-value matrix with a vector; qkv's share = limit time / qkv time
-   per token.
+2. **GPT-2-small shapes** (124M parameters, fp32 and bf16), 128 new tokens: each token reads every weight once, so the
+   speed limit is memory bandwidth. The limit is measured in the same run: the median time of 20
+   products W @ x of a contiguous 124,439,808-value matrix with a vector, in the model's dtype; qkv's share =
+   limit time / qkv time per token.
 3. **The cache**, small model: tokens/s with and without the KV cache for 128, 512 and 1024 new tokens, and,
    with the cache, the mean cost of generated tokens 897-1024 over that of tokens 2-128 (token 1 also pays
    for the prompt).
@@ -96,13 +96,14 @@ def _median_times(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, width: int = 768
-                      ) -> tuple[float, float]:
-    """(wall, CPU) seconds to read ``n_values`` fp32 weights once: the medians over ``repeats`` products W @ x,
-    W contiguous (n_values / width, width), x a vector. No decoder makes a token faster than it reads its weights."""
+def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, width: int = 768,
+                      dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(wall, CPU) seconds to read ``n_values`` weights of ``dtype`` once: the medians over ``repeats`` products
+    W @ x, W contiguous (n_values / width, width), x a vector of the same dtype. No decoder makes a token faster
+    than it reads its weights."""
     with torch.inference_mode():
-        w = torch.randn(n_values // width, width)
-        x = torch.randn(width)
+        w = torch.randn(n_values // width, width).to(dtype)
+        x = torch.randn(width).to(dtype)
         w @ x  # warm-up: page the matrix in
         return _median_times(lambda: w @ x, repeats)
 
@@ -139,10 +140,12 @@ def _hf_greedy(hf: torch.nn.Module, ids: Tensor, n: int) -> Callable[[], Tensor]
     return run
 
 
-def _versus_hf(name: str, config: ModelConfig, prompt: int, n: int, repeats: int, seed: int) -> list[dict]:
+def _versus_hf(name: str, config: ModelConfig, prompt: int, n: int, repeats: int, seed: int,
+               dtype: torch.dtype = torch.float32) -> list[dict]:
     torch.manual_seed(seed)
     model = DecoderLM(config).eval()
-    hf = hf_twin(model)
+    hf = hf_twin(model).to(dtype)
+    model = model.to(dtype)
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(seed))
     t, out = _interleaved({"qkv": _qkv_greedy(model, ids, n), "hf": _hf_greedy(hf, ids, n)}, repeats)
     same = torch.equal(out["qkv"], out["hf"])
@@ -153,14 +156,18 @@ def _versus_hf(name: str, config: ModelConfig, prompt: int, n: int, repeats: int
 
 
 def _versus_limit(prompt: int, n: int, repeats: int, seed: int, limit_repeats: int = 20) -> list[dict]:
-    rows = _versus_hf("gpt2-small (124M fp32)", gpt2_small_config(), prompt, n, repeats, seed)
-    wall, cpu = weight_read_limit(repeats=limit_repeats)
-    row = rows[0]
-    limit = 1.0 / wall
-    row.update(limit_tokens_per_s=limit, qkv_share_of_limit=row["qkv_tokens_per_s"] / limit,
-               hf_share_of_limit=row["hf_tokens_per_s"] / limit, limit_gb_per_s=GPT2_SMALL_VALUES * 4 / wall / 1e9,
-               limit_cpu_s=cpu, qkv_share_of_limit_cpu=cpu / row["qkv_cpu_s_per_token"],
-               hf_share_of_limit_cpu=cpu / row["hf_cpu_s_per_token"])
+    """GPT-2 small in fp32 and in bf16: qkv and Hugging Face against the time to read the weights' bytes once."""
+    rows = []
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        row = _versus_hf(f"gpt2-small (124M {label})", gpt2_small_config(), prompt, n, repeats, seed, dtype)[0]
+        wall, cpu = weight_read_limit(repeats=limit_repeats, dtype=dtype)
+        limit = 1.0 / wall
+        row.update(dtype=label, limit_tokens_per_s=limit, qkv_share_of_limit=row["qkv_tokens_per_s"] / limit,
+                   hf_share_of_limit=row["hf_tokens_per_s"] / limit,
+                   limit_gb_per_s=GPT2_SMALL_VALUES * dtype.itemsize / wall / 1e9, limit_cpu_s=cpu,
+                   qkv_share_of_limit_cpu=cpu / row["qkv_cpu_s_per_token"],
+                   hf_share_of_limit_cpu=cpu / row["hf_cpu_s_per_token"])
+        rows.append(row)
     return rows
 
 
@@ -370,7 +377,7 @@ def format_generation_table(rows: list[dict]) -> str:
                          f"{str(r['same_tokens']):>9}")
         for r in head:
             if "limit_tokens_per_s" in r:
-                lines.append(f"limit: W @ x over {GPT2_SMALL_VALUES:,} fp32 values, median of 20: "
+                lines.append(f"limit: W @ x over {GPT2_SMALL_VALUES:,} {r.get('dtype', 'fp32')} values, median of 20: "
                              f"{r['limit_gb_per_s']:.1f} GB/s = {r['limit_tokens_per_s']:.1f} tokens/s; share of "
                              f"it: qkv {r['qkv_share_of_limit']:.2f} (CPU {r['qkv_share_of_limit_cpu']:.2f}), "
                              f"HF {r['hf_share_of_limit']:.2f} (CPU {r['hf_share_of_limit_cpu']:.2f})")
