@@ -90,6 +90,10 @@ def test_toml_options_apply_and_flags_override_them(small_text, tmp_path, capsys
                              "--no-progress", "--threads", 1)
     assert code == 0, err
     assert "done: step 3," in out
+    import re
+
+    peak = float(re.search(r"peak memory ([0-9.]+) GB", out).group(1))  # this process's, tests and torch included
+    assert 0.1 < peak < 24
     model, _ = qkv.load(tmp_path / "run")
     assert (model.config.d_model, model.config.max_seq_len) == (32, 16)
     code, out, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--threads", 1)

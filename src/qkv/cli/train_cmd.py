@@ -167,8 +167,19 @@ def run(args: argparse.Namespace) -> int:
     out = result.checkpoint.parent
     say_once(f"done: step {result.step}, validation loss {result.val_loss:.4f} "
              f"(perplexity {perplexity_text(result.val_loss)}) after {result.elapsed:.1f} s, "
-             f"{result.tokens_per_s:,.0f} tokens/s")
+             f"{result.tokens_per_s:,.0f} tokens/s{_peak_memory()}")
     curve = (f"loss curve {result.loss_curve}" if result.loss_curve is not None else
              "no loss curve (it needs matplotlib: pip install 'qkv[viz]')")
     say_once(f"checkpoint {result.checkpoint}; metrics {out / 'metrics.csv'}; {curve}")
     return 0
+
+
+def _peak_memory() -> str:
+    """", peak memory 1.23 GB": this process's peak resident memory (what fine-tuning a bigger model needs), or ""
+    where the platform does not say (no ``resource`` module: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return ""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f", peak memory {peak * (1 if sys.platform == 'darwin' else 1024) / 1e9:.2f} GB"
