@@ -1,6 +1,7 @@
 """`qkv train` / `qkv eval` from the command line: interruption, divergence, TOML options, bad input."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,8 +91,6 @@ def test_toml_options_apply_and_flags_override_them(small_text, tmp_path, capsys
                              "--no-progress", "--threads", 1)
     assert code == 0, err
     assert "done: step 3," in out
-    import re
-
     peak = float(re.search(r"peak memory ([0-9.]+) GB", out).group(1))  # this process's, tests and torch included
     assert 0.1 < peak < 24
     model, _ = qkv.load(tmp_path / "run")
