@@ -109,3 +109,18 @@ def test_generate_compile_runs_the_inductor_step_and_prints_the_eager_text(tmp_p
         texts.append(out)
     assert texts[0] == texts[1] and len(texts[0]) > len("the cat")
     assert "compiled in" in err and "(1 graph)" in err
+
+
+def test_without_the_cache_a_compiled_model_decodes_eagerly_and_the_cli_refuses_the_pair(tmp_path, capsys):
+    from qkv.checkpoint import save_checkpoint
+    from qkv.cli import main
+
+    model = llama_like()
+    compiled = compile_decoder(model, backend="eager")
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(generate(compiled, ids, 6, temperature=0, use_cache=False),
+                       generate(model, ids, 6, temperature=0))
+    assert compile_counts()["graphs"] == 0  # a prefix that grows each step never goes through the graph
+    save_checkpoint(tmp_path / "ckpt", model, Tokenizer.char("abcdefghijklmnopqrstuvwxyz "))
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--compile", "--no-cache", "abc"]) == 2
+    assert "drop --no-cache or --compile" in capsys.readouterr().err

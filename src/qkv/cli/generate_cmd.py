@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache, sliding_window=not args.no_sliding_window,
     )
     use_threads(args.threads)
+    if args.compile and args.no_cache:
+        raise ValueError("--compile compiles the one-token step of cached decoding; without the cache each step "
+                         "reads a longer prefix (a new graph every time): drop --no-cache or --compile")
     model, tokenizer = load_checkpoint(args.checkpoint, dtype=load_dtype(args.dtype), quantize=args.quantize)
     model = compile_if_asked(model, args.compile)
     echo = model_type_of(model) != "seq2seq"  # a continuation follows its prompt; a translation stands alone

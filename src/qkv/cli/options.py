@@ -62,6 +62,12 @@ def compile_if_asked(model, compile: bool):
     if not compile:
         return model
     from qkv.generation.compiled import compile_counts, compile_decoder, warm_up
+    from qkv.models import model_type_of
+
+    if model_type_of(model) != "decoder":
+        print("note: --compile compiles a decoder-only model's step; an encoder-decoder decodes as it is",
+              file=sys.stderr, flush=True)
+        return model
 
     print("note: compiling the decode step (--compile) ...", file=sys.stderr, flush=True)
     compiled = compile_decoder(model)

@@ -202,11 +202,12 @@ class Stepper:
         tokens = self.tokens[:, -window:]
         if self.seq2seq:
             return self.core.decode(tokens, self.memory, self.src_mask)[:, -1]
+        model = eager_module(self.model)  # a prefix that grows each step: a compiled graph would recompile each time
         if self.mask is None:
-            return self.model(tokens)[:, -1]
+            return model(tokens)[:, -1]
         mask = self.mask[:, -window:]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each row's first real token
-        return self.model(tokens, mask, positions=positions)[:, -1]
+        return model(tokens, mask, positions=positions)[:, -1]
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (beam search): the decode state follows, or the prefix without the cache."""
