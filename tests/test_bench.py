@@ -79,3 +79,13 @@ def test_paired_ratio_range_compares_within_each_round():
     assert paired_ratio_range([20.0, 10.0, 30.0], [16.0, 8.0, 20.0]) == pytest.approx((1.25, 1.5))
     with pytest.raises(ValueError):
         paired_ratio_range([1.0, 2.0], [1.0])
+
+
+def test_qkv_bench_generate_runs_only_the_sections_asked_for(capsys):
+    from qkv.cli import main
+
+    assert main(["bench", "generate", "--quick", "--only", "small", "--threads", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "small (4x128)" in out and "KV cache" not in out and "without the KV cache" not in out
+    assert main(["bench", "training", "--only", "smollm2"]) == 2
+    assert "add the word generate" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import os
 from .options import add_checkpoint, add_device, add_threads, use_threads
 
 SUITES = ("training", "attention", "generate", "all", "serve")  # serve: not in all (it needs --checkpoint)
+GENERATE_SECTIONS = ("small", "gpt2", "cache", "smollm2")  # qkv.bench.generation's, named here without torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="train every contender under bf16 autocast on the CPU too, against a bf16 matmul peak "
                         "(pays on CPUs with AVX512_BF16 or AMX; on an accelerator bf16 is the default)")
+    gen = p.add_argument_group("generate (qkv bench generate)")
+    gen.add_argument("--only", choices=GENERATE_SECTIONS, action="append", metavar="SECTION",
+                     help=f"run only these sections ({', '.join(GENERATE_SECTIONS)}; repeatable; smollm2: SmolLM2 "
+                          "in fp32/bf16/int8/int4, eager and compiled, and llama.cpp, each run a fresh process)")
+    gen.add_argument("--contenders", nargs="+", metavar="NAME",
+                     help="the SmolLM2 contenders (fp32, bf16, int8, int4, each also as 'NAME compiled', and "
+                          "llama.cpp; default: all)")
     serve = p.add_argument_group("serve (qkv bench serve --checkpoint PATH: concurrent OpenAI clients on loopback)")
     add_checkpoint(serve, required=False, help="the model qkv serve loads for the serve benchmark")
     serve.add_argument("--clients", type=int, default=16, help="concurrent streaming chat clients (default 16)")
@@ -47,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
+    if (args.only or args.contenders) and args.suite != "generate":
+        raise ValueError("--only and --contenders choose what qkv bench generate measures: add the word generate "
+                         "(qkv bench generate --only smollm2)")
     if args.suite == "serve":
         return run_serve(args)
     device = resolve_device(args.device)
@@ -70,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from qkv.bench.generation import format_generation_table, generation_benchmark
 
-            rows = generation_benchmark(args.quick, threads=torch.get_num_threads(), repeats=args.repeats)
+            rows = generation_benchmark(args.quick, threads=torch.get_num_threads(), repeats=args.repeats,
+                                        sections=tuple(args.only or GENERATE_SECTIONS), contenders=args.contenders)
             print("Generation", flush=True)
             print(format_generation_table(rows), flush=True)
     return 0
