@@ -398,13 +398,13 @@ def format_generation_table(rows: list[dict]) -> str:
                       f"thread(s), each run a fresh process with OMP_WAIT_POLICY=PASSIVE, median of {s['rounds']} "
                       f"interleaved rounds; load average before each round: "
                       f"{', '.join(f'{x:.1f}' for x in s['load_averages'])}",
-                  f"{'contender':<16}{'tok/s':>8}{'first token ms':>16}{'load s':>8}{'compile s':>11}"
+                  f"{'contender':<16}{'tok/s':>8}{'first token ms':>16}{'load s':>8}{'compile s':>15}"
                   f"{'vs llama.cpp':>14}"]
         for r in smol:
             ratio = f"{r['vs_llama_cpp']:.2f}" if r["vs_llama_cpp"] is not None else "-"
             compiled = "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f} ({r['graphs']} graph)"
             lines.append(f"{r['contender']:<16}{r['tokens_per_s']:>8.1f}{r['first_token_s'] * 1e3:>16.0f}"
-                         f"{r['load_s']:>8.1f}{compiled:>11}{ratio:>14}")
+                         f"{r['load_s']:>8.1f}{compiled:>15}{ratio:>14}")
         lines.append("compile s: compiling the decode step in that process, with Inductor's on-disk cache as the "
                      "rounds before left it (the first round compiles from nothing)")
     lines += [r["note"] for r in rows if r["section"] == "SmolLM2 note"]
