@@ -498,6 +498,9 @@ def test_eval_base_scores_the_model_a_run_started_from_on_the_runs_own_batches(b
         assert before["loss"] == pytest.approx(mean_loss(model, objective, batches), abs=1e-6)
     assert after["loss"] == pytest.approx(mean_loss(model, objective, batches), abs=1e-6)
     assert before["loss"] != after["loss"] and before["tokens"] == after["tokens"]
+    # the trainer's last validation loss is qkv eval's (its one validation conversation, cropped at the run's context)
+    last = [row for row in (run / "metrics.csv").read_text().splitlines()[1:] if row.split(",")[5]][-1]
+    assert after["loss"] == pytest.approx(float(last.split(",")[5]), abs=1e-6)
     assert train("tiny-decoder", "--data", bases["text"], "--max-steps", "1", "--out", tmp_path / "scratch") == 0
     with pytest.raises(ValueError, match="not a fine-tuning run"):
         evaluate_checkpoint(tmp_path / "scratch", base=True)

@@ -307,10 +307,11 @@ def _evaluation_batches(model, tokenizer: Tokenizer, objective: Objective, run: 
     if data is None:
         check_data_unchanged(sha256, n_bytes, source, run, f"its validation conversations are not the ones the run "
                                                            f"held out; pass --data {source} to evaluate it on purpose")
-    options = TrainConfig(context=context, batch_size=batch_size)
+    saved = _saved_options(directory)
+    # Conversations cropped as the run cropped them (its --context), unless --context says otherwise.
+    options = TrainConfig(context=context if context is not None else saved.context, batch_size=batch_size)
     conversations = corpus.conversations
     if split == "val":
-        saved = _saved_options(directory)
         conversations = split_chats(conversations, saved.val_fraction, saved.seed)[1]
     examples = render_chats(conversations, ChatTemplate(tokenizer), _context(model, options) + 1).examples
     return ChatBatches(examples, batch_size, name="evaluation").fixed(max_batches), source
