@@ -141,6 +141,11 @@ def test_a_study_stopped_between_units_continues_to_the_same_results(quick, tmp_
     torch.set_num_threads(1)
     partial = scaling_study(quick=True, out_dir=tmp_path, progress=False, max_units=7)
     assert "7 of 30 units of work done" in partial.notes[0] and not partial.figures
+    # stopped after the sweep and two budgets whole: those two valleys are fitted, as a preview
+    preview = scaling_study(quick=True, out_dir=tmp_path, progress=False, max_units=13)
+    assert "20 of 30 units of work done" in preview.notes[0] and "The fits use the 2 budgets" in preview.notes[0]
+    assert [row["budget"] for row in preview.table("isoFLOP valleys")] == [0, 1] and len(preview.figures) == 3
+    assert preview.table("isoFLOP valleys") == quick.table("isoFLOP valleys")[:2]  # the same valleys as the whole
     finished = scaling_study(quick=True, out_dir=tmp_path, progress=False)
     assert finished.table("runs") == quick.table("runs")
     assert finished.table("widths and the learning-rate sweep")[0]["lr chosen"] == \

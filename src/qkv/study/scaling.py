@@ -674,30 +674,41 @@ def _report(run: _Run, units: list[tuple[str, int, int]], complete: bool, quick:
     tables: dict[str, list[dict[str, Any]]] = {"widths and the learning-rate sweep": sweep_rows, "runs": runs_rows}
     result = StudyResult(name="scaling", quick=quick, title="Scaling laws on this machine: loss against parameters, "
                          "data and compute", settings=settings, tables=tables, captions=captions)
+    everything = list(range(len(plan["budgets"])))
     if not complete:
-        done = len(run.points)
-        result.notes = [f"{done} of {len(units)} units of work done; run the same command again to continue."]
-        return result, None
-    return result, _fit(result, run, branches)
+        note = f"{len(run.points)} of {len(units)} units of work done; run the same command again to continue."
+        whole = [k for k in everything if all(_name("branch", w, k) in run.points for w in range(len(plan["widths"])))]
+        if len(whole) < 2:  # fewer than two whole valleys: nothing to fit a power law through yet
+            result.notes = [note]
+            return result, None
+        fits = _fit(result, run, [r for r in branches if r["budget"] in whole], whole)
+        flops = ", ".join(f"{plan['budgets'][k]:.3g}" for k in whole)
+        result.notes.insert(0, f"{note} The fits use the {len(whole)} budgets whose every width is done "
+                               f"({flops} FLOPs) of the plan's {len(everything)}: a preview of the whole study's.")
+        return result, fits
+    return result, _fit(result, run, branches, everything)
 
 
-def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]]) -> dict[str, Any]:
+def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]], budgets: list[int]) -> dict[str, Any]:
+    """The valleys of ``budgets`` (indices into the plan's), the power laws through them, L(N, D) over
+    ``branches``, the presets placed; → the fitted laws for the figures."""
     plan, s = run.plan, run.settings
     good = [r for r in branches if math.isfinite(r["val loss"])]
     n = np.array([r["N (non-embedding)"] for r in good], dtype=np.float64)
     d = np.array([r["tokens"] for r in good], dtype=np.float64)
     loss = np.array([r["val loss"] for r in good], dtype=np.float64)
-    valleys = []
-    for k in range(len(plan["budgets"])):
+    valleys, valley_budgets = [], []
+    for k in budgets:
         rows = [r for r in good if r["budget"] == k]
         if len(rows) >= 3:
+            valley_budgets.append(k)
             valleys.append(laws.isoflop_valley(float(np.mean([r["FLOPs"] for r in rows])),
                                                [r["N (non-embedding)"] for r in rows], [r["tokens"] for r in rows],
                                                [r["val loss"] for r in rows]))
-    valley_rows = [{"budget": k, "FLOPs": v.flops, "N_opt": v.n_opt, "D_opt": v.d_opt,
+    valley_rows = [{"budget": valley_budgets[i], "FLOPs": v.flops, "N_opt": v.n_opt, "D_opt": v.d_opt,
                     "tokens per parameter": v.d_opt / v.n_opt if math.isfinite(v.n_opt) else None,
                     "loss at the minimum": v.loss, "minimum inside the widths": v.inside}
-                   for k, v in enumerate(valleys)]
+                   for i, v in enumerate(valleys)]
     found = [v for v in valleys if math.isfinite(v.n_opt)]
     n_law = laws.power_law([v.flops for v in found], [v.n_opt for v in found]) if len(found) >= 2 else None
     d_law = laws.power_law([v.flops for v in found], [v.d_opt for v in found]) if len(found) >= 2 else None
@@ -756,7 +767,8 @@ def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]]) -> dict
          "word-piece), so more of them per parameter is expected." if tokens_per_param else
          "No budget's losses formed a valley, so no optimum was measured."),
         f"What this range can tell: the exponents over a {span:.0f}x span of sizes and a "
-        f"{plan['budgets'][-1] / plan['budgets'][0]:.0f}x span of compute, one seed each. What it cannot: the "
+        f"{plan['budgets'][budgets[-1]] / plan['budgets'][budgets[0]]:.0f}x span of compute, one seed each. What it "
+        "cannot: the "
         "exponents at 1000x the size (they drift with scale: Kaplan's 0.73 became Chinchilla's 0.50 once warm-up, "
         "cool-down and the output layer's FLOPs were fixed, Porian et al. 2024), the constants of another tokenizer "
         "or corpus, or anything about the presets' own data: the last table extrapolates this corpus's law.",
