@@ -710,12 +710,17 @@ def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]], budgets
                     "loss at the minimum": v.loss, "minimum inside the widths": v.inside}
                    for i, v in enumerate(valleys)]
     found = [v for v in valleys if math.isfinite(v.n_opt)]
+    inside = [v for v in found if v.inside]
+    if len(inside) >= 2:  # a minimum beyond the widths is the parabola extrapolated: fit the measured ones
+        found = inside
     n_law = laws.power_law([v.flops for v in found], [v.n_opt for v in found]) if len(found) >= 2 else None
     d_law = laws.power_law([v.flops for v in found], [v.d_opt for v in found]) if len(found) >= 2 else None
     law = laws.fit_law(n, d, loss, starts=s.law_starts)
     intervals = laws.bootstrap_law(n, d, loss, law, samples=s.bootstrap, seed=run.seed)
     law_rows = [
-        {"quantity": "N_opt ∝ C^a (isoFLOP valleys)", "value": n_law.exponent if n_law else None,
+        {"quantity": f"N_opt ∝ C^a (isoFLOP valleys: {len(found)} with the minimum inside the widths)"
+         if len(found) < len(valleys) else "N_opt ∝ C^a (isoFLOP valleys)",
+         "value": n_law.exponent if n_law else None,
          "90% interval": None, "Chinchilla": 0.50, "Kaplan et al.": 0.73},
         {"quantity": "D_opt ∝ C^b (isoFLOP valleys)", "value": d_law.exponent if d_law else None,
          "90% interval": None, "Chinchilla": 0.50, "Kaplan et al.": 0.27},
