@@ -8,9 +8,9 @@ Three measurements, all greedy, batch 1, a 16-token prompt:
    (built from a ``GPT2Config`` of the same shape: dropouts 0, SDPA attention, ``gelu_new``) run interleaved
    A/B/A/B; the median of ``repeats`` runs each gives tokens/s and the ratio qkv / HF.
 2. **GPT-2-small shapes** (124M parameters, fp32 and bf16), 128 new tokens: each token reads every weight once, so the
-   speed limit is memory bandwidth. The limit is measured in the same run: the median time of 20
-   products W @ x of a contiguous 124,439,808-value matrix with a vector, in the model's dtype; qkv's share =
-   limit time / qkv time per token.
+   speed limit is memory bandwidth. The limit is measured in the same rounds as the decoders: one product W @ x
+   (or F.linear, whichever is faster) of a contiguous 124,439,808-value matrix with a vector per token, in the
+   model's dtype; qkv's share = limit time / qkv time per token.
 3. **The cache**, small model: tokens/s with and without the KV cache for 128, 512 and 1024 new tokens, and,
    with the cache, the mean cost of generated tokens 897-1024 over that of tokens 2-128 (token 1 also pays
    for the prompt).
@@ -96,6 +96,26 @@ def _median_times(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
+def weight_reader(n_values: int = GPT2_SMALL_VALUES, width: int = 768, dtype: torch.dtype = torch.float32,
+                  repeats: int = 5) -> Callable[[], Any]:
+    """A call that reads ``n_values`` weights of ``dtype`` once: the faster (median of ``repeats``) of ``W @ x``
+    and ``F.linear(x, W)`` over a contiguous (n_values / width, width) W, timed here once to choose."""
+    w = torch.randn(n_values // width, width).to(dtype)
+    x = torch.randn(width).to(dtype)
+
+    def matvec() -> Tensor:
+        with torch.inference_mode():
+            return w @ x
+
+    def linear() -> Tensor:
+        with torch.inference_mode():
+            return torch.nn.functional.linear(x[None], w)
+
+    for way in (matvec, linear):
+        way()  # warm-up: page the matrix in
+    return min((matvec, linear), key=lambda way: _median_times(way, repeats)[0])
+
+
 def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, width: int = 768,
                       dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(wall, CPU) seconds to read ``n_values`` weights of ``dtype`` once: the faster of two ways to multiply
@@ -144,26 +164,35 @@ def _hf_greedy(hf: torch.nn.Module, ids: Tensor, n: int) -> Callable[[], Tensor]
 
 
 def _versus_hf(name: str, config: ModelConfig, prompt: int, n: int, repeats: int, seed: int,
-               dtype: torch.dtype = torch.float32) -> list[dict]:
+               dtype: torch.dtype = torch.float32, extra: dict[str, Callable[[], Any]] | None = None
+               ) -> list[dict]:
+    """qkv against Hugging Face, interleaved; ``extra`` contenders (the weight-reading limit) run in the same
+    rounds, their (wall, CPU) medians in the row's ``times``."""
     torch.manual_seed(seed)
     model = DecoderLM(config).eval()
     hf = hf_twin(model).to(dtype)
     model = model.to(dtype)
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(seed))
-    t, out = _interleaved({"qkv": _qkv_greedy(model, ids, n), "hf": _hf_greedy(hf, ids, n)}, repeats)
+    t, out = _interleaved({"qkv": _qkv_greedy(model, ids, n), "hf": _hf_greedy(hf, ids, n), **(extra or {})},
+                          repeats)
     same = torch.equal(out["qkv"], out["hf"])
     return [{"section": "vs Hugging Face", "model": name, "new_tokens": n, "repeats": repeats,
              "qkv_tokens_per_s": n / t["qkv"][0], "hf_tokens_per_s": n / t["hf"][0],
              "qkv_over_hf": t["hf"][0] / t["qkv"][0], "qkv_over_hf_cpu": t["hf"][1] / t["qkv"][1],
-             "qkv_cpu_s_per_token": t["qkv"][1] / n, "hf_cpu_s_per_token": t["hf"][1] / n, "same_tokens": same}]
+             "qkv_cpu_s_per_token": t["qkv"][1] / n, "hf_cpu_s_per_token": t["hf"][1] / n, "same_tokens": same,
+             **({"times": t} if extra else {})}]
 
 
-def _versus_limit(prompt: int, n: int, repeats: int, seed: int, limit_repeats: int = 20) -> list[dict]:
-    """GPT-2 small in fp32 and in bf16: qkv and Hugging Face against the time to read the weights' bytes once."""
+def _versus_limit(prompt: int, n: int, repeats: int, seed: int) -> list[dict]:
+    """GPT-2 small in fp32 and in bf16: qkv and Hugging Face against the time to read the weights' bytes once a
+    token, the reads (``n`` of them, one per token) interleaved with the two decoders round by round, so a busy
+    machine slows all three alike."""
     rows = []
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        row = _versus_hf(f"gpt2-small (124M {label})", gpt2_small_config(), prompt, n, repeats, seed, dtype)[0]
-        wall, cpu = weight_read_limit(repeats=limit_repeats, dtype=dtype)
+        reader = weight_reader(dtype=dtype)
+        row = _versus_hf(f"gpt2-small (124M {label})", gpt2_small_config(), prompt, n, repeats, seed, dtype,
+                         extra={"limit": lambda reader=reader: [reader() for _ in range(n)]})[0]
+        wall, cpu = (seconds / n for seconds in row.pop("times")["limit"])
         limit = 1.0 / wall
         row.update(dtype=label, limit_tokens_per_s=limit, qkv_share_of_limit=row["qkv_tokens_per_s"] / limit,
                    hf_share_of_limit=row["hf_tokens_per_s"] / limit,
@@ -380,7 +409,8 @@ def format_generation_table(rows: list[dict]) -> str:
                          f"{str(r['same_tokens']):>9}")
         for r in head:
             if "limit_tokens_per_s" in r:
-                lines.append(f"limit: W @ x over {GPT2_SMALL_VALUES:,} {r.get('dtype', 'fp32')} values, median of 20: "
+                lines.append(f"limit: W @ x over {GPT2_SMALL_VALUES:,} {r.get('dtype', 'fp32')} values once a token, "
+                             f"in the same rounds: "
                              f"{r['limit_gb_per_s']:.1f} GB/s = {r['limit_tokens_per_s']:.1f} tokens/s; share of "
                              f"it: qkv {r['qkv_share_of_limit']:.2f} (CPU {r['qkv_share_of_limit_cpu']:.2f}), "
                              f"HF {r['hf_share_of_limit']:.2f} (CPU {r['hf_share_of_limit_cpu']:.2f})")
