@@ -41,7 +41,7 @@ from ..models import model_type_of, unwrap
 from ..tokenizers import IncrementalText
 from .compiled import eager_module, is_compiled, state_capacity
 from .config import GenerationConfig
-from .logits import check_finite, choose_checked, seen_tokens
+from .logits import choose_checked, read_checked, seen_tokens
 from .prompt import evaluating
 from .stopping import StopStrings, open_stop, stop_token_ids
 
@@ -212,11 +212,7 @@ class Conversation:
             text, emitted, searched = "", 0, 0
             for step in range(n_new):
                 chosen = choose_checked(logits, step, cfg, seen, stop_tensor, generator)
-                # The step's one read: the token and a NaN/inf flag on the logits it was chosen from.
-                token, bad = torch.cat([chosen, (~torch.isfinite(logits.sum(dtype=torch.float32))).long().view(1)]
-                                       ).tolist()
-                if bad:
-                    check_finite(logits)  # raises, saying what is wrong
+                (token,) = read_checked(chosen, logits)  # the step's one read, the NaN/inf test with it
                 generated.append(token)
                 finish = None
                 if token in stop and step >= cfg.min_new_tokens:

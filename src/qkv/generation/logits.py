@@ -15,7 +15,7 @@ from torch import Tensor
 from .config import GenerationConfig
 
 __all__ = ["apply_repetition_penalty", "filter_top_k", "filter_top_p", "next_token_probs", "process",
-           "choose", "choose_checked", "seen_tokens", "check_finite"]
+           "choose", "choose_checked", "seen_tokens", "check_finite", "read_checked"]
 
 
 def check_finite(logits: Tensor) -> Tensor:
@@ -29,6 +29,16 @@ def check_finite(logits: Tensor) -> Tensor:
                          "activations are not finite; check the weights with torch.isfinite, or run in float32 "
                          "if a bfloat16/float16 model overflows")
     return logits
+
+
+def read_checked(tokens: Tensor, logits: Tensor) -> list[int]:
+    """A decoding step's one read from the tensors: ``tokens`` (batch,) as host ints, with :func:`check_finite`'s
+    test of the ``logits`` they were chosen from folded into the same read (its error when one is not finite)."""
+    bad = ~torch.isfinite(logits.sum(dtype=torch.float32))  # NaN or infinite exactly when some logit is
+    host = torch.cat([tokens, bad.long().view(1)]).tolist()
+    if host[-1]:
+        check_finite(logits)  # raises, naming the rows
+    return host[:-1]
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

@@ -18,7 +18,7 @@ from ..data import right_pad
 from ..models import unwrap
 from .beam import search
 from .config import GenerationConfig, resolve
-from .logits import check_finite, choose_checked
+from .logits import choose_checked, read_checked
 from .prompt import Prompt, Stepper, check_fits, evaluating, generating_kind, prepare
 from .stopping import StopStrings, check_tokenizer, until_stop_token
 
@@ -56,14 +56,8 @@ def steps(model: nn.Module, prompt: Prompt, cfg: GenerationConfig, tokenizer: An
             token = choose_checked(logits, step, cfg, seen, stop_ids, generator)
             if finished is not None:
                 token = token.masked_fill(finished, pad)
-            # The step's one read: the tokens, and a NaN/inf flag (a sum is NaN or infinite exactly when some
-            # logit is: float32 cannot overflow on a real model's logits).
-            bad = ~torch.isfinite(logits.sum(dtype=torch.float32))
-            host = torch.cat([token, bad.long().view(1)]).tolist()
-            if host[-1]:
-                check_finite(logits)  # raises, naming the rows
+            values = read_checked(token, logits)  # the step's one read: the tokens, the NaN/inf test with them
             if track:
-                values = host[:batch]
                 hits = stop_strings.hit(values, [not d for d in done_rows]) if stop_strings else [False] * batch
                 if step >= cfg.min_new_tokens:
                     now = [d or v in stop_set or h for d, v, h in zip(done_rows, values, hits, strict=True)]
