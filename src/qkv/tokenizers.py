@@ -467,11 +467,8 @@ class IncrementalText:
     def add(self, token: int) -> str:
         """Append one token id → the whole continuation's text so far (``text``)."""
         self._ids.append(int(token))
-        head = self.tokenizer.decode(self._ids[self._start:self._settled]) if self._settled > self._start else ""
-        whole = self.tokenizer.decode(self._ids[self._start:])
-        if not whole.startswith(head):  # the seam changed the context's own text (a character completed across it)
-            head = commonprefix([head, whole])
-        tail = whole[len(head):]
+        # what the tokens since the last settled one add, read after the settled stretch before them (the seam)
+        tail = decode_continuation(self.tokenizer, self._ids[self._start:self._settled], self._ids[self._settled:])
         self.text = self._done + tail
         if tail and not tail.endswith("\ufffd"):
             self._done = self.text
