@@ -170,13 +170,12 @@ def bleu_report(checkpoint: str | Path, *, beams: Sequence[int] = (1, 4), alpha:
     if average:
         model, tokenizer, steps = average_checkpoints(checkpoint, average)
         say(f"averaging {len(steps)} checkpoints: {', '.join(p.name for p in steps)}")
+        if quantize is not None:  # as qkv.load does: quantized from the weights as averaged, then the cast
+            quantize_model(model, quantize)
+        if dtype is not None:
+            model = model.to(dtype)
     else:
         model, tokenizer = load(checkpoint, quantize=quantize, dtype=dtype)
-        quantize = None
-    if average and dtype is not None:
-        model = model.to(dtype)
-    if quantize is not None:
-        quantize_model(model, quantize)
     kind = model_type_of(model)
     if kind == "decoder":
         if data is None or instruction is None:
