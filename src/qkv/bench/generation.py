@@ -121,14 +121,9 @@ def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, widt
     """(wall, CPU) seconds to read ``n_values`` weights of ``dtype`` once: the faster of two ways to multiply
     W (contiguous, (n_values / width, width)) by a vector of the same dtype, each the median over ``repeats``:
     ``W @ x`` and ``F.linear(x, W)`` (a linear layer's own call; for bf16 on a CPU the faster one). No decoder
-    makes a token faster than it reads its weights."""
-    with torch.inference_mode():
-        w = torch.randn(n_values // width, width).to(dtype)
-        x = torch.randn(width).to(dtype)
-        ways = [lambda: w @ x, lambda: torch.nn.functional.linear(x[None], w)]
-        for way in ways:
-            way()  # warm-up: page the matrix in
-        return min((_median_times(way, repeats) for way in ways), key=lambda t: t[0])
+    makes a token faster than it reads its weights. (The benchmark itself times :func:`weight_reader`'s read in
+    the same rounds as the decoders.)"""
+    return _median_times(weight_reader(n_values, width, dtype, repeats), repeats)
 
 
 def _interleaved(contenders: dict[str, Callable[[], Any]], repeats: int
