@@ -114,7 +114,7 @@ def test_a_plan_whose_valleys_fall_off_the_ladder_is_refused():
     with pytest.raises(PlanRefused, match="2 on each side of every budget's predicted best size.*raise --budget"):
         plan_study(dataclasses.replace(few, budget_hours=0.05), _throughput(3e10), TRAIN_TOKENS, 145)
     with pytest.raises(PlanRefused, match="2 on each side.*lower --budget-hours"):
-        plan_study(dataclasses.replace(few, budget_hours=3, max_epochs=1e9), _throughput(3e10), TRAIN_TOKENS, 145)
+        plan_study(dataclasses.replace(few, budget_hours=20, max_epochs=1e9), _throughput(3e10), TRAIN_TOKENS, 145)
 
 
 # -- the quick study, whole and in pieces -----------------------------------------------------------------------

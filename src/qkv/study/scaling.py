@@ -10,7 +10,7 @@ study measures one on the bundled text:
 - **models**: decoders from a ladder of shapes (:data:`LADDER`, each about 2x the parameters of the one before),
   pre-LN, RoPE, no dropout, d_ff = 4·d_model, heads of 32 dimensions; 6 consecutive rungs are chosen so that every
   budget's best size is predicted to sit inside them, 2 rungs or more on each side (the prior: Chinchilla's
-  fitted L(N, D), until this corpus has its own);
+  fitted L(N, D), reading 4 characters as one of its word-pieces, until this corpus has its own);
 - **budgets**: 4 compute budgets C, each 2.15x the one before, sized from the training throughput measured at the
   start so the whole study fits ``--budget-hours`` (:func:`plan_study`); a plan that would read the training text
   more than 4 times (Muennighoff et al. 2023: up to about 4 epochs repeated data is worth nearly as much as new)
@@ -236,6 +236,10 @@ class ScalingSettings:
     bootstrap: int = 200
     law_starts: tuple[tuple[float, ...], ...] = laws.START_GRID
     ladder: tuple[tuple[int, int], ...] = LADDER
+    # the prior counts tokens as Chinchilla's word-pieces: about 4 characters each (a character carries about a
+    # quarter of what a word-piece does). Read as 1 character = 1 token, the 2026-12-07 preview's valleys sat 2-3x
+    # below the sizes the prior predicted; read as 4, they sit within a rung of it
+    prior_characters_per_token: float = 4.0
 
     def lr_candidates(self, d_model: int) -> list[float]:
         return [float(f"{self.lr * math.sqrt(128 / d_model) * f:.3g}") for f in self.lr_factors]
@@ -262,7 +266,8 @@ def plan_study(settings: ScalingSettings, throughput: Callable[[int], float], tr
     constant-rate run to 80% of the largest budget, every cool-down — take ``budget_hours`` in all.
     Raises :class:`PlanRefused` in one line when the largest budget reads the training text more than
     ``max_epochs`` times, or when no run of ``n_widths`` rungs puts 2 rungs or more on each side of every budget's
-    best size predicted by the prior (Chinchilla's fitted L(N, D)).
+    best size predicted by the prior (Chinchilla's fitted L(N, D), ``prior_characters_per_token`` characters to
+    one of its tokens).
     """
     s = settings
     tokens_per_step = s.batch_size * s.context
@@ -282,8 +287,8 @@ def plan_study(settings: ScalingSettings, throughput: Callable[[int], float], tr
 
     def best_sizes(budgets: list[float]) -> np.ndarray:
         """For each budget, the size (in ln N) with the lowest loss the prior predicts at that compute."""
-        return np.array([fine[np.argmin(laws.CHINCHILLA.loss(np.exp(fine), c / np.exp(np.interp(fine, log_n, log_f))))]
-                         for c in budgets])
+        tokens = [c / np.exp(np.interp(fine, log_n, log_f)) / s.prior_characters_per_token for c in budgets]
+        return np.array([fine[np.argmin(laws.CHINCHILLA.loss(np.exp(fine), d))] for d in tokens])
 
     def valid(budgets: list[float], first: int) -> bool:
         window = log_n[first:first + s.n_widths]
