@@ -89,3 +89,27 @@ def test_qkv_bench_generate_runs_only_the_sections_asked_for(capsys):
     assert "small (4x128)" in out and "KV cache" not in out and "without the KV cache" not in out
     assert main(["bench", "training", "--only", "smollm2"]) == 2
     assert "add the word generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_weight_reading_limit_reads_every_byte_and_its_products_are_the_product(dtype):
+    """Each way the limit may time reads the whole matrix: the products (W @ x, F.linear and the prepacked one the
+    compiled step uses, where this torch has it) agree with one another, and the plain read finds the largest
+    int32 among the weights' bytes, so none of them can be fast by reading less."""
+    from qkv.bench.generation import _read_ways, weight_reader
+
+    torch.manual_seed(0)
+    ways = _read_ways(64 * 48, 48, dtype)
+    with torch.inference_mode():
+        products = {name: way().reshape(-1).float() for name, way in ways.items() if name != "read (no product)"}
+        largest = ways["read (no product)"]()
+    assert len(products) >= 2
+    reference = products["F.linear"]
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for product in products.values():
+        torch.testing.assert_close(product, reference, atol=tolerance * reference.abs().max().item(), rtol=0)
+    torch.manual_seed(0)
+    w = torch.randn(64, 48).to(dtype)
+    assert largest.item() == w.view(-1).view(torch.int32).max().item()
+    name, read = weight_reader(64 * 48, 48, dtype, repeats=1)
+    assert name in ways and read() is not None

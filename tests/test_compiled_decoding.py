@@ -91,7 +91,8 @@ def test_compile_decoder_refuses_what_is_not_a_qkv_model():
 
 def test_generate_compile_runs_the_inductor_step_and_prints_the_eager_text(tmp_path, capsys):
     """The one Inductor compile of the suite: ``qkv generate --compile`` says how long compiling took and prints
-    the eager model's greedy text (the step as generated C++, the same tokens)."""
+    the eager model's greedy text (the step as generated C++, the same tokens), with the weights frozen into the
+    graph: the step's matrix products run on MKL's prepacked weights (eagerly, the prompt's run on ``aten::mm``)."""
     import torch._inductor.config as inductor
 
     from qkv.checkpoint import save_checkpoint
@@ -102,13 +103,15 @@ def test_generate_compile_runs_the_inductor_step_and_prints_the_eager_text(tmp_p
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     texts = []
     for flags in ([], ["--compile"]):
-        with inductor.patch(compile_threads=1):  # no worker pool to start for one small graph
+        with inductor.patch(compile_threads=1), torch.profiler.profile() as profile:  # one small graph: no pool
             assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "24",
                          *flags, "the cat"]) == 0
         out, err = capsys.readouterr()
         texts.append(out)
     assert texts[0] == texts[1] and len(texts[0]) > len("the cat")
     assert "compiled in" in err and "(1 graph)" in err
+    if torch.backends.mkl.is_available():
+        assert "mkl::_mkl_linear" in {event.key for event in profile.key_averages()}
 
 
 def test_without_the_cache_a_compiled_model_decodes_eagerly_and_the_cli_refuses_the_pair(tmp_path, capsys):

@@ -8,9 +8,10 @@ Three measurements, all greedy, batch 1, a 16-token prompt:
    (built from a ``GPT2Config`` of the same shape: dropouts 0, SDPA attention, ``gelu_new``) run interleaved
    A/B/A/B; the median of ``repeats`` runs each gives tokens/s and the ratio qkv / HF.
 2. **GPT-2-small shapes** (124M parameters, fp32 and bf16), 128 new tokens: each token reads every weight once, so the
-   speed limit is memory bandwidth. The limit is measured in the same rounds as the decoders: one product W @ x
-   (or F.linear, whichever is faster) of a contiguous 124,439,808-value matrix with a vector per token, in the
-   model's dtype; qkv's share = limit time / qkv time per token.
+   speed limit is memory bandwidth. The limit is measured in the same rounds as the decoders: the fastest read
+   of a contiguous 124,439,808-value matrix in the model's dtype, per token, of :func:`_read_ways` (W @ x,
+   F.linear, the prepacked product the compiled step uses, and a plain read of the bytes with no product);
+   qkv's share = limit time / qkv time per token, eager and with the compiled step.
 3. **The cache**, small model: tokens/s with and without the KV cache for 128, 512 and 1024 new tokens, and,
    with the cache, the mean cost of generated tokens 897-1024 over that of tokens 2-128 (token 1 also pays
    for the prompt).
@@ -96,34 +97,56 @@ def _median_times(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def weight_reader(n_values: int = GPT2_SMALL_VALUES, width: int = 768, dtype: torch.dtype = torch.float32,
-                  repeats: int = 5) -> Callable[[], Any]:
-    """A call that reads ``n_values`` weights of ``dtype`` once: the faster (median of ``repeats``) of ``W @ x``
-    and ``F.linear(x, W)`` over a contiguous (n_values / width, width) W, timed here once to choose."""
+def _read_ways(n_values: int, width: int, dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
+    """Ways to read ``n_values`` weights of ``dtype`` once, over a contiguous (n_values / width, width) W and a
+    vector x: the product as an eager decoder makes it (``W @ x``, ``F.linear(x, W)``), as the compiled step makes
+    it (W prepacked: oneDNN's layout for bf16, MKL's for fp32, where this torch has them), and a plain read of the
+    bytes with no product at all (the largest int32 of them: the memory's own pace)."""
     w = torch.randn(n_values // width, width).to(dtype)
-    x = torch.randn(width).to(dtype)
+    x = torch.randn(1, width).to(dtype)
+    ways: dict[str, Callable[[], Any]] = {"W @ x": lambda: w @ x[0],
+                                          "F.linear": lambda: torch.nn.functional.linear(x, w)}
+    try:
+        if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            ways["packed linear (oneDNN)"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
+                                                                                         [], "")
+        elif dtype == torch.float32 and torch.backends.mkl.is_available():
+            mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
+            ways["packed linear (MKL)"] = lambda: torch.ops.mkl._mkl_linear(x, mkl_packed, w, None, 1)
+    except (AttributeError, RuntimeError):  # a torch without these private kernels: the plain ways only
+        pass
+    if w.numel() * dtype.itemsize % 4 == 0:
+        as_int32 = w.view(-1).view(torch.int32)
+        ways["read (no product)"] = as_int32.amax
+    return ways
 
-    def matvec() -> Tensor:
-        with torch.inference_mode():
-            return w @ x
 
-    def linear() -> Tensor:
-        with torch.inference_mode():
-            return torch.nn.functional.linear(x[None], w)
+def weight_reader(n_values: int = GPT2_SMALL_VALUES, width: int = 768, dtype: torch.dtype = torch.float32,
+                  repeats: int = 5) -> tuple[str, Callable[[], Any]]:
+    """(name, call) of the fastest of :func:`_read_ways` (median of ``repeats``, timed here once to choose): no
+    decoder makes a token faster than this reads its weights."""
+    ways = _read_ways(n_values, width, dtype)
 
-    for way in (matvec, linear):
-        way()  # warm-up: page the matrix in
-    return min((matvec, linear), key=lambda way: _median_times(way, repeats)[0])
+    def read(way: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():
+                return way()
+        return call
+
+    timed = {name: read(way) for name, way in ways.items()}
+    for call in timed.values():
+        call()  # warm-up: page the matrix in
+    name = min(timed, key=lambda n: _median_times(timed[n], repeats)[0])
+    return name, timed[name]
 
 
 def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, width: int = 768,
                       dtype: torch.dtype = torch.float32) -> tuple[float, float]:
-    """(wall, CPU) seconds to read ``n_values`` weights of ``dtype`` once: the faster of two ways to multiply
-    W (contiguous, (n_values / width, width)) by a vector of the same dtype, each the median over ``repeats``:
-    ``W @ x`` and ``F.linear(x, W)`` (a linear layer's own call; for bf16 on a CPU the faster one). No decoder
-    makes a token faster than it reads its weights. (The benchmark itself times :func:`weight_reader`'s read in
-    the same rounds as the decoders.)"""
-    return _median_times(weight_reader(n_values, width, dtype, repeats), repeats)
+    """(wall, CPU) seconds to read ``n_values`` weights of ``dtype`` once: the fastest of :func:`_read_ways`, the
+    median over ``repeats``. No decoder makes a token faster than it reads its weights. (The benchmark itself
+    times :func:`weight_reader`'s read in the same rounds as the decoders.)"""
+    return _median_times(weight_reader(n_values, width, dtype, repeats)[1], repeats)
 
 
 def _interleaved(contenders: dict[str, Callable[[], Any]], repeats: int
@@ -159,40 +182,52 @@ def _hf_greedy(hf: torch.nn.Module, ids: Tensor, n: int) -> Callable[[], Tensor]
 
 
 def _versus_hf(name: str, config: ModelConfig, prompt: int, n: int, repeats: int, seed: int,
-               dtype: torch.dtype = torch.float32, extra: dict[str, Callable[[], Any]] | None = None
-               ) -> list[dict]:
+               dtype: torch.dtype = torch.float32, extra: dict[str, Callable[[], Any]] | None = None,
+               compiled: bool = False) -> list[dict]:
     """qkv against Hugging Face, interleaved; ``extra`` contenders (the weight-reading limit) run in the same
-    rounds, their (wall, CPU) medians in the row's ``times``."""
+    rounds, their (wall, CPU) medians in the row's ``times``; ``compiled``: qkv with the compiled decode step
+    (compiled before the rounds) runs in them too."""
     torch.manual_seed(seed)
     model = DecoderLM(config).eval()
     hf = hf_twin(model).to(dtype)
     model = model.to(dtype)
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(seed))
-    t, out = _interleaved({"qkv": _qkv_greedy(model, ids, n), "hf": _hf_greedy(hf, ids, n), **(extra or {})},
-                          repeats)
+    contenders = {"qkv": _qkv_greedy(model, ids, n), "hf": _hf_greedy(hf, ids, n)}
+    if compiled:
+        fast = compile_decoder(model)
+        compile_s = warm_up(fast)
+        contenders["qkv compiled"] = _qkv_greedy(fast, ids, n)
+    t, out = _interleaved({**contenders, **(extra or {})}, repeats)
     same = torch.equal(out["qkv"], out["hf"])
-    return [{"section": "vs Hugging Face", "model": name, "new_tokens": n, "repeats": repeats,
-             "qkv_tokens_per_s": n / t["qkv"][0], "hf_tokens_per_s": n / t["hf"][0],
-             "qkv_over_hf": t["hf"][0] / t["qkv"][0], "qkv_over_hf_cpu": t["hf"][1] / t["qkv"][1],
-             "qkv_cpu_s_per_token": t["qkv"][1] / n, "hf_cpu_s_per_token": t["hf"][1] / n, "same_tokens": same,
-             **({"times": t} if extra else {})}]
+    row = {"section": "vs Hugging Face", "model": name, "new_tokens": n, "repeats": repeats,
+           "qkv_tokens_per_s": n / t["qkv"][0], "hf_tokens_per_s": n / t["hf"][0],
+           "qkv_over_hf": t["hf"][0] / t["qkv"][0], "qkv_over_hf_cpu": t["hf"][1] / t["qkv"][1],
+           "qkv_cpu_s_per_token": t["qkv"][1] / n, "hf_cpu_s_per_token": t["hf"][1] / n, "same_tokens": same,
+           **({"times": t} if extra else {})}
+    if compiled:
+        row.update(compiled_tokens_per_s=n / t["qkv compiled"][0], compiled_cpu_s_per_token=t["qkv compiled"][1] / n,
+                   compile_s=compile_s, compiled_same_tokens=torch.equal(out["qkv compiled"], out["qkv"]))
+    return [row]
 
 
 def _versus_limit(prompt: int, n: int, repeats: int, seed: int) -> list[dict]:
-    """GPT-2 small in fp32 and in bf16: qkv and Hugging Face against the time to read the weights' bytes once a
-    token, the reads (``n`` of them, one per token) interleaved with the two decoders round by round, so a busy
-    machine slows all three alike."""
+    """GPT-2 small in fp32 and in bf16: qkv (eager and with the compiled step) and Hugging Face against the time
+    to read the weights' bytes once a token, the reads (``n`` of them, one per token, the fastest way of
+    :func:`_read_ways`) interleaved with the decoders round by round, so a busy machine slows them all alike."""
     rows = []
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        reader = weight_reader(dtype=dtype)
+        way, reader = weight_reader(dtype=dtype)
         row = _versus_hf(f"gpt2-small (124M {label})", gpt2_small_config(), prompt, n, repeats, seed, dtype,
-                         extra={"limit": lambda reader=reader: [reader() for _ in range(n)]})[0]
+                         extra={"limit": lambda reader=reader: [reader() for _ in range(n)]}, compiled=True)[0]
         wall, cpu = (seconds / n for seconds in row.pop("times")["limit"])
         limit = 1.0 / wall
-        row.update(dtype=label, limit_tokens_per_s=limit, qkv_share_of_limit=row["qkv_tokens_per_s"] / limit,
+        row.update(dtype=label, limit_way=way, limit_tokens_per_s=limit,
+                   qkv_share_of_limit=row["qkv_tokens_per_s"] / limit,
+                   compiled_share_of_limit=row["compiled_tokens_per_s"] / limit,
                    hf_share_of_limit=row["hf_tokens_per_s"] / limit,
                    limit_gb_per_s=GPT2_SMALL_VALUES * dtype.itemsize / wall / 1e9, limit_cpu_s=cpu,
                    qkv_share_of_limit_cpu=cpu / row["qkv_cpu_s_per_token"],
+                   compiled_share_of_limit_cpu=cpu / row["compiled_cpu_s_per_token"],
                    hf_share_of_limit_cpu=cpu / row["hf_cpu_s_per_token"])
         rows.append(row)
     return rows
@@ -404,10 +439,13 @@ def format_generation_table(rows: list[dict]) -> str:
                          f"{str(r['same_tokens']):>9}")
         for r in head:
             if "limit_tokens_per_s" in r:
-                lines.append(f"limit: W @ x over {GPT2_SMALL_VALUES:,} {r.get('dtype', 'fp32')} values once a token, "
-                             f"in the same rounds: "
+                lines.append(f"limit: {r['limit_way']} over {GPT2_SMALL_VALUES:,} {r['dtype']} values once a token "
+                             f"(the fastest read), in the same rounds: "
                              f"{r['limit_gb_per_s']:.1f} GB/s = {r['limit_tokens_per_s']:.1f} tokens/s; share of "
                              f"it: qkv {r['qkv_share_of_limit']:.2f} (CPU {r['qkv_share_of_limit_cpu']:.2f}), "
+                             f"qkv compiled {r['compiled_share_of_limit']:.2f} "
+                             f"(CPU {r['compiled_share_of_limit_cpu']:.2f}; {r['compiled_tokens_per_s']:.1f} "
+                             f"tokens/s, compiled in {r['compile_s']:.0f} s, same ids: {r['compiled_same_tokens']}), "
                              f"HF {r['hf_share_of_limit']:.2f} (CPU {r['hf_share_of_limit_cpu']:.2f})")
     cache = [r for r in rows if r["section"] == "KV cache"]
     if cache:
