@@ -15,11 +15,12 @@ dynamic=False)``; generation then feeds
 With Inductor the weights are **frozen** into the graph (Inductor's ``freezing``): read once when the step
 compiles, constant-folded, and the bf16/fp32 linear layers' weights prepacked into oneDNN's/MKL's blocked layout,
 which a one-token matrix-vector product reads about twice as fast as a plain ``F.linear`` over an (out, in) matrix
-(SmolLM2-135M in bf16 on 1 core: 47 → 77 tokens/s, fp32 28 → 35, int4 115 → 135; docs/results/quantize.md). The
-frozen graph keeps its own copy of what it packed: change the weights afterwards and compile again.
+(SmolLM2-135M on 1 core: bf16 1.55x, fp32 1.25x, int4 1.1x; docs/results/quantize.md). The frozen graph keeps
+its own copy of what it packed: change the weights afterwards and compile again.
 
-Compiling takes tens of seconds the first time (Inductor writes C++ and compiles it; its on-disk cache makes a
-second process faster): it is a switch (``--compile``), and :func:`compile_counts` says how many graphs were
+Compiling takes tens of seconds (Inductor writes C++ and compiles it; SmolLM2 frozen: 10-40 s each time, since a
+frozen graph is not kept in Inductor's on-disk cache; unfrozen, about 50 s the first time and 5 s from the
+cache): it is a switch (``--compile``), and :func:`compile_counts` says how many graphs were
 compiled, so a recompile (which, past dynamo's cache limit, silently falls back to eager) can be seen.
 """
 
@@ -45,10 +46,12 @@ def compile_decoder(model: nn.Module, *, backend: str = "inductor", freeze: bool
     :func:`~qkv.generation.stream`, a :class:`~qkv.generation.conversation.Conversation` and ``qkv chat``.
 
     Nothing compiles until the first decode step (tens of seconds then, once per batch size and capacity
-    bucket). The weights stay shared with ``model``. ``backend="eager"`` traces without code generation (what
+    bucket). The prompt runs on ``model``'s own weights. ``backend="eager"`` traces without code generation (what
     the tests use to count graphs quickly). Inductor's coordinate-descent tuning stays off: on a CPU it defeats
     the weight-only int8/int4 patterns (pytorch#122955). ``freeze`` (Inductor only, the default): the graph takes
-    the weights as constants when it compiles (module docstring); later changes to them do not reach it. Raises
+    the weights as constants when it compiles, packing the bf16/fp32 linear layers' for oneDNN/MKL (module
+    docstring); later changes to the weights do not reach it (the packed copies sit beside the module's own).
+    Raises
     TypeError for something that is not a qkv model.
     """
     unwrap(model)  # a clear TypeError for anything else
