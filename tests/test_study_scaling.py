@@ -84,6 +84,26 @@ def test_bootstrap_intervals_are_narrow_and_near_the_true_exponents():
         assert low - 0.01 <= getattr(true, name) <= high + 0.01, (name, low, high)
 
 
+def test_the_valleys_exponents_get_intervals_that_hold_the_true_ones_and_widen_with_noise():
+    """Each budget's runs drawn again: the N_opt and D_opt exponents' intervals hold the law's β/(α+β) and
+    α/(α+β) (within 0.02), and ten times the noise gives intervals at least 1.5x as wide (even without noise a draw that
+    leaves sizes out moves the parabola: the valleys are not parabolas over a 100x span)."""
+    true = laws.Law(E=1.0, A=60.0, B=300.0, alpha=0.40, beta=0.35)
+    widths = []
+    for noise in (0.002, 0.02):
+        n, d, c, loss = _synthetic(true, 0, noise)
+        budgets = [(budget, n[c == budget], d[c == budget], loss[c == budget]) for budget in np.unique(c)]
+        _, n_law, d_law = laws.valley_exponents(budgets)
+        spread = laws.bootstrap_valley_exponents(budgets, samples=40, seed=0)
+        (a_low, a_high), (b_low, b_high) = spread["a"], spread["b"]
+        assert a_low <= n_law.exponent <= a_high and b_low <= d_law.exponent <= b_high
+        widths.append(a_high - a_low)
+        if noise == 0.002:
+            assert a_low - 0.02 <= true.beta / (true.alpha + true.beta) <= a_high + 0.02, spread
+            assert b_low - 0.02 <= true.alpha / (true.alpha + true.beta) <= b_high + 0.02, spread
+    assert widths[1] > 1.5 * widths[0], widths
+
+
 def _throughput(rate: float):
     """tokens/s of each rung at ``rate`` FLOP/s for the largest models, 2.5x slower per FLOP for the smallest."""
     def tokens_per_second(rung: int) -> float:

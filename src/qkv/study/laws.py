@@ -5,7 +5,9 @@ C), as Hoffmann et al. 2022 ("Chinchilla") do:
 
 - **isoFLOP valleys** (their approach 2): at one budget, loss against log N is a valley; a parabola through it
   gives the best size N_opt(C) and its tokens D_opt(C); across budgets, N_opt = k_N · C^a and D_opt = k_D · C^b
-  are straight lines in log-log (:func:`isoflop_valley`, :func:`power_law`);
+  are straight lines in log-log (:func:`isoflop_valley`, :func:`power_law`, :func:`valley_exponents`), with
+  intervals by refitting each budget's valley on its runs drawn with replacement
+  (:func:`bootstrap_valley_exponents`);
 - **the parametric law** (their approach 3): L(N, D) = E + A/N^α + B/D^β fitted to every run at once. Fitted as
   Besiroglu et al. 2024 redid it: log L̂ = LSE(a − α log N, b − β log D, e) with A = e^a, B = e^b, E = e^e,
   the Huber loss (δ = 1e-3) of log L̂ − log L summed over runs, minimised by L-BFGS from every start of a grid,
@@ -26,7 +28,7 @@ import numpy as np
 from ..extras import require
 
 __all__ = ["Law", "CHINCHILLA", "fit_law", "bootstrap_law", "isoflop_valley", "Valley", "power_law", "PowerLaw",
-           "huber", "START_GRID"]
+           "valley_exponents", "bootstrap_valley_exponents", "huber", "START_GRID"]
 
 HUBER_DELTA = 1e-3
 
@@ -211,3 +213,48 @@ def power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
         raise ValueError(f"a power law takes at least 2 positive points, got {int(keep.sum())}")
     exponent, log_k = np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)
     return PowerLaw(float(math.exp(log_k)), float(exponent))
+
+
+def valley_exponents(budgets: Sequence[tuple[float, Sequence[float], Sequence[float], Sequence[float]]]
+                     ) -> tuple[list[Valley], PowerLaw | None, PowerLaw | None]:
+    """One (flops, n, d, loss) per budget → (each budget's :func:`isoflop_valley`, N_opt ∝ C^a, D_opt ∝ C^b).
+
+    The power laws go through the valleys with a finite minimum; when 2 or more have theirs inside the sizes run,
+    through those only (a minimum past the sizes is the parabola extrapolated). None without 2 such valleys."""
+    valleys = [isoflop_valley(c, n, d, loss) for c, n, d, loss in budgets]
+    found = [v for v in valleys if math.isfinite(v.n_opt)]
+    inside = [v for v in found if v.inside]
+    if len(inside) >= 2:
+        found = inside
+    if len(found) < 2:
+        return valleys, None, None
+    flops = [v.flops for v in found]
+    return valleys, power_law(flops, [v.n_opt for v in found]), power_law(flops, [v.d_opt for v in found])
+
+
+def bootstrap_valley_exponents(budgets: Sequence[tuple[float, Sequence[float], Sequence[float], Sequence[float]]],
+                               *, samples: int = 200, seed: int = 0, coverage: float = 0.9
+                               ) -> dict[str, tuple[float, float]]:
+    """Intervals over runs for the isoFLOP exponents: each budget's runs drawn with replacement (a draw with
+    fewer than 3 distinct sizes in some budget is drawn again), the valleys and :func:`valley_exponents` refitted
+    ``samples`` times → {"a": (low, high), "b": (low, high)} covering ``coverage`` of the refits (NaN, NaN when
+    no refit gave exponents)."""
+    rng = np.random.default_rng(seed)
+    arrays = [(c, *(np.asarray(x, dtype=np.float64) for x in (n, d, loss))) for c, n, d, loss in budgets]
+    rows = []
+    for _ in range(samples):
+        drawn = []
+        for c, n, d, loss in arrays:
+            pick = rng.integers(0, len(n), len(n))
+            while len(np.unique(n[pick])) < 3:
+                pick = rng.integers(0, len(n), len(n))
+            drawn.append((c, n[pick], d[pick], loss[pick]))
+        _, n_law, d_law = valley_exponents(drawn)
+        if n_law is not None and d_law is not None:
+            rows.append((n_law.exponent, d_law.exponent))
+    if not rows:
+        return {"a": (math.nan, math.nan), "b": (math.nan, math.nan)}
+    values, tail = np.array(rows), 100 * (1 - coverage) / 2
+    return {name: (float(np.percentile(values[:, i], tail)), float(np.percentile(values[:, i], 100 - tail)))
+            for i, name in enumerate(("a", "b"))}
+

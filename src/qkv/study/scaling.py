@@ -694,6 +694,11 @@ def _report(run: _Run, units: list[tuple[str, int, int]], complete: bool, quick:
     return result, _fit(result, run, branches, everything)
 
 
+def _interval(bounds: tuple[float, float]) -> str | None:
+    low, high = bounds
+    return f"{low:.3g} to {high:.3g}" if math.isfinite(low) and math.isfinite(high) else None
+
+
 def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]], budgets: list[int]) -> dict[str, Any]:
     """The valleys of ``budgets`` (indices into the plan's), the power laws through them, L(N, D) over
     ``branches``, the presets placed; → the fitted laws for the figures."""
@@ -702,40 +707,38 @@ def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]], budgets
     n = np.array([r["N (non-embedding)"] for r in good], dtype=np.float64)
     d = np.array([r["tokens"] for r in good], dtype=np.float64)
     loss = np.array([r["val loss"] for r in good], dtype=np.float64)
-    valleys, valley_budgets = [], []
+    per_budget, valley_budgets = [], []
     for k in budgets:
         rows = [r for r in good if r["budget"] == k]
         if len(rows) >= 3:
             valley_budgets.append(k)
-            valleys.append(laws.isoflop_valley(float(np.mean([r["FLOPs"] for r in rows])),
-                                               [r["N (non-embedding)"] for r in rows], [r["tokens"] for r in rows],
-                                               [r["val loss"] for r in rows]))
+            per_budget.append((float(np.mean([r["FLOPs"] for r in rows])), [r["N (non-embedding)"] for r in rows],
+                               [r["tokens"] for r in rows], [r["val loss"] for r in rows]))
+    valleys, n_law, d_law = laws.valley_exponents(per_budget)
     valley_rows = [{"budget": valley_budgets[i], "FLOPs": v.flops, "N_opt": v.n_opt, "D_opt": v.d_opt,
                     "tokens per parameter": v.d_opt / v.n_opt if math.isfinite(v.n_opt) else None,
                     "loss at the minimum": v.loss, "minimum inside the widths": v.inside}
                    for i, v in enumerate(valleys)]
     found = [v for v in valleys if math.isfinite(v.n_opt)]
-    inside = [v for v in found if v.inside]
-    if len(inside) >= 2:  # a minimum beyond the widths is the parabola extrapolated: fit the measured ones
-        found = inside
-    n_law = laws.power_law([v.flops for v in found], [v.n_opt for v in found]) if len(found) >= 2 else None
-    d_law = laws.power_law([v.flops for v in found], [v.d_opt for v in found]) if len(found) >= 2 else None
+    if sum(v.inside for v in found) >= 2:  # as valley_exponents fits them
+        found = [v for v in found if v.inside]
+    spread = (laws.bootstrap_valley_exponents(per_budget, samples=s.bootstrap, seed=run.seed) if n_law else
+              {"a": (math.nan, math.nan), "b": (math.nan, math.nan)})
     law = laws.fit_law(n, d, loss, starts=s.law_starts)
     intervals = laws.bootstrap_law(n, d, loss, law, samples=s.bootstrap, seed=run.seed)
     law_rows = [
         {"quantity": f"N_opt ∝ C^a (isoFLOP valleys: {len(found)} with the minimum inside the widths)"
          if len(found) < len(valleys) else "N_opt ∝ C^a (isoFLOP valleys)",
          "value": n_law.exponent if n_law else None,
-         "90% interval": None, "Chinchilla": 0.50, "Kaplan et al.": 0.73},
+         "90% interval": _interval(spread["a"]), "Chinchilla": 0.50, "Kaplan et al.": 0.73},
         {"quantity": "D_opt ∝ C^b (isoFLOP valleys)", "value": d_law.exponent if d_law else None,
-         "90% interval": None, "Chinchilla": 0.50, "Kaplan et al.": 0.27},
+         "90% interval": _interval(spread["b"]), "Chinchilla": 0.50, "Kaplan et al.": 0.27},
     ]
     for key, name, chinchilla in (("E", "E (irreducible loss, nats/char)", 1.69), ("A", "A", 406.4),
                                   ("B", "B", 410.7), ("alpha", "α", 0.34), ("beta", "β", 0.28),
                                   ("a = beta/(alpha+beta)", "a = β/(α+β) (parametric)", 0.45)):
         value = (law.beta / (law.alpha + law.beta)) if key.startswith("a =") else getattr(law, key)
-        low, high = intervals[key]
-        law_rows.append({"quantity": name, "value": value, "90% interval": f"{low:.3g} to {high:.3g}",
+        law_rows.append({"quantity": name, "value": value, "90% interval": _interval(intervals[key]),
                          "Chinchilla": chinchilla, "Kaplan et al.": None})
     result.tables["isoFLOP valleys"] = valley_rows
     result.tables["fitted laws"] = law_rows
@@ -745,8 +748,10 @@ def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]], budgets
                                           f"and nanochat's {NANOCHAT_TOKENS_PER_PARAMETER:g} tokens per parameter.")
     result.captions["fitted laws"] = (f"The parametric L(N, D) = E + A/N^α + B/D^β over {len(good)} runs (Huber "
                                       "δ = 1e-3 on log loss, L-BFGS from a grid of starts), 90% intervals from "
-                                      f"{s.bootstrap} bootstrap refits over runs; Chinchilla's values are for "
-                                      "BPE tokens of MassiveText, not comparable in E, A, B.")
+                                      f"{s.bootstrap} bootstrap refits over runs (for the valleys' exponents: each "
+                                      "budget's runs drawn again, the parabolas and the power laws refitted); "
+                                      "Chinchilla's values are for BPE tokens of MassiveText, not comparable in E, "
+                                      "A, B.")
     placed = []
     for name, config in PRESETS_PLACED.items():
         non_embedding, total = parameter_counts(config)
