@@ -58,6 +58,19 @@ def test_a_compiled_model_generates_the_eager_tokens_with_one_graph_for_many_cal
     assert compile_counts() == {"graphs": 1, "recompiles": 0}  # the prompts ran eagerly; one step graph
 
 
+def test_a_call_past_the_first_capacity_bucket_compiles_again_and_is_counted_as_a_recompile():
+    model = llama_like()
+    compiled = compile_decoder(model, backend="eager")
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    generate(compiled, ids, 4, temperature=0)
+    assert compile_counts() == {"graphs": 1, "recompiles": 0}
+    long = torch.randint(0, VOCAB, (1, SMALLEST_BUCKET + 20), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(generate(compiled, long, 4, temperature=0), generate(model, long, 4, temperature=0))
+    assert compile_counts() == {"graphs": 2, "recompiles": 1}  # the 512 bucket: one more graph, a recompile
+    compile_decoder(model, backend="eager")(ids[:, :1], decode_state=model.new_decode_state(1, SMALLEST_BUCKET))
+    assert compile_counts()["recompiles"] == 1  # another wrapper's first graph is not a recompile
+
+
 def test_a_left_padded_batch_decodes_compiled_as_each_row_alone():
     model = llama_like()
     compiled = compile_decoder(model, backend="eager")

@@ -445,7 +445,8 @@ def format_generation_table(rows: list[dict]) -> str:
                              f"it: qkv {r['qkv_share_of_limit']:.2f} (CPU {r['qkv_share_of_limit_cpu']:.2f}), "
                              f"qkv compiled {r['compiled_share_of_limit']:.2f} "
                              f"(CPU {r['compiled_share_of_limit_cpu']:.2f}; {r['compiled_tokens_per_s']:.1f} "
-                             f"tokens/s, compiled in {r['compile_s']:.0f} s, same ids: {r['compiled_same_tokens']}), "
+                             f"tokens/s, compiled in {r['compile_s']:.0f} s, "
+                             f"same ids as eager: {r['compiled_same_tokens']}), "
                              f"HF {r['hf_share_of_limit']:.2f} (CPU {r['hf_share_of_limit_cpu']:.2f})")
     cache = [r for r in rows if r["section"] == "KV cache"]
     if cache:
@@ -468,8 +469,8 @@ def format_generation_table(rows: list[dict]) -> str:
             compiled = "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f} ({r['graphs']} graph)"
             lines.append(f"{r['contender']:<16}{r['tokens_per_s']:>8.1f}{r['first_token_s'] * 1e3:>16.0f}"
                          f"{r['load_s']:>8.1f}{compiled:>15}{ratio:>14}")
-        lines.append("compile s: compiling the decode step in that process, with Inductor's on-disk cache as the "
-                     "rounds before left it (the first round compiles from nothing)")
+        lines.append("compile s: compiling the decode step in that process, its weights frozen into the graph (a "
+                     "frozen graph is not kept in Inductor's on-disk cache: every round compiles it)")
     lines += [r["note"] for r in rows if r["section"] == "SmolLM2 note"]
     for r in rows:
         if r["section"] == "cost growth":

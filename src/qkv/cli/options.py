@@ -52,8 +52,9 @@ def add_compile(parser: argparse.ArgumentParser) -> None:
     """``--compile``: decode through a compiled step (``qkv.generation.compile_decoder``)."""
     parser.add_argument("--compile", action="store_true",
                         help="compile the one-token decode step with torch.compile (Inductor) before the first "
-                             "prompt: about a minute the first time (less once Inductor's cache holds it), then "
-                             "each token costs less (SmolLM2 int4 on 1 thread: about 1.6x the eager speed)")
+                             "prompt, the weights frozen into it: 10-40 s in every process (SmolLM2), and again "
+                             "when a conversation outgrows its 256, 512, ... token bucket; then each token costs "
+                             "less (SmolLM2 on 1 thread: int4 about 1.6x, bf16 about 1.9x the eager speed)")
 
 
 def compile_if_asked(model, compile: bool):

@@ -48,30 +48,44 @@ def compile_decoder(model: nn.Module, *, backend: str = "inductor", freeze: bool
     Nothing compiles until the first decode step (tens of seconds then, once per batch size and capacity
     bucket). The prompt runs on ``model``'s own weights. ``backend="eager"`` traces without code generation (what
     the tests use to count graphs quickly). Inductor's coordinate-descent tuning stays off: on a CPU it defeats
-    the weight-only int8/int4 patterns (pytorch#122955). ``freeze`` (Inductor only, the default): the graph takes
-    the weights as constants when it compiles, packing the bf16/fp32 linear layers' for oneDNN/MKL (module
-    docstring); later changes to the weights do not reach it (the packed copies sit beside the module's own).
-    Raises
-    TypeError for something that is not a qkv model.
+    the weight-only int8/int4 patterns (pytorch#122955). ``freeze`` (Inductor only, the default): each graph
+    takes the weights as constants when it compiles, packing the bf16/fp32 linear layers' for oneDNN/MKL (module
+    docstring). Change the weights afterwards and call ``compile_decoder`` again: until then the prompt (eager)
+    sees the new weights, the steps of graphs already compiled the old ones, and a graph compiled later (a new
+    capacity bucket) the new ones, so the output matches neither model. Raises TypeError for something that is
+    not a qkv model.
     """
     unwrap(model)  # a clear TypeError for anything else
     options = {"coordinate_descent_tuning": False} if backend == "inductor" else None
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend, options=options)
-    if backend == "inductor" and freeze:
-        # Dynamo reads freezing from the global config while it traces (parameters as static inputs), before
-        # torch.compile's options reach Inductor, so the option alone does nothing: set it around each call instead
-        compiled.forward = _frozen(compiled.forward)
+    # Dynamo reads freezing from the global config while it traces (parameters as static inputs), before
+    # torch.compile's options reach Inductor, so the option alone does nothing: it is set around each call instead
+    compiled.forward = _watched(compiled.forward, freeze=backend == "inductor" and freeze)
     return compiled
 
 
-def _frozen(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """``forward`` run with Inductor's ``freezing`` on (it applies to calls without gradients only)."""
+def _watched(forward: Callable[..., Any], *, freeze: bool) -> Callable[..., Any]:
+    """``forward`` run with Inductor's ``freezing`` on when ``freeze`` (it applies to calls without gradients
+    only), counting each graph it compiles after its first as a recompile (dynamo itself keeps no such count)."""
+    from torch._dynamo.utils import counters
     from torch._inductor import config
+
+    graphs = 0
 
     @functools.wraps(forward)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with config.patch(freezing=True):
-            return forward(*args, **kwargs)
+        nonlocal graphs
+        before = counters["stats"]["unique_graphs"]
+        if freeze:
+            with config.patch(freezing=True):
+                out = forward(*args, **kwargs)
+        else:
+            out = forward(*args, **kwargs)
+        new = counters["stats"]["unique_graphs"] - before
+        if new:
+            counters["recompiles"]["decode step"] += new if graphs else new - 1
+            graphs += new
+        return out
 
     return call
 
@@ -98,8 +112,9 @@ def state_capacity(needed: int, max_seq_len: int, compiled: bool) -> int:
 
 
 def compile_counts() -> dict[str, int]:
-    """What dynamo compiled in this process so far: ``graphs`` (unique graphs traced) and ``recompiles`` (frames
-    compiled again because a guard failed: a new batch size, capacity or dtype)."""
+    """What dynamo compiled in this process so far: ``graphs`` (unique graphs traced) and ``recompiles`` (graphs a
+    :func:`compile_decoder` model compiled after its first, because a guard failed: a new batch size, capacity
+    bucket or dtype; counted by the wrapper, as dynamo keeps no count of its own)."""
     from torch._dynamo.utils import counters
 
     return {"graphs": int(counters["stats"]["unique_graphs"]),
