@@ -28,7 +28,7 @@ import numpy as np
 from ..extras import require
 
 __all__ = ["Law", "CHINCHILLA", "fit_law", "bootstrap_law", "isoflop_valley", "Valley", "power_law", "PowerLaw",
-           "valley_exponents", "bootstrap_valley_exponents", "huber", "START_GRID"]
+           "valley_exponents", "valleys_fitted", "bootstrap_valley_exponents", "huber", "START_GRID"]
 
 HUBER_DELTA = 1e-3
 
@@ -215,17 +215,21 @@ def power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
     return PowerLaw(float(math.exp(log_k)), float(exponent))
 
 
+def valleys_fitted(valleys: Sequence[Valley]) -> list[Valley]:
+    """The valleys the power laws of :func:`valley_exponents` go through: those with a finite minimum; when 2 or
+    more have theirs inside the sizes run, those only (a minimum past the sizes is the parabola extrapolated)."""
+    found = [v for v in valleys if math.isfinite(v.n_opt)]
+    inside = [v for v in found if v.inside]
+    return inside if len(inside) >= 2 else found
+
+
 def valley_exponents(budgets: Sequence[tuple[float, Sequence[float], Sequence[float], Sequence[float]]]
                      ) -> tuple[list[Valley], PowerLaw | None, PowerLaw | None]:
     """One (flops, n, d, loss) per budget → (each budget's :func:`isoflop_valley`, N_opt ∝ C^a, D_opt ∝ C^b).
 
-    The power laws go through the valleys with a finite minimum; when 2 or more have theirs inside the sizes run,
-    through those only (a minimum past the sizes is the parabola extrapolated). None without 2 such valleys."""
+    The power laws go through :func:`valleys_fitted`; None without 2 of them."""
     valleys = [isoflop_valley(c, n, d, loss) for c, n, d, loss in budgets]
-    found = [v for v in valleys if math.isfinite(v.n_opt)]
-    inside = [v for v in found if v.inside]
-    if len(inside) >= 2:
-        found = inside
+    found = valleys_fitted(valleys)
     if len(found) < 2:
         return valleys, None, None
     flops = [v.flops for v in found]
@@ -257,4 +261,3 @@ def bootstrap_valley_exponents(budgets: Sequence[tuple[float, Sequence[float], S
     values, tail = np.array(rows), 100 * (1 - coverage) / 2
     return {name: (float(np.percentile(values[:, i], tail)), float(np.percentile(values[:, i], 100 - tail)))
             for i, name in enumerate(("a", "b"))}
-

@@ -719,9 +719,7 @@ def _fit(result: StudyResult, run: _Run, branches: list[dict[str, Any]], budgets
                     "tokens per parameter": v.d_opt / v.n_opt if math.isfinite(v.n_opt) else None,
                     "loss at the minimum": v.loss, "minimum inside the widths": v.inside}
                    for i, v in enumerate(valleys)]
-    found = [v for v in valleys if math.isfinite(v.n_opt)]
-    if sum(v.inside for v in found) >= 2:  # as valley_exponents fits them
-        found = [v for v in found if v.inside]
+    found = laws.valleys_fitted(valleys)
     spread = (laws.bootstrap_valley_exponents(per_budget, samples=s.bootstrap, seed=run.seed) if n_law else
               {"a": (math.nan, math.nan), "b": (math.nan, math.nan)})
     law = laws.fit_law(n, d, loss, starts=s.law_starts)
