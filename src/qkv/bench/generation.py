@@ -122,23 +122,28 @@ def _read_ways(n_values: int, width: int, dtype: torch.dtype) -> dict[str, Calla
     return ways
 
 
-def weight_reader(n_values: int = GPT2_SMALL_VALUES, width: int = 768, dtype: torch.dtype = torch.float32,
-                  repeats: int = 5) -> tuple[str, Callable[[], Any]]:
-    """(name, call) of the fastest of :func:`_read_ways` (median of ``repeats``, timed here once to choose): no
-    decoder makes a token faster than this reads its weights."""
-    ways = _read_ways(n_values, width, dtype)
-
+def _fastest_read(n_values: int, width: int, dtype: torch.dtype, repeats: int
+                  ) -> tuple[str, Callable[[], Any], tuple[float, float]]:
+    """(name, call, its median (wall, CPU) seconds over ``repeats``) of the fastest of :func:`_read_ways`."""
     def read(way: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
             with torch.inference_mode():
                 return way()
         return call
 
-    timed = {name: read(way) for name, way in ways.items()}
+    timed = {name: read(way) for name, way in _read_ways(n_values, width, dtype).items()}
     for call in timed.values():
         call()  # warm-up: page the matrix in
-    name = min(timed, key=lambda n: _median_times(timed[n], repeats)[0])
-    return name, timed[name]
+    times = {name: _median_times(call, repeats) for name, call in timed.items()}
+    name = min(times, key=lambda n: times[n][0])
+    return name, timed[name], times[name]
+
+
+def weight_reader(n_values: int = GPT2_SMALL_VALUES, width: int = 768, dtype: torch.dtype = torch.float32,
+                  repeats: int = 5) -> tuple[str, Callable[[], Any]]:
+    """(name, call) of the fastest of :func:`_read_ways` (median of ``repeats``, timed here once to choose): no
+    decoder makes a token faster than this reads its weights."""
+    return _fastest_read(n_values, width, dtype, repeats)[:2]
 
 
 def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, width: int = 768,
@@ -146,7 +151,7 @@ def weight_read_limit(n_values: int = GPT2_SMALL_VALUES, repeats: int = 20, widt
     """(wall, CPU) seconds to read ``n_values`` weights of ``dtype`` once: the fastest of :func:`_read_ways`, the
     median over ``repeats``. No decoder makes a token faster than it reads its weights. (The benchmark itself
     times :func:`weight_reader`'s read in the same rounds as the decoders.)"""
-    return _median_times(weight_reader(n_values, width, dtype, repeats)[1], repeats)
+    return _fastest_read(n_values, width, dtype, repeats)[2]
 
 
 def _interleaved(contenders: dict[str, Callable[[], Any]], repeats: int
